@@ -172,6 +172,12 @@ class Transformer(nnx.Module):
         index=jnp.zeros((), jnp.int32),
     )
 
+  @staticmethod
+  def repeat_cache(cache: Cache, n: int) -> Cache:
+    """Each row's cache repeated n times in a row: [B, ...] -> [B * n, ...]."""
+    return dict(k=jnp.repeat(cache["k"], n, axis=1), v=jnp.repeat(cache["v"], n, axis=1),
+                mask=jnp.repeat(cache["mask"], n, axis=0), index=cache["index"])
+
   # -- forward ----------------------------------------------------------------
   def _layer_params(self) -> dict[str, Array]:
     names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",

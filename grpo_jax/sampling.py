@@ -1,0 +1,232 @@
+"""Sampling G completions per prompt with a KV cache, all inside one jit.
+
+    out = sample(graphdef, params, prompts_BxP, prompt_mask_BxP, key,
+                 num_generations=G, max_new_tokens=T, stop_ids=(eos,), pad_id=pad,
+                 temperature=1.0, top_k=0, top_p=1.0)
+    out.tokens [B*G, T], out.mask [B*G, T] (1 up to and including the stop token),
+    out.logps [B*G, T], out.lengths [B*G], out.truncated [B*G]
+
+Prompts are left-padded to a common length (a bucket), so every row's last
+prompt token sits in the same column. Each prompt is prefilled once; its KV
+cache is then repeated to its G rows (row i*G + j is answer j to prompt i, the
+layout GRPO's advantages expect). Decoding runs in a `lax.while_loop` that ends
+when every row has produced a stop token or T tokens.
+
+Sampling settings are traced values: a new temperature, top-k or top-p does not
+compile a new program. Randomness: row r at decode step t draws from
+fold_in(fold_in(key, r), t), so a row's sample depends only on the key, its
+row index and its prompt, not on the batch size or on how the batch is sharded.
+
+`logps` are the log-probabilities of the sampled tokens under the
+temperature-scaled, untruncated distribution softmax(logits / temperature)
+(under softmax(logits) when greedy): the sampling policy's log-probs that GRPO
+uses as old_logps when the training step scales logits the same way.
+
+A model is anything with the protocol of `models.Transformer`:
+`init_cache(batch, max_len)`, `repeat_cache(cache, n)`, `hidden_states(tokens,
+attention_mask_BxL=..., cache=...) -> (hidden, cache)` and `logits(hidden)`;
+tests plug in small fake models through the same protocol.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+# Top-k / top-p look at this many best candidates (lax.top_k, cheap); only when
+# they are not enough (top_k larger, or their mass below top_p) does a full sort
+# over the vocabulary run (~0.7 s a step for 32 x 49k logits on a 2-core CPU).
+TOP_CANDIDATES = 64
+_BLOCK = 256  # vocabulary block of the two-level inverse-CDF sampler
+
+
+@struct.dataclass
+class Completions:
+  """Sampled completions, N = B * G rows, prompt-major."""
+  tokens: jax.Array  # [N, T] int32, pad_id after the stop token
+  mask: jax.Array  # [N, T] int32, 1 for completion tokens up to and including the stop token
+  logps: jax.Array  # [N, T] float32, 0 where mask is 0
+  lengths: jax.Array  # [N] int32, number of completion tokens (= mask.sum(-1))
+  truncated: jax.Array  # [N] bool, reached T tokens without a stop token
+
+
+@struct.dataclass
+class _LoopState:
+  step: jax.Array
+  tokens: jax.Array
+  logps: jax.Array
+  done: jax.Array
+  lengths: jax.Array
+  logits: jax.Array  # [N, V] logits for the next token
+  cache: Any
+
+
+# -- per-step token selection ----------------------------------------------------------
+def _cutoff(best_NxC, logits_NxV, top_k, top_p):
+  """Smallest logit to keep per row [N, 1], from the C best logits in order.
+
+  Also returns whether C candidates were enough for an exact answer.
+  """
+  c, v = best_NxC.shape[-1], logits_NxV.shape[-1]
+  use_k = top_k > 0
+  ranked = jnp.where(~use_k | (jnp.arange(c) < top_k), best_NxC, -jnp.inf)
+  # Normalise over the top-k survivors of the whole vocabulary (all of it without top-k).
+  kth = jnp.where(use_k, best_NxC[:, jnp.clip(top_k, 1, c) - 1], -jnp.inf)[:, None]
+  log_z = jax.nn.logsumexp(jnp.where(logits_NxV >= kth, logits_NxV, -jnp.inf), -1, keepdims=True)
+  probs = jnp.exp(ranked - log_z)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = jnp.isfinite(ranked) & ((mass_before < top_p) | (top_p >= 1.0))
+  n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+  cut = jnp.take_along_axis(ranked, n_keep - 1, axis=-1)
+  # Exact if the candidates hold all top-k survivors, or (top-p alone) the nucleus.
+  enough = jnp.where(use_k, top_k <= c, (c == v) | jnp.all(jnp.sum(probs, -1) >= top_p))
+  return cut, enough
+
+
+def _truncate(logits_NxV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Sets logits outside the top-k, then outside the top-p nucleus, to -inf.
+
+  As in transformers: top-k first, then top-p over the renormalised survivors;
+  the nucleus is the smallest set of best tokens whose mass reaches top_p.
+  """
+  cap = min(TOP_CANDIDATES, logits_NxV.shape[-1])
+  cut, enough = _cutoff(jax.lax.top_k(logits_NxV, cap)[0], logits_NxV, top_k, top_p)
+  cut = jax.lax.cond(enough, lambda: cut, lambda: _cutoff(
+      -jnp.sort(-logits_NxV, axis=-1), logits_NxV, top_k, top_p)[0])
+  return jnp.where(logits_NxV >= cut, logits_NxV, -jnp.inf)
+
+
+def _inverse_cdf(logits_NxV: jax.Array, u_N: jax.Array) -> jax.Array:
+  """Index drawn from softmax(logits) by inverse CDF, one uniform per row.
+
+  Two levels (blocks of the vocabulary, then within the chosen block) so that no
+  cumsum runs over the whole vocabulary: O(V) work, like one softmax.
+  """
+  n, v = logits_NxV.shape
+  nb = -(-v // _BLOCK)
+  padded = jnp.pad(logits_NxV, ((0, 0), (0, nb * _BLOCK - v)), constant_values=-jnp.inf)
+  p = jnp.exp(padded - jnp.max(padded, axis=-1, keepdims=True)).reshape(n, nb, _BLOCK)
+  block_mass = jnp.sum(p, axis=-1)  # [N, nb]
+  block_cdf = jnp.cumsum(block_mass, axis=-1)
+  target = u_N * block_cdf[:, -1]
+  # Last block with mass: rounding must never land on an empty tail.
+  last_block = nb - 1 - jnp.argmax((block_mass > 0)[:, ::-1], axis=-1)
+  b = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), last_block)
+  within = jnp.take_along_axis(p, b[:, None, None], axis=1)[:, 0]  # [N, BLOCK]
+  start = jnp.take_along_axis(block_cdf - block_mass, b[:, None], axis=-1)[:, 0]
+  cdf = start[:, None] + jnp.cumsum(within, axis=-1)
+  last = _BLOCK - 1 - jnp.argmax((within > 0)[:, ::-1], axis=-1)
+  j = jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), last)
+  return (b * _BLOCK + j).astype(jnp.int32)
+
+
+def select_tokens(logits_NxV, keys_N, temperature, top_k, top_p):
+  """Next tokens [N] and their log-probs [N] under softmax(logits / temperature)."""
+  logits = logits_NxV.astype(jnp.float32)
+  greedy = temperature <= 0
+  scaled = logits / jnp.where(greedy, 1.0, temperature)
+  truncated = jax.lax.cond((top_k > 0) | (top_p < 1.0),
+                           lambda: _truncate(scaled, top_k, top_p), lambda: scaled)
+  u = jax.vmap(jax.random.uniform)(keys_N)
+  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), _inverse_cdf(truncated, u))
+  logps = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  return tokens.astype(jnp.int32), logps
+
+
+# -- the sampler --------------------------------------------------------------------
+def sample(graphdef: nnx.GraphDef, params: Any, prompts_BxP: jax.Array, prompt_mask_BxP: jax.Array,
+           key: jax.Array, *, num_generations: int, max_new_tokens: int,
+           stop_ids: Sequence[int], pad_id: int, temperature=1.0, top_k=0, top_p=1.0,
+           row_offset=0) -> Completions:
+  """Samples `num_generations` completions for each left-padded prompt.
+
+  Jittable: `num_generations`, `max_new_tokens`, `stop_ids`, `pad_id` are static;
+  `temperature` (0 = greedy), `top_k` (0 = off), `top_p` (1 = off) and `key` are
+  traced. `row_offset` is the global index of this batch's first row (for
+  multi-host sampling; rows draw from fold_in(key, row)).
+  """
+  if not stop_ids:
+    raise ValueError("stop_ids is empty: give at least the tokenizer's eos_token_id")
+  model = nnx.merge(graphdef, params)
+  b, p = prompts_BxP.shape
+  g, t_max = num_generations, max_new_tokens
+  n = b * g
+  stop = jnp.asarray(tuple(stop_ids), jnp.int32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  top_k = jnp.asarray(top_k, jnp.int32)
+  top_p = jnp.asarray(top_p, jnp.float32)
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_offset + jnp.arange(n))
+
+  # Prefill each prompt once, then give its cache and last logits to its G rows.
+  cache = model.init_cache(b, p + t_max)
+  hidden, cache = model.hidden_states(prompts_BxP, attention_mask_BxL=prompt_mask_BxP, cache=cache)
+  logits = jnp.repeat(model.logits(hidden[:, -1]), g, axis=0)
+  cache = model.repeat_cache(cache, g)
+
+  def cond(s: _LoopState):
+    return (s.step < t_max) & ~jnp.all(s.done)
+
+  def body(s: _LoopState):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, s.step)
+    tok, logp = select_tokens(s.logits, keys, temperature, top_k, top_p)
+    live = ~s.done
+    tok = jnp.where(live, tok, pad_id)
+    tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+    logps = jax.lax.dynamic_update_slice(s.logps, jnp.where(live, logp, 0.0)[:, None], (0, s.step))
+    done = s.done | jnp.isin(tok, stop)
+    hidden, cache = model.hidden_states(tok[:, None], attention_mask_BxL=live[:, None], cache=s.cache)
+    return _LoopState(step=s.step + 1, tokens=tokens, logps=logps, done=done,
+                      lengths=s.lengths + live.astype(jnp.int32),
+                      logits=model.logits(hidden[:, 0]), cache=cache)
+
+  init = _LoopState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((n, t_max), pad_id, jnp.int32),
+                    logps=jnp.zeros((n, t_max), jnp.float32), done=jnp.zeros((n,), bool),
+                    lengths=jnp.zeros((n,), jnp.int32), logits=logits, cache=cache)
+  final = jax.lax.while_loop(cond, body, init)
+  mask = (jnp.arange(t_max)[None, :] < final.lengths[:, None]).astype(jnp.int32)
+  return Completions(tokens=final.tokens, mask=mask, logps=final.logps, lengths=final.lengths,
+                     truncated=~final.done)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_generations", "max_new_tokens",
+                                             "stop_ids", "pad_id"))
+def sample_jit(graphdef, params, prompts_BxP, prompt_mask_BxP, key, *, num_generations,
+               max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, row_offset=0):
+  """`sample` under jit (static: graphdef, G, T, stop ids, pad id)."""
+  return sample(graphdef, params, prompts_BxP, prompt_mask_BxP, key,
+                num_generations=num_generations, max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids, pad_id=pad_id, temperature=temperature, top_k=top_k,
+                top_p=top_p, row_offset=row_offset)
+
+
+# -- host-side helpers ----------------------------------------------------------------
+def bucket_length(n: int, buckets: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048, 4096)) -> int:
+  """Smallest bucket >= n (shapes static per bucket: few compilations)."""
+  for b in buckets:
+    if n <= b:
+      return b
+  return -(-n // buckets[-1]) * buckets[-1]
+
+
+def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+  """Left-pads token lists to `length` (default: the bucket of the longest).
+
+  Returns (tokens [B, L] int32, mask [B, L] int32) as numpy arrays.
+  """
+  import numpy as np
+
+  longest = max(len(t) for t in token_lists)
+  length = length or bucket_length(longest)
+  if longest > length:
+    raise ValueError(f"a prompt has {longest} tokens, more than the length {length}")
+  tokens = np.full((len(token_lists), length), pad_id, np.int32)
+  mask = np.zeros((len(token_lists), length), np.int32)
+  for i, t in enumerate(token_lists):
+    if len(t):
+      tokens[i, length - len(t):] = t
+      mask[i, length - len(t):] = 1
+  return tokens, mask
