@@ -7,9 +7,10 @@
     out.logps [B*G, T], out.lengths [B*G], out.truncated [B*G]
 
 Prompts are left-padded to a common length (a bucket), so every row's last
-prompt token sits in the same column. Each prompt is prefilled once; its KV
-cache is then repeated to its G rows (row i*G + j is answer j to prompt i, the
-layout GRPO's advantages expect). Decoding runs in a `lax.while_loop` that ends
+prompt token sits in the same column. Each prompt is prefilled once, and its
+KV cache is the shared prefix of its G rows (row i*G + j is answer j to prompt
+i, the layout GRPO's advantages expect): read once per group at each step,
+never copied G times. Decoding runs in a `lax.while_loop` that ends
 when every row has produced a stop token or T tokens.
 
 Sampling settings are traced values: a new temperature, top-k or top-p does not
@@ -23,7 +24,7 @@ temperature-scaled, untruncated distribution softmax(logits / temperature)
 uses as old_logps when the training step scales logits the same way.
 
 A model is anything with the protocol of `models.Transformer`:
-`init_cache(batch, max_len)`, `repeat_cache(cache, n)`, `hidden_states(tokens,
+`init_cache(batch, max_len, prefix=None)`, `hidden_states(tokens,
 attention_mask_BxL=..., cache=...) -> (hidden, cache)` and `logits(hidden)`;
 tests plug in small fake models through the same protocol.
 """
@@ -161,11 +162,11 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts_BxP: jax.Array, prompt_m
   top_p = jnp.asarray(top_p, jnp.float32)
   row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_offset + jnp.arange(n))
 
-  # Prefill each prompt once, then give its cache and last logits to its G rows.
-  cache = model.init_cache(b, p + t_max)
-  hidden, cache = model.hidden_states(prompts_BxP, attention_mask_BxL=prompt_mask_BxP, cache=cache)
+  # Prefill each prompt once; its G rows share that cache as their prefix.
+  prefix = model.init_cache(b, p)
+  hidden, prefix = model.hidden_states(prompts_BxP, attention_mask_BxL=prompt_mask_BxP, cache=prefix)
   logits = jnp.repeat(model.logits(hidden[:, -1]), g, axis=0)
-  cache = model.repeat_cache(cache, g)
+  cache = model.init_cache(n, t_max, prefix=prefix)
 
   def cond(s: _LoopState):
     return (s.step < t_max) & ~jnp.all(s.done)

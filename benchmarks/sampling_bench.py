@@ -1,0 +1,118 @@
+"""Sampling throughput: grpo_jax vs transformers `generate`, same model, same run.
+
+    .venv/bin/python benchmarks/sampling_bench.py [--rows 16,32] [--new_tokens 64] [--repeats 2]
+
+SmolLM2-135M-Instruct (the embedded GGUF, dequantised to fp32 for both), chat
+prompts with 8 samples each (16 rows = 2 prompts x 8), temperature 1, every
+row forced to exactly `new_tokens` tokens (no early stop) so both sides do the
+same work. Reports new tokens/s after warm-up (compilation reported apart), and
+the compute floor: 2 x params FLOPs per token at the matmul rate measured in
+this run (fp32, and bf16 operands with fp32 accumulation).
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from grpo_jax import models, sampling  # noqa: E402
+
+QUESTIONS = ["What is 17 * 23? Think step by step.", "Write a short poem about the sea.",
+             "Explain what a prime number is.", "Name three colours and why you like them."]
+
+
+def matmul_rate(dtype, accumulate=None, n=2048, reps=5):
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=accumulate))
+  f(a, a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    f(a, a).block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def ours(model, prompts, mask, g, new_tokens, repeats):
+  graphdef, params = nnx.split(model)
+  kw = dict(num_generations=g, max_new_tokens=new_tokens, stop_ids=(-1,), pad_id=0,
+            temperature=1.0)
+  t = time.perf_counter()
+  out = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(0), **kw)
+  jax.block_until_ready(out)
+  first = time.perf_counter() - t
+  times = []
+  for r in range(repeats):
+    t = time.perf_counter()
+    out = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(r + 1), **kw)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t)
+  assert int(out.lengths.min()) == new_tokens
+  return first, min(times)
+
+
+def hf_generate(hf, ids, g, new_tokens, repeats):
+  times = []
+  for r in range(repeats):
+    torch.manual_seed(r)
+    t = time.perf_counter()
+    with torch.no_grad():
+      out = hf.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                        num_return_sequences=g, max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, pad_token_id=0)
+    times.append(time.perf_counter() - t)
+  assert out.shape[1] - ids["input_ids"].shape[1] == new_tokens
+  return min(times)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--rows", default="16,32")
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--generations", type=int, default=8)
+  args = ap.parse_args()
+  torch.set_num_threads(os.cpu_count())
+
+  model, tok = models.load("smollm2-135m-instruct")
+  model_bf16 = models.model_from_params(model.cfg, models.params_dict(model), dtype=jnp.bfloat16)
+  path = models.embedded_gguf_path("smollm2-135m-instruct")
+  from transformers import AutoModelForCausalLM
+
+  hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                            dtype=torch.float32).eval()
+  flops_per_token = 2 * model.cfg.num_params()
+  rate32, rate16 = matmul_rate(jnp.float32), matmul_rate(jnp.bfloat16, jnp.float32)
+  print(f"matmul 2048^3: fp32 {rate32 / 1e9:.0f} GFLOP/s, bf16 operands + fp32 acc "
+        f"{rate16 / 1e9:.0f} GFLOP/s; {flops_per_token / 1e9:.2f} GFLOP per token")
+  print(f"floor (2 x params FLOPs/token at that rate): fp32 {rate32 / flops_per_token:.0f} tok/s, "
+        f"bf16 {rate16 / flops_per_token:.0f} tok/s")
+  print("| rows | transformers tok/s | ours fp32 tok/s (x) | ours bf16 tok/s (x) | "
+        "bf16 % of floor | compile s |")
+  print("|---|---|---|---|---|---|")
+  for rows in [int(r) for r in args.rows.split(",")]:
+    g = args.generations
+    qs = QUESTIONS[:rows // g]
+    ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+           for q in qs]
+    ids = [i if isinstance(i, list) else i["input_ids"] for i in ids]
+    prompts, mask = sampling.left_pad(ids, tok.pad_token_id)
+    hf_in = dict(input_ids=torch.tensor(prompts, dtype=torch.long),
+                 attention_mask=torch.tensor(mask, dtype=torch.long))
+    new = rows * args.new_tokens
+    t_hf = hf_generate(hf, hf_in, g, args.new_tokens, args.repeats)
+    c32, t32 = ours(model, prompts, mask, g, args.new_tokens, args.repeats)
+    c16, t16 = ours(model_bf16, prompts, mask, g, args.new_tokens, args.repeats)
+    hf_tps, tps32, tps16 = new / t_hf, new / t32, new / t16
+    print(f"| {rows} | {hf_tps:.0f} | {tps32:.0f} ({tps32 / hf_tps:.1f}x) | "
+          f"{tps16:.0f} ({tps16 / hf_tps:.1f}x) | {100 * tps16 * flops_per_token / rate16:.0f}% | "
+          f"{c32 - t32:.1f} / {c16 - t16:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
