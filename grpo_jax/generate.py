@@ -25,16 +25,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "random seed")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "matmul operand dtype: float32 or bfloat16")
 
 
-def stop_ids(tokenizer) -> tuple[int, ...]:
-  """EOS plus the end-of-turn tokens a chat model may emit instead."""
-  ids = {tokenizer.eos_token_id}
-  for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
-    i = tokenizer.convert_tokens_to_ids(t)
-    if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None:
-      ids.add(i)
-  return tuple(sorted(i for i in ids if i is not None))
-
-
 def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, temperature=0.0,
              top_k=0, top_p=1.0, seed=0) -> str:
   import jax
@@ -52,7 +42,7 @@ def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, t
   graphdef, params = nnx.split(model)
   out = sampling.sample_jit(graphdef, params, tokens, mask, jax.random.key(seed),
                             num_generations=1, max_new_tokens=max_new_tokens,
-                            stop_ids=stop_ids(tokenizer), pad_id=tokenizer.pad_token_id,
+                            stop_ids=sampling.stop_ids(tokenizer), pad_id=tokenizer.pad_token_id,
                             temperature=temperature, top_k=top_k, top_p=top_p)
   n = int(out.lengths[0])
   return tokenizer.decode(list(map(int, out.tokens[0, :n])), skip_special_tokens=True)

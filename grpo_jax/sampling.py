@@ -231,3 +231,13 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int, length: int | No
       tokens[i, length - len(t):] = t
       mask[i, length - len(t):] = 1
   return tokens, mask
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+  """EOS plus the end-of-turn tokens a chat model may emit instead."""
+  ids = {tokenizer.eos_token_id}
+  for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+    i = tokenizer.convert_tokens_to_ids(t)
+    if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None:
+      ids.add(i)
+  return tuple(sorted(i for i in ids if i is not None))

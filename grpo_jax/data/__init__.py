@@ -1,0 +1,12 @@
+"""Data: tasks (deterministic, indexable examples) and prompt templates.
+
+    task = data.get_task("arithmetic", max_digits=2, operators="+-", seed=0)
+    batch = task.train_batch(start_index, batch_size)   # [{"prompt", "answer", ...}]
+    texts = [data.format_prompt(ex, "chat", tokenizer) for ex in batch]
+"""
+
+from grpo_jax.data.tasks import TASKS, Arithmetic, get_task
+from grpo_jax.data.templates import R1_ZERO, SYSTEM_PROMPT, TEMPLATES, format_prompt
+
+__all__ = ["TASKS", "Arithmetic", "get_task", "R1_ZERO", "SYSTEM_PROMPT", "TEMPLATES",
+           "format_prompt"]

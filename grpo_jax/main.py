@@ -1,0 +1,68 @@
+"""Train with GRPO from an ml-collections config.
+
+    python -m grpo_jax.main --config=configs/smollm2_arithmetic.py --workdir=runs/smollm2
+    python -m grpo_jax.main --config=configs/tiny_arithmetic.py --workdir=/tmp/tiny \\
+        --config.train.steps=20 --config.rl.beta=0
+
+Writes WORKDIR/metrics.jsonl, WORKDIR/tb (TensorBoard), WORKDIR/*.png plots,
+WORKDIR/samples.jsonl and WORKDIR/checkpoints; the same command on an existing
+WORKDIR resumes from its last checkpoint.
+
+Multi-host: run the same command on every host with --coordinator_address,
+--num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables; flags win).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it has checkpoints)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed():
+  """jax.distributed.initialize from the flags, else the JAX_* environment variables."""
+  import jax
+
+  address = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num = _NUM_PROCESSES.value or (int(os.environ["JAX_NUM_PROCESSES"])
+                                 if "JAX_NUM_PROCESSES" in os.environ else None)
+  pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else (
+      int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
+  if address is None and num is None and pid is None:
+    return
+  if None in (address, num, pid):
+    raise app.UsageError("multi-host needs all of --coordinator_address, --num_processes and "
+                         f"--process_id (got {address}, {num}, {pid})")
+  jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      stream=sys.stderr)
+  for noisy in ("absl", "tensorboardX", "jax._src.xla_bridge"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  initialize_distributed()
+  from grpo_jax import config as config_lib, train
+
+  try:
+    config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

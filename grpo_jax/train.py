@@ -1,0 +1,236 @@
+"""The GRPO training loop: `train_and_evaluate(config, workdir)`.
+
+Each step: B prompts from the task -> G completions each (sampling.py) ->
+rewards (host, rewards.py) -> group advantages -> `num_iterations` jitted,
+sharded updates (grpo.py) -> metrics.jsonl / TensorBoard / plots, and a
+checkpoint every `checkpoint_every` steps, at the end, and on SIGTERM/SIGINT.
+
+Exact resume: the randomness of step s is fold_in(key(seed), s) and its
+prompts are examples [s * B, (s + 1) * B) of the task, so a run restored
+from the checkpoint of step s continues exactly as an uninterrupted one.
+
+Multi-host: every process builds the same global batch on the host (the task
+is deterministic), places it on the mesh with `make_array_from_callback`, and
+gathers sampled tokens back with `process_allgather`; only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from grpo_jax import (advantages, checkpointing, config as config_lib, evaluate, grpo,
+                      metrics_io, models, rewards, sampling, sharding)
+from grpo_jax.data import format_prompt, get_task
+
+log = logging.getLogger("grpo_jax")
+COMPLETION_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def to_device(x, sharding_):
+  """A host array (identical on every process) placed with `sharding_`."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding_, lambda idx: x[idx])
+
+
+def to_host(tree):
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def tokenize_prompts(texts, tokenizer, max_length):
+  """Left-padded prompt ids at a bucketed length; prompts longer than the limit keep their end."""
+  ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+  if max(len(i) for i in ids) > max_length:
+    if not tokenize_prompts.warned:
+      log.warning("a prompt has more than rl.max_prompt_length=%d tokens; keeping its last %d "
+                  "(this warning is shown once)", max_length, max_length)
+      tokenize_prompts.warned = True
+    ids = [i[-max_length:] for i in ids]
+  return sampling.left_pad(ids, tokenizer.pad_token_id,
+                           min(sampling.bucket_length(max(len(i) for i in ids)), max_length))
+
+
+tokenize_prompts.warned = False
+
+
+def train_and_evaluate(cfg, workdir: str) -> list[dict]:
+  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records."""
+  # ---------------------------------------------------------------- set-up --
+  config_lib.validate(cfg)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  rl, train = cfg.rl, cfg.train
+  b, g = train.prompts_per_step, rl.num_generations
+  mesh = config_lib.make_mesh(cfg)
+  task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
+  reward_fns, weights = rewards.get_reward_fns(list(cfg.rewards))
+  log.info("loading model %s", cfg.model.name)
+  model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
+  config_lib.validate_with_model(cfg, model.cfg)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  graphdef, params = nnx.split(model)
+  del model
+  param_sh = sharding.param_shardings(mesh, params)
+  batch_sh = sharding.batch_sharding(mesh)
+  params = jax.device_put(params, param_sh)
+  # The reference is the initial policy; a copy, since the policy's buffers are donated.
+  ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
+                if rl.beta != 0 else None)
+  optimizer, lr_schedule = grpo.make_optimizer(
+      cfg.opt.learning_rate, total_steps=train.steps * rl.num_iterations,
+      warmup_steps=cfg.opt.warmup_steps, schedule=cfg.opt.schedule,
+      weight_decay=cfg.opt.weight_decay, max_grad_norm=cfg.opt.max_grad_norm)
+  opt_sh = sharding.param_shardings(mesh, jax.eval_shape(optimizer.init, params))
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), train.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            {"params": params, "opt_state": opt_state},
+                            {"params": param_sh, "opt_state": opt_sh})
+    state, meta = ckpt.restore(abstract_state=abstract)
+    params, opt_state = state["params"], state["opt_state"]
+    log.info("resumed from step %d (data position %d)", start, meta["data_position"])
+  writer = metrics_io.MetricsWriter(workdir, resume_step=start) if is_main else None
+  progress = metrics_io.ProgressLine(train.steps) if is_main else None
+
+  loss_cfg = grpo.LossConfig(
+      num_generations=g, beta=rl.beta, epsilon=rl.epsilon, epsilon_high=rl.epsilon_high,
+      loss_type=rl.loss_type, kl_estimator=rl.kl_estimator,
+      importance_sampling_level=rl.importance_sampling_level,
+      max_completion_length=rl.max_completion_length, temperature=rl.temperature,
+      use_old_logps=rl.num_iterations > 1)
+  update = grpo.make_update_step(graphdef, optimizer, loss_cfg,
+                                 grad_accum_steps=train.grad_accum_steps, param_sharding=param_sh,
+                                 opt_sharding=opt_sh, batch_sharding=batch_sh)
+  stop_ids, pad_id = sampling.stop_ids(tokenizer), tokenizer.pad_token_id
+  base_key = jax.random.key(train.seed)
+  eval_key = jax.random.fold_in(base_key, 2**31 - 1)  # the same every eval; no step reaches it
+  eval_examples = task.eval_examples(cfg.eval.num_problems)
+
+  def run_eval():
+    return evaluate.evaluate(
+        graphdef, params, tokenizer, eval_examples, template=cfg.task.template,
+        num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
+        max_new_tokens=rl.max_completion_length, key=eval_key, stop_ids=stop_ids,
+        prompts_per_batch=cfg.eval.prompts_per_batch)
+
+  def eval_due(step):  # step = updates done
+    return step == train.steps or (step == 0) or (train.eval_every and step % train.eval_every == 0)
+
+  records = metrics_io.read_metrics(workdir) if start and is_main else []
+  if start == 0 and cfg.eval.num_problems:
+    t = time.perf_counter()
+    rec = dict(run_eval(), **{"time/eval_s": time.perf_counter() - t})
+    records.append(_write(writer, progress, 0, rec))
+  update_programs = None
+
+  # ------------------------------------------------------------------ loop --
+  with checkpointing.preemption_guard() as guard:
+    for step in range(start, train.steps):
+      t_step = time.perf_counter()
+      examples = task.train_batch(step * b, b)
+      prompt_texts = [format_prompt(ex, cfg.task.template, tokenizer) for ex in examples]
+      prompts, prompt_mask = tokenize_prompts(prompt_texts, tokenizer, rl.max_prompt_length)
+      prompts, prompt_mask = to_device(prompts, batch_sh), to_device(prompt_mask, batch_sh)
+      out = sampling.sample_jit(
+          graphdef, params, prompts, prompt_mask, jax.random.fold_in(base_key, step),
+          num_generations=g, max_new_tokens=rl.max_completion_length, stop_ids=stop_ids,
+          pad_id=pad_id, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
+      out = to_host(out)
+      t_sample = time.perf_counter() - t_step
+
+      # Rewards on the host: strings in, one float per completion out.
+      texts = [tokenizer.decode(out.tokens[i, :out.lengths[i]], skip_special_tokens=True)
+               for i in range(b * g)]
+      columns = {k: [ex[k] for ex in examples for _ in range(g)] for k in examples[0]
+                 if k != "prompt"}
+      reward, reward_info = rewards.combine_rewards(
+          reward_fns, weights, [t for t in prompt_texts for _ in range(g)], texts,
+          completion_lengths=out.lengths.tolist(), **columns)
+      adv = advantages.group_advantages(jnp.asarray(reward), g, scale=rl.scale_rewards)
+
+      # Trim to the bucket of the longest completion: no padding beyond it.
+      t_eff = min(sampling.bucket_length(int(out.lengths.max()), COMPLETION_BUCKETS),
+                  rl.max_completion_length)
+      mask = out.mask[:, :t_eff]
+      if rl.mask_truncated_completions:
+        mask = mask * (~out.truncated)[:, None]
+      batch = grpo.Batch(prompts=prompts, prompt_mask=prompt_mask,
+                         completions=to_device(out.tokens[:, :t_eff], batch_sh),
+                         completion_mask=to_device(mask, batch_sh),
+                         old_logps=to_device(out.logps[:, :t_eff], batch_sh),
+                         advantages=to_device(np.asarray(adv), batch_sh))
+      t_update = time.perf_counter()
+      for _ in range(rl.num_iterations):
+        params, opt_state, update_metrics = update(params, opt_state, ref_params, batch)
+      update_metrics = jax.device_get(update_metrics)
+      t_update = time.perf_counter() - t_update
+      if update_programs is not None and update._cache_size() > update_programs:
+        log.warning("step %d compiled a new update program (completion bucket %d); each new "
+                    "bucket compiles once", step + 1, t_eff)
+      update_programs = update._cache_size()
+
+      # ------------------------------------------------------------ metrics --
+      done = step + 1
+      rec = {k: float(v) for k, v in update_metrics.items()}
+      rec.update(advantages.reward_metrics(reward, g))
+      rec.update({k: v for k, v in reward_info.items()})
+      rec.update({
+          "completions/mean_length": float(out.lengths.mean()),
+          "completions/clipped_ratio": float(out.truncated.mean()),
+          "learning_rate": float(lr_schedule(step * rl.num_iterations)),
+          "time/sample_s": t_sample, "time/update_s": t_update,
+          "time/step_s": time.perf_counter() - t_step,
+      })
+      if cfg.eval.num_problems and eval_due(done):
+        t = time.perf_counter()
+        rec.update(run_eval(), **{"time/eval_s": time.perf_counter() - t})
+      if done % train.log_every == 0 or "eval/accuracy" in rec or done == train.steps:
+        records.append(_write(writer, progress, done, rec))
+        if is_main:
+          _write_samples(workdir, done, prompt_texts[0], texts[:g], reward[:g])
+      if is_main and (done % 5 == 0 or done == train.steps or "eval/accuracy" in rec):
+        metrics_io.write_plots(workdir, records)
+      if done % train.checkpoint_every == 0 or done == train.steps or guard.requested:
+        ckpt.save(done, {"params": params, "opt_state": opt_state},
+                  meta={"step": done, "data_position": done * b, "seed": train.seed})
+      if guard.requested:
+        log.warning("signal %s: checkpointed step %d, stopping", guard.signum, done)
+        break
+  ckpt.wait()
+  ckpt.close()
+  if is_main:
+    metrics_io.write_plots(workdir, records)
+    writer.close()
+    progress.close()
+  return records
+
+
+def _write(writer, progress, step, rec):
+  if writer is not None:
+    rec = writer.write(step, rec)
+    progress.update(step, rec)
+  return dict(rec, step=step)
+
+
+def _write_samples(workdir, step, prompt, texts, reward):
+  """A group of completions per logged step in samples.jsonl: what the policy writes."""
+  with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
+    f.write(json.dumps({"step": step, "prompt": prompt,
+                        "completions": [{"text": t, "reward": float(r)}
+                                        for t, r in zip(texts, reward)]}) + "\n")
