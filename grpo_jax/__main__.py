@@ -7,10 +7,11 @@ HELP = f"""grpo_jax {grpo_jax.__version__}: GRPO (DeepSeekMath / DeepSeek-R1 RL 
 
 Entry points:
   python -m grpo_jax.generate --model=smollm2-135m-instruct --prompt="What is 7*6?" --chat
-      sample from a model (a known name, a Hugging Face folder, or a .gguf path)
+      sample from a model (a known name, a Hugging Face folder, a .gguf path, or a
+      training workdir: its latest checkpoint)
 
 Library:
-  grpo_jax.models.load(name_or_path, dtype="float32") -> (model, tokenizer)
+  grpo_jax.models.load(name_or_path, dtype=None) -> (model, tokenizer)
   grpo_jax.models.export(model, tokenizer, folder)       -> Hugging Face folder
   grpo_jax.losses.grpo_loss(...), grpo_jax.advantages.group_advantages(...)
   grpo_jax.rewards: TRL-signature reward functions and their combination

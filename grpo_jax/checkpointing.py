@@ -46,12 +46,19 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Numbered checkpoints of (state pytree, JSON meta) in one directory; keeps the last few."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3):
+  def __init__(self, directory: str, max_to_keep: int = 3, read_only: bool = False):
+    """Args:
+      directory: where the numbered steps live (created unless read_only).
+      max_to_keep: older steps are deleted after each save.
+      read_only: for readers of another process's run (e.g. loading a training
+        workdir's params): never saves, deletes or cleans up its unfinished saves.
+    """
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
+        max_to_keep=None if read_only else max_to_keep, create=not read_only,
         # Leftovers of a save that was killed: never restorable, only disk usage.
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=not read_only, read_only=read_only,
+        save_interval_steps=0 if read_only else 1)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
 
@@ -78,7 +85,8 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, dict]:
+  def restore(self, step: int | None = None, abstract_state: Any = None,
+              partial: bool = False) -> tuple[Any, dict]:
     """(state, meta) of `step` (default: the latest).
 
     Args:
@@ -87,6 +95,9 @@ class Checkpointer:
         target dtypes and shardings: arrays are read straight into those
         shardings, each host reading only its shards. None restores the
         saved structure as it was saved (single host only).
+      partial: abstract_state names a subset of the saved tree (e.g. only
+        {"params": ...} of a {"params", "opt_state"} state); only that subset
+        is read.
     Raises:
       FileNotFoundError: no such step (or no checkpoint at all).
     """
@@ -97,8 +108,14 @@ class Checkpointer:
       which = "" if step is None else f" of step {step}"
       raise FileNotFoundError(f"no checkpoint{which} in {self.directory}; "
                               f"saved steps: {sorted(steps)}")
+    if partial:
+      state_args = ocp.args.PyTreeRestore(
+          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+          partial_restore=True)
+    else:
+      state_args = ocp.args.StandardRestore(abstract_state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state=state_args, meta=ocp.args.JsonRestore()))
     return restored.state, dict(restored.meta or {})
 
   def wait(self) -> None:

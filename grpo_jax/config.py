@@ -75,6 +75,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval.num_samples = 1  # k: pass@1 is the mean over k samples, maj@k when k > 1
   c.eval.temperature = 0.0  # 0: greedy
   c.eval.prompts_per_batch = 16
+  c.eval.reward = "accuracy"  # the reward (a REWARD_FUNCTIONS name) that says an answer is right
   return c
 
 
@@ -131,6 +132,9 @@ def validate(cfg) -> None:
          f"config.opt.schedule={cfg.opt.schedule!r}; expected 'constant' or 'cosine'")
   _check(cfg.opt.learning_rate > 0, "config.opt.learning_rate must be > 0")
   _check(cfg.eval.num_samples >= 1, "config.eval.num_samples must be >= 1")
+  _check(cfg.eval.reward in rewards.REWARD_FUNCTIONS,
+         f"config.eval.reward={cfg.eval.reward!r}: unknown reward; known rewards: "
+         f"{sorted(rewards.REWARD_FUNCTIONS)}")
   _check(cfg.task.template in TEMPLATES,
          f"config.task.template={cfg.task.template!r}; expected one of {list(TEMPLATES)}")
   _check(cfg.task.name in TASKS, f"config.task.name={cfg.task.name!r}: unknown task; known "

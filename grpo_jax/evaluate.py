@@ -50,7 +50,7 @@ def score(examples: Sequence[dict], completions: Sequence[Sequence[str]],
     votes = collections.Counter()
     first_right = {}
     for text, r in zip(texts, right):
-      answer = rewards.parse_number(rewards.final_answer(text))
+      answer = rewards.parse_number(rewards.lenient_final_answer(text))
       if answer is not None:
         votes[answer] += 1
         first_right.setdefault(answer, r)

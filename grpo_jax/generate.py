@@ -2,8 +2,10 @@
 
     python -m grpo_jax.generate --model=smollm2-135m-instruct --prompt="What is 7*6?" --chat
     python -m grpo_jax.generate --model=path/to/hf_folder --prompt="def f(x):" --temperature=0.7
+    python -m grpo_jax.generate --model=runs/smollm2 --prompt="What is 7*6?" --chat  # a trained run
 
---model: a known name, a Hugging Face checkpoint folder, or a .gguf file.
+--model: a known name, a Hugging Face checkpoint folder, a .gguf file, or a
+training workdir (its latest checkpoint).
 Greedy with --temperature=0. Progress and warnings go to stderr.
 """
 
@@ -14,7 +16,7 @@ import sys
 from absl import app, flags
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
-                            "known name, Hugging Face folder, or .gguf path")
+                            "known name, Hugging Face folder, .gguf path, or training workdir")
 _PROMPT = flags.DEFINE_string("prompt", None, "the prompt text", required=True)
 _CHAT = flags.DEFINE_bool("chat", False, "wrap the prompt in the model's chat template")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "completion length limit")
@@ -22,7 +24,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off")
 _SEED = flags.DEFINE_integer("seed", 0, "random seed")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "matmul operand dtype: float32 or bfloat16")
+_DTYPE = flags.DEFINE_string("dtype", None, "matmul operand dtype: float32 or bfloat16 "
+                             "(default: a workdir's config.model.dtype, else float32)")
 
 
 def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, temperature=0.0,

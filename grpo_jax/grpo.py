@@ -64,11 +64,8 @@ def completion_logps(model, prompts_BxP, prompt_mask_BxP, completions_NxT, compl
   t > 0 by completion token t - 1. Logits are divided by `temperature` (as
   when sampling), so the log-probs are the sampling policy's.
   """
-  b = prompts_BxP.shape[0]
   n, t = completions_NxT.shape
-  prefix = model.init_cache(b, prompts_BxP.shape[1])
-  h_prompt, prefix = model.hidden_states(prompts_BxP, attention_mask_BxL=prompt_mask_BxP,
-                                         cache=prefix)
+  h_prompt, prefix = model.prefill(prompts_BxP, prompt_mask_BxP)
   cache = model.init_cache(n, t - 1, prefix=prefix) if t > 1 else None
   first = jnp.repeat(h_prompt[:, -1:], num_generations, axis=0)  # [N, 1, D]
   if t > 1:

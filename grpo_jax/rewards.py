@@ -95,6 +95,19 @@ def final_answer(text: str) -> str | None:
   return span if boxed is None else boxed
 
 
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def lenient_final_answer(text: str) -> str | None:
+  """`final_answer`, else the last number in the text (like eval harnesses'
+  "flexible extract"): for models that do not (yet) use the answer tags."""
+  answer = final_answer(text)
+  if answer is not None:
+    return answer
+  numbers = _LAST_NUMBER.findall(text)
+  return numbers[-1].rstrip(",") if numbers else None
+
+
 def _answer_or_text(completion) -> str:
   text = completion_text(completion)
   span = extract_answer(text)
@@ -127,20 +140,31 @@ def parse_number(text) -> fractions.Fraction | None:
 # ----------------------------------------------------------------------------
 
 
-def accuracy_reward(prompts, completions, answer, **unused_columns):
-  """1.0 if the final answer (see `final_answer`) equals the `answer` column
-  as a number, exactly; 0.0 if not or if there is no final answer; None where
-  the ground truth is not a number."""
-  del prompts, unused_columns
+def _numeric_accuracy(completions, answer, extract) -> list[float | None]:
   rewards = []
   for completion, gold in zip(completions, answer, strict=True):
     gold = parse_number(gold)
     if gold is None:
       rewards.append(None)
       continue
-    pred = parse_number(final_answer(completion_text(completion)))
+    pred = parse_number(extract(completion_text(completion)))
     rewards.append(float(pred == gold))
   return rewards
+
+
+def accuracy_reward(prompts, completions, answer, **unused_columns):
+  """1.0 if the final answer (see `final_answer`) equals the `answer` column
+  as a number, exactly; 0.0 if not or if there is no final answer; None where
+  the ground truth is not a number."""
+  del prompts, unused_columns
+  return _numeric_accuracy(completions, answer, final_answer)
+
+
+def lenient_accuracy_reward(prompts, completions, answer, **unused_columns):
+  """As `accuracy_reward`, but without tags or \\boxed{} the last number in
+  the completion is its answer (see `lenient_final_answer`)."""
+  del prompts, unused_columns
+  return _numeric_accuracy(completions, answer, lenient_final_answer)
 
 
 def _math_verify_timeout() -> int | None:
@@ -357,6 +381,7 @@ def soft_overlong_penalty(max_completion_length: int, soft_cache_length: int) ->
 
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "accuracy": accuracy_reward,
+    "accuracy_lenient": lenient_accuracy_reward,
     "math_accuracy": math_accuracy_reward,
     "format": format_reward,
     "format_lenient": lenient_format_reward,

@@ -24,7 +24,7 @@ temperature-scaled, untruncated distribution softmax(logits / temperature)
 uses as old_logps when the training step scales logits the same way.
 
 A model is anything with the protocol of `models.Transformer`:
-`init_cache(batch, max_len, prefix=None)`, `hidden_states(tokens,
+`init_cache(batch, max_len, prefix=None)`, `prefill(tokens, mask)`, `hidden_states(tokens,
 attention_mask_BxL=..., cache=...) -> (hidden, cache)` and `logits(hidden)`;
 tests plug in small fake models through the same protocol.
 """
@@ -163,8 +163,7 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts_BxP: jax.Array, prompt_m
   row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_offset + jnp.arange(n))
 
   # Prefill each prompt once; its G rows share that cache as their prefix.
-  prefix = model.init_cache(b, p)
-  hidden, prefix = model.hidden_states(prompts_BxP, attention_mask_BxL=prompt_mask_BxP, cache=prefix)
+  hidden, prefix = model.prefill(prompts_BxP, prompt_mask_BxP)
   logits = jnp.repeat(model.logits(hidden[:, -1]), g, axis=0)
   cache = model.init_cache(n, t_max, prefix=prefix)
 

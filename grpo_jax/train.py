@@ -127,7 +127,8 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
         graphdef, params, tokenizer, eval_examples, template=cfg.task.template,
         num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
         max_new_tokens=rl.max_completion_length, key=eval_key, stop_ids=stop_ids,
-        prompts_per_batch=cfg.eval.prompts_per_batch)
+        prompts_per_batch=cfg.eval.prompts_per_batch,
+        correct_fn=rewards.REWARD_FUNCTIONS[cfg.eval.reward])
 
   def eval_due(step):  # step = updates done
     return step == train.steps or (step == 0) or (train.eval_every and step % train.eval_every == 0)

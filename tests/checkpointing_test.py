@@ -135,6 +135,23 @@ def test_keeps_last_max_to_keep_and_restores_any_kept_step(tmp_path):
     checkpointing.Checkpointer(tmp_path / "empty").restore()
 
 
+def test_read_only_reader_restores_a_subtree_and_leaves_a_live_save_alone(tmp_path):
+  state = _state(4)
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(4, state)
+  in_flight = tmp_path / "5.orbax-checkpoint-tmp-123"  # another process is saving step 5
+  in_flight.mkdir()
+  with checkpointing.Checkpointer(tmp_path, read_only=True) as reader:
+    abstract = {"params": jax.eval_shape(lambda: state["params"])}
+    got, _ = reader.restore(abstract_state=abstract, partial=True)
+  assert got.keys() == {"params"}
+  _assert_tree_equal(got["params"], state["params"])
+  assert in_flight.exists() and not (tmp_path / "5").exists()
+  with checkpointing.Checkpointer(tmp_path) as writer:  # a writer cleans up unfinished saves
+    writer.wait()
+    assert not in_flight.exists()
+
+
 def test_sharded_state_restores_into_requested_shardings(tmp_path):
   proc = _child("sharded", tmp_path, devices=8)
   out, err = proc.communicate(timeout=120)

@@ -206,6 +206,19 @@ def test_cached_decode_equals_uncached_forward():
   assert int(cache["index"]) == prompt_len + new
 
 
+def test_prefill_equals_forward_into_an_empty_cache():
+  model = models.init_model(TINY, seed=4)
+  tokens = np.random.default_rng(1).integers(1, 97, (2, 5))
+  mask = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+  h1, c1 = jax.jit(lambda t, m: model.prefill(t, m, max_len=9))(tokens, mask)
+  h2, c2 = jax.jit(lambda t, m: model.hidden_states(t, attention_mask_BxL=m,
+                                                    cache=model.init_cache(2, 9)))(tokens, mask)
+  np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), atol=1e-5)
+  for key in ("k", "v", "mask", "index"):
+    np.testing.assert_allclose(np.asarray(c1[key]), np.asarray(c2[key]), atol=1e-5)
+  assert c1["k"].shape[3] == 9 and int(c1["index"]) == 5
+
+
 def test_padding_does_not_change_real_positions():
   """A right-padded row's real tokens get the same logits as the unpadded row."""
   model = models.init_model(TINY, seed=2)

@@ -378,3 +378,14 @@ def test_numeric_answer_reward_ids_fuzz_against_regex():
   want = [float(v is not None and v == a) for v, a in zip(values, answers)]
   assert 0.3 < np.mean(want) < 0.8  # both outcomes are well represented
   np.testing.assert_array_equal(got, want)
+
+
+def test_lenient_accuracy_falls_back_to_the_last_number():
+  completions = ["4 + 4 = 8", "so it is -3.", "<answer>7</answer> then 9", "no number",
+                 "about 1,234 apples", "\\boxed{12} and 13", "3/4"]
+  gold = ["8", "-3", "7", "1", "1234", "12", "0.75"]
+  assert rewards.lenient_accuracy_reward(None, completions, gold) == [1.0, 1.0, 1.0, 0.0, 1.0,
+                                                                       1.0, 1.0]
+  # The strict reward needs the tags or a box.
+  assert rewards.accuracy_reward(None, completions, gold) == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+  assert "accuracy_lenient" in rewards.REWARD_FUNCTIONS

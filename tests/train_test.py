@@ -1,0 +1,328 @@
+"""Training loop tests on the tiny config: a step's effect and metrics, sharded = one device,
+exact resume (restart and SIGTERM), config errors, the reward rising, loading a workdir.
+
+The runs compile the same few programs again and again (every run jits its
+own update step); a persistent compilation cache shared by this module's runs
+and subprocesses turns each re-compile (~8 s on 2 cores) into a load (~0.1 s).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+from flax import nnx
+
+from grpo_jax import checkpointing, config as config_lib, metrics_io, models, train
+from grpo_jax.generate import generate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny_arithmetic.py")
+# 20 steps, constant learning rate, no evaluation: a run's records do not depend on
+# train.steps, so a 10-step run resumed to 20 and a 2-step sharded run are comparable.
+RUN = {"train.steps": 20, "eval.num_problems": 0, "opt.schedule": "constant",
+       "opt.warmup_steps": 0}
+LR = 3e-3  # the tiny config's
+TRAIN_KEYS = ["loss", "reward", "reward_std", "rewards/accuracy/mean", "rewards/tag_count/mean",
+              "frac_reward_zero_std", "kl", "entropy", "clip_ratio/low_mean",
+              "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
+              "completions/clipped_ratio", "grad_norm", "learning_rate", "time/step_s",
+              "time/sample_s", "time/update_s"]
+
+
+def tiny_config(overrides):
+  """configs/tiny_arithmetic.py with {"section.key": value} overrides (new keys allowed)."""
+  spec = importlib.util.spec_from_file_location("tiny_arithmetic", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for key, value in overrides.items():
+    *sections, leaf = key.split(".")
+    node = cfg
+    for section in sections:
+      node = node[section]
+    node[leaf] = value
+  return cfg
+
+
+def cli_args(workdir, overrides):
+  return [f"--config={TINY}", f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def training_records(records):
+  """Records of training steps without their wall-clock times (which never repeat)."""
+  return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records
+          if "loss" in r]
+
+
+def saved_params(workdir, step=None) -> dict:
+  """{name: array} of a checkpoint's params, read as saved (no target structure)."""
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
+    state, _ = ckpt.restore(step)
+  return {name: np.asarray(leaf["value"]) for name, leaf in state["params"].items()}
+
+
+def model_params(model) -> dict:
+  return {name: np.asarray(x) for name, x in models.params_dict(model).items()}
+
+
+def initial_params() -> dict:
+  return model_params(models.load("tiny-random")[0])  # a fixed-seed init: the runs' start
+
+
+def assert_params_equal(a, b):
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache for this module; restored to the previous one after."""
+  path = str(tmp_path_factory.mktemp("compile_cache"))
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()  # the cache is set up once per process, at its first use
+  yield path
+  jax.config.update("jax_compilation_cache_dir", before[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  compilation_cache.reset_cache()
+
+
+def subprocess_env(compile_cache, devices=1):
+  return dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_COMPILATION_CACHE_DIR=compile_cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def run_cli(args, env, module="grpo_jax.main", timeout=300):
+  return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+# -- two steps with a reference model and evaluation ------------------------------------
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("short"))
+  cfg = tiny_config({"train.steps": 2, "rl.beta": 0.04, "eval.num_problems": 4,
+                     "eval.prompts_per_batch": 4})
+  records = train.train_and_evaluate(cfg, workdir)
+  return workdir, records
+
+
+def test_steps_change_every_param_by_adam_sized_updates(short_run):
+  workdir, _ = short_run
+  start, trained = initial_params(), saved_params(workdir)
+  assert start.keys() == trained.keys()
+  for name in start:
+    change = np.abs(trained[name] - start[name]).max()
+    # Two Adam steps move a weight by at most ~2 lr, and every weight gets a gradient.
+    assert 0 < change <= 2.5 * LR, (name, change)
+
+
+def test_metrics_jsonl_has_every_key_finite_and_consistent(short_run):
+  workdir, records = short_run
+  on_disk = metrics_io.read_metrics(workdir)
+  assert on_disk == records
+  assert [r["step"] for r in on_disk] == [0, 1, 2]
+  first, second = training_records(on_disk)
+  max_entropy = math.log(len(models.load("tiny-random")[1]))  # uniform over the vocabulary
+  for rec in (on_disk[1], on_disk[2]):
+    for key in TRAIN_KEYS:
+      assert key in rec and math.isfinite(rec[key]), key
+    assert rec["reward"] == pytest.approx(
+        rec["rewards/accuracy/mean"] + rec["rewards/tag_count/mean"], abs=1e-6)
+    assert rec["learning_rate"] == pytest.approx(LR)
+    assert 1 <= rec["completions/mean_length"] <= 16  # rl.max_completion_length
+    assert 0 <= rec["completions/clipped_ratio"] <= 1 and 0 <= rec["frac_reward_zero_std"] <= 1
+    assert 0 < rec["entropy"] <= max_entropy
+    assert rec["grad_norm"] > 0 and rec["reward_std"] >= 0
+    # One update per rollout: the policy is the sampling policy, the ratio is 1, nothing clips.
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+      assert rec[key] == 0
+    assert rec["time/step_s"] >= rec["time/sample_s"] + rec["time/update_s"] > 0
+  # The reference is the initial policy: no KL at the first step, some after an update.
+  assert abs(first["kl"]) < 1e-6 and second["kl"] > 1e-7
+  for step in (0, 2):  # before the first step and after the last
+    assert 0 <= on_disk[step]["eval/accuracy"] <= 1 and "eval/maj@2" in on_disk[step]
+    assert on_disk[step]["eval/num_problems"] == 4
+
+
+def test_load_workdir_gives_the_latest_checkpoint_params(short_run, tmp_path):
+  workdir, _ = short_run
+  assert models.resolve(workdir) == ("workdir", workdir)
+  model, tokenizer = models.load(workdir)
+  loaded = model_params(model)
+  assert_params_equal(loaded, saved_params(workdir, step=2))
+  assert any(not np.array_equal(loaded[k], v) for k, v in initial_params().items())
+  assert len(tokenizer) == len(models.load("tiny-random")[1])
+  # The compute dtype is the run's config.model.dtype unless the caller names one.
+  shutil.copytree(workdir, tmp_path / "bf16")
+  with open(tmp_path / "bf16" / "config.json") as f:
+    run_config = json.load(f)
+  run_config["model"]["dtype"] = "bfloat16"
+  with open(tmp_path / "bf16" / "config.json", "w") as f:
+    json.dump(run_config, f)
+  assert models.load(str(tmp_path / "bf16"))[0].dtype == jnp.bfloat16
+  assert models.load(str(tmp_path / "bf16"), dtype="float32")[0].dtype == jnp.float32
+  assert model.dtype == jnp.float32
+
+
+def test_generate_cli_on_a_workdir_prints_the_trained_models_text(short_run, compile_cache):
+  workdir, _ = short_run
+  prompt = "What is 3 + 4?"
+  proc = run_cli([f"--model={workdir}", f"--prompt={prompt}", "--max_new_tokens=8"],
+                 subprocess_env(compile_cache), module="grpo_jax.generate")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  expected = generate(*models.load(workdir), prompt, max_new_tokens=8)  # greedy
+  assert proc.stdout == expected + "\n" and expected.strip()
+
+
+# -- 20 steps: the reward rises; resume and preemption repeat them exactly ---------------
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  records = train.train_and_evaluate(tiny_config(RUN), workdir)
+  return workdir, records
+
+
+def test_reward_rises(full_run):
+  _, records = full_run
+  reward = [r["reward"] for r in records]
+  assert len(reward) == 20
+  # seed 0: ~0.14 -> ~0.35, from the tag_count reward (a random model gets no sums right)
+  assert np.mean(reward[-5:]) > np.mean(reward[:5]) + 0.1, reward
+
+
+def test_restart_resumes_exactly(full_run, tmp_path):
+  workdir = str(tmp_path)
+  first = train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 10})), workdir)
+  train.train_and_evaluate(tiny_config(RUN), workdir)
+  records = metrics_io.read_metrics(workdir)
+  # Resumed, not redone: the first run's records are kept as they were, times included.
+  assert records[:10] == first
+  assert training_records(records) == training_records(full_run[1])
+  assert_params_equal(saved_params(workdir), saved_params(full_run[0]))
+
+
+# The training CLI with ~0.3 s steps, so that a signal lands mid-run.
+_SLOW_MAIN = textwrap.dedent("""
+  import sys, time
+  from absl import app
+  from grpo_jax import main, train
+
+  write = train._write
+  def slow_write(*args, **kwargs):
+    record = write(*args, **kwargs)
+    time.sleep(0.3)
+    return record
+  train._write = slow_write
+  app.run(main.main, argv=sys.argv)
+""")
+
+
+def test_sigterm_checkpoints_the_last_step_and_restart_finishes_exactly(full_run, tmp_path,
+                                                                        compile_cache):
+  workdir = str(tmp_path / "run")
+  with open(tmp_path / "stderr.txt", "w") as stderr:
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MAIN, *cli_args(workdir, RUN)],
+                            env=subprocess_env(compile_cache), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 240
+    while len(metrics_io.read_metrics(workdir)) < 2 and proc.poll() is None:
+      assert time.time() < deadline, "no training steps within 240 s"
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+  log = (tmp_path / "stderr.txt").read_text()
+  assert rc == 0, log[-3000:]
+  last = metrics_io.read_metrics(workdir)[-1]["step"]
+  assert 2 <= last < 20
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
+    assert ckpt.latest_step() == last
+  assert f"checkpointed step {last}, stopping" in log
+
+  train.train_and_evaluate(tiny_config(RUN), workdir)
+  assert training_records(metrics_io.read_metrics(workdir)) == training_records(full_run[1])
+  assert_params_equal(saved_params(workdir), saved_params(full_run[0]))
+
+
+def test_2x2x2_mesh_on_8_devices_matches_one_device(full_run, tmp_path, compile_cache):
+  overrides = dict(RUN, **{"train.steps": 2, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  proc = run_cli(cli_args(tmp_path, overrides), subprocess_env(compile_cache, devices=8))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sharded = training_records(metrics_io.read_metrics(tmp_path))
+  single = training_records(full_run[1])[:2]
+  assert [r.keys() for r in sharded] == [r.keys() for r in single]
+  for got, want in zip(sharded, single):
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+# -- config errors, each with the message that says what to change -----------------------
+@pytest.mark.parametrize("overrides, message", [
+    ({"rl.num_generations": 1}, "num_generations=1: GRPO needs at least 2 completions"),
+    ({"train.grad_accum_steps": 3},
+     "prompts_per_step=4 must be divisible by config.train.grad_accum_steps=3"),
+    ({"rewards": [("accuracy", 1.0), ("acuracy", 0.5)]}, "unknown reward 'acuracy'"),
+    ({"task.name": "arithmetc"}, "config.task.name='arithmetc': unknown task"),
+    ({"rl.betta": 0.1}, "unknown config key config.rl.betta; did you mean config.rl.beta?"),
+])
+def test_validate_rejects_with_message(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message.replace("?", r"\?")):
+    config_lib.validate(tiny_config(overrides))
+
+
+def test_train_rejects_a_bad_config_before_touching_the_workdir(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="num_generations"):
+    train.train_and_evaluate(tiny_config({"rl.num_generations": 1}), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_train_rejects_prompt_plus_completion_beyond_the_context(tmp_path):
+  cfg = tiny_config({"rl.max_prompt_length": 1000, "rl.max_completion_length": 100})
+  config_lib.validate(cfg)  # fine without the model
+  with pytest.raises(config_lib.ConfigError, match="= 1100 is longer than the model's context "
+                                                   "of 1024 tokens"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_mesh_that_does_not_multiply_to_the_devices():
+  with pytest.raises(config_lib.ConfigError, match=r"they multiply to 3, not the 1 devices"):
+    config_lib.make_mesh(tiny_config({"mesh.data": 3}))
+
+
+def test_batch_not_divisible_by_the_batch_shards(tmp_path, compile_cache):
+  # 8 devices, data=-1: 8 batch shards for 4 prompts.
+  proc = run_cli(cli_args(tmp_path, {"mesh.data": -1}), subprocess_env(compile_cache, devices=8))
+  assert proc.returncode != 0
+  assert ("4 prompts per micro-batch is not divisible by the 8 batch shards "
+          "(config.mesh.data x fsdp = 8 x 1)") in proc.stderr
+  assert "loading model" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.rl.num_generations=1", "num_generations=1: GRPO needs at least 2 completions"),
+    ("--config.rl.betta=0.1", 'Did you mean "beta"'),
+])
+def test_cli_rejects_a_bad_config_before_loading_a_model(flag, message, tmp_path, compile_cache):
+  proc = run_cli([f"--config={TINY}", f"--workdir={tmp_path / 'run'}", flag],
+                 subprocess_env(compile_cache))
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+  assert not os.path.exists(tmp_path / "run")
