@@ -6,6 +6,8 @@ from grpo_jax.models import KNOWN_MODELS
 HELP = f"""grpo_jax {grpo_jax.__version__}: GRPO (DeepSeekMath / DeepSeek-R1 RL from verifiable rewards) in JAX/Flax
 
 Entry points:
+  python -m grpo_jax.main --config=configs/smollm2_arithmetic.py --workdir=runs/smollm2_arithmetic
+      train with GRPO (the default experiment; same command again to resume)
   python -m grpo_jax.generate --model=smollm2-135m-instruct --prompt="What is 7*6?" --chat
       sample from a model (a known name, a Hugging Face folder, a .gguf path, or a
       training workdir: its latest checkpoint)

@@ -76,7 +76,7 @@ def test_train_and_eval_never_share_a_problem(knobs):
 
 
 def test_unknown_names_and_bad_knobs_are_clear_errors():
-  with pytest.raises(ValueError, match=r"known tasks: \['arithmetic'\]"):
+  with pytest.raises(ValueError, match=r"known tasks: \['arithmetic', 'jsonl'\]"):
     data.get_task("gsm9k")
   with pytest.raises(ValueError, match="operators"):
     data.get_task("arithmetic", operators="+/")
@@ -125,3 +125,44 @@ def test_unknown_template_and_chat_without_tokenizer():
     data.format_prompt(EXAMPLE, "alpaca")
   with pytest.raises(ValueError, match="chat template"):
     data.format_prompt(EXAMPLE, "chat", None)
+
+
+# -- JSONL files ---------------------------------------------------------------------
+def write_jsonl(path, rows):
+  import json
+
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+def test_jsonl_task_reads_splits_and_is_deterministic(tmp_path):
+  rows = [{"question": f"What is {i} + {i}?", "answer": f"... #### {2 * i}", "id": i}
+          for i in range(200)]
+  path = write_jsonl(tmp_path / "train.jsonl", rows)
+  task = tasks.get_task("jsonl", path=path, prompt_key="question", eval_fraction=0.1, seed=3)
+  train = task.train_batch(0, 400)  # two epochs
+  evals = task.eval_examples(1000)
+  train_prompts = {ex["prompt"] for ex in train}
+  assert train_prompts.isdisjoint({ex["prompt"] for ex in evals})
+  assert len(train_prompts) + len({ex["prompt"] for ex in evals}) == 200
+  # Each epoch is a permutation of the train split; epochs differ in order.
+  n = len(train_prompts)
+  assert {ex["prompt"] for ex in train[:n]} == train_prompts
+  assert [ex["prompt"] for ex in train[:n]] != [ex["prompt"] for ex in train[n:2 * n]]
+  assert train[:50] == tasks.get_task("jsonl", path=path, prompt_key="question",
+                                      eval_fraction=0.1, seed=3).train_batch(0, 50)
+  assert train[7]["answer"].endswith(f"#### {2 * train[7]['id']}")  # extra columns kept
+
+
+def test_jsonl_task_errors_name_the_problem(tmp_path):
+  with pytest.raises(ValueError, match="not found: .*missing.jsonl"):
+    tasks.get_task("jsonl", path=str(tmp_path / "missing.jsonl"))
+  bad = write_jsonl(tmp_path / "bad.jsonl", [{"q": "x", "answer": "1"}])
+  with pytest.raises(ValueError, match="bad.jsonl:1: needs the keys 'prompt' and 'answer'"):
+    tasks.get_task("jsonl", path=bad)
+  good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "answer": "1"}])
+  other = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "b", "answer": "2"}])
+  task = tasks.get_task("jsonl", path=good, eval_path=other)
+  assert task.eval_examples(1)[0]["prompt"] == "b" and task.train_batch(5, 1)[0]["prompt"] == "a"

@@ -16,6 +16,7 @@ functions receive as keyword arguments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import random
 
@@ -107,8 +108,76 @@ class Arithmetic(_IndexedTask):
                      "for this eval_fraction")
 
 
+class Jsonl(_IndexedTask):
+  """Problems from local JSON-lines files, one {"prompt": ..., "answer": ...} per line.
+
+  `prompt_key` / `answer_key` name other fields (GSM8K exports use "question"
+  and an answer ending in "#### 72", which the accuracy rewards read). Other
+  fields become extra reward columns. The eval split is `eval_path` if given,
+  else the problems whose prompt hash falls below `eval_fraction`. Train
+  example i is problem perm_e[i mod n] of epoch e = i // n, where perm_e is a
+  seeded shuffle: deterministic by index, so resuming is exact.
+  """
+
+  def __init__(self, path: str, eval_path: str | None = None, eval_fraction: float = 0.05,
+               prompt_key: str = "prompt", answer_key: str = "answer", seed: int = 0):
+    import json
+    import os
+
+    if not path:
+      raise ValueError("task 'jsonl' needs the path of a JSON-lines file: "
+                       "--config.task.kwargs.path=FILE.jsonl")
+
+    def read(p):
+      if not os.path.isfile(p):
+        raise ValueError(f"JSONL file not found: {p} (config.task.kwargs.path / eval_path)")
+      rows = []
+      with open(p) as f:
+        for line_no, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          row = json.loads(line)
+          if prompt_key not in row or answer_key not in row:
+            raise ValueError(f"{p}:{line_no}: needs the keys {prompt_key!r} and {answer_key!r} "
+                             f"(set prompt_key / answer_key); has {sorted(row)}")
+          extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
+          rows.append({"prompt": str(row[prompt_key]), "answer": str(row[answer_key]), **extra})
+      if not rows:
+        raise ValueError(f"{p} holds no examples")
+      return rows
+
+    rows = read(path)
+    if eval_path:
+      self._splits = {"train": rows, "eval": read(eval_path)}
+    else:
+      is_eval = [_hash_fraction(r["prompt"]) < eval_fraction for r in rows]
+      self._splits = {"train": [r for r, e in zip(rows, is_eval) if not e],
+                      "eval": [r for r, e in zip(rows, is_eval) if e]}
+      if not self._splits["eval"] or not self._splits["train"]:
+        raise ValueError(f"eval_fraction={eval_fraction} leaves an empty split of {len(rows)} "
+                         "examples; give eval_path or change eval_fraction")
+    self.seed = seed
+
+  def example(self, split: str, index: int) -> dict:
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    rows = self._splits[split]
+    n = len(rows)
+    if split == "eval":
+      return rows[index % n]
+    epoch, i = divmod(index, n)
+    return rows[self._order(epoch)[i]]
+
+  @functools.lru_cache(maxsize=2)
+  def _order(self, epoch: int) -> list[int]:
+    order = list(range(len(self._splits["train"])))
+    random.Random(f"jsonl/{self.seed}/{epoch}").shuffle(order)
+    return order
+
+
 TASKS = {
     "arithmetic": Arithmetic,
+    "jsonl": Jsonl,
 }
 
 

@@ -100,8 +100,9 @@ def load(name_or_path: str, dtype: Any = None, param_dtype: Any = "float32"):
   Args:
     name_or_path: a name in KNOWN_MODELS, a Hugging Face checkpoint folder, a
       .gguf path, or a training workdir.
-    dtype: compute dtype of matmul operands ("bfloat16" is ~2x faster on CPU and
-      the norm on accelerators; accumulation, softmax and logits stay fp32).
+    dtype: compute dtype of matmul operands ("bfloat16" is the norm on
+      accelerators; on CPU it depends on the chip, see benchmarks/README.md;
+      accumulation, softmax and logits stay fp32).
       None: a workdir's config.model.dtype, else "float32".
     param_dtype: storage dtype of the params (fp32 master weights by default).
   Returns:
