@@ -101,3 +101,27 @@ def test_optimizer_schedule_warmup_then_cosine():
   assert abs(float(lr(60)) - 0.5) < 1e-3 and float(lr(110)) < 1e-6
   with pytest.raises(ValueError, match="constant.*cosine"):
     grpo.make_optimizer(1.0, total_steps=10, schedule="linear")
+
+
+def test_several_iterations_use_the_sampling_logps_and_clip():
+  """num_iterations > 1: old log-probs are the sampler's; a moved policy gets clipped."""
+  model = models.init_model(CFG, seed=7)
+  graphdef, params = nnx.split(model)
+  batch = make_batch(seed=8)
+  logps, _ = grpo.completion_logps(model, batch.prompts, batch.prompt_mask, batch.completions,
+                                   batch.completion_mask, num_generations=G)
+  batch = batch.replace(old_logps=logps)  # what the sampler returns for the same params
+  on_policy = grpo.LossConfig(num_generations=G, beta=0.0)
+  with_old = dataclasses.replace(on_policy, use_old_logps=True)
+  g1, _ = jax.grad(grpo.loss_and_metrics, has_aux=True)(params, None, graphdef, batch, on_policy)
+  g2, m2 = jax.grad(grpo.loss_and_metrics, has_aux=True)(params, None, graphdef, batch, with_old)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+  assert float(m2["clip_ratio/region_mean"]) == 0.0
+  # A second update on the same rollout, after a big step: ratios leave [1 - eps, 1 + eps].
+  optimizer, _ = grpo.make_optimizer(0.05, total_steps=2)
+  step = grpo.make_update_step(graphdef, optimizer, with_old)
+  opt_state = optimizer.init(params)
+  params, opt_state, _ = step(params, opt_state, None, batch)
+  _, _, metrics = step(params, opt_state, None, batch)
+  assert float(metrics["clip_ratio/region_mean"]) > 0.05
