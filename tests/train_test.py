@@ -326,3 +326,39 @@ def test_cli_rejects_a_bad_config_before_loading_a_model(flag, message, tmp_path
                  subprocess_env(compile_cache))
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
   assert not os.path.exists(tmp_path / "run")
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """Multi-host: two local processes (jax.distributed on 127.0.0.1, one CPU device each,
+  the mesh's data axis across them) give the metrics of a single process."""
+  args = [sys.executable, "-m", "grpo_jax.main", "--config=configs/tiny_arithmetic.py",
+          "--config.train.steps=2", "--config.eval.num_problems=8"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  single = subprocess.run(args + [f"--workdir={tmp_path / 'one'}"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(args + [f"--workdir={tmp_path / 'two'}",
+                                    f"--coordinator_address=127.0.0.1:{port}",
+                                    "--num_processes=2", f"--process_id={i}"],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  one = metrics_io.read_metrics(str(tmp_path / "one"))
+  two = metrics_io.read_metrics(str(tmp_path / "two"))
+  assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
+  for a, b in zip(one, two):
+    for key, value in a.items():
+      if not key.startswith("time/"):
+        assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
