@@ -79,10 +79,6 @@ def completion_logps(model, prompts_BxP, prompt_mask_BxP, completions_NxT, compl
   return losses.token_logps_and_entropy(hidden, completions_NxT, head, chunk_size=chunk_size)
 
 
-def _masked_mean(x, mask):
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1)
-
-
 def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig):
   """GRPO loss of one (micro-)batch and its metrics (all scalars)."""
   lp = functools.partial(completion_logps, num_generations=cfg.num_generations,
@@ -101,7 +97,7 @@ def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig
       importance_sampling_level=cfg.importance_sampling_level,
       max_completion_length=cfg.max_completion_length)
   mask = batch.completion_mask.astype(jnp.float32)
-  metrics = dict(metrics, loss=loss, entropy=_masked_mean(entropy, mask))
+  metrics = dict(metrics, loss=loss, entropy=losses.masked_mean(entropy, mask))
   return loss, metrics
 
 

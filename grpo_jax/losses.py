@@ -25,7 +25,7 @@ def _check_option(name: str, value, allowed) -> None:
     raise ValueError(f"{name}={value!r} is not supported; expected one of {list(allowed)}.")
 
 
-def _masked_mean(x_NxT, mask_NxT):
+def masked_mean(x_NxT, mask_NxT):
   """Mean over the tokens where mask is 1 (0 when there are none)."""
   return jnp.sum(x_NxT * mask_NxT) / jnp.maximum(jnp.sum(mask_NxT), 1.0)
 
@@ -143,7 +143,7 @@ def grpo_loss(
   if ref_logps is not None:
     ref_logps = jnp.where(is_token, jnp.asarray(ref_logps, jnp.float32), logps)
     kl = kl_divergence(logps, ref_logps, kl_estimator)
-    kl_mean = _masked_mean(kl, mask)
+    kl_mean = masked_mean(kl, mask)
     if use_kl:
       per_token = per_token + beta * kl
 
@@ -151,7 +151,7 @@ def grpo_loss(
     seq_len_N = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
     loss = jnp.mean(jnp.sum(per_token * mask, axis=-1) / seq_len_N)
   elif loss_type in ("bnpo", "dapo"):
-    loss = _masked_mean(per_token, mask)
+    loss = masked_mean(per_token, mask)
   else:  # dr_grpo
     loss = jnp.sum(per_token * mask) / (mask.shape[0] * max_completion_length)
 
@@ -161,9 +161,9 @@ def grpo_loss(
   clip_high = jnp.broadcast_to(is_high, mask.shape).astype(jnp.float32)
   metrics = {
       "kl": kl_mean,
-      "clip_ratio/low_mean": _masked_mean(clip_low, mask),
-      "clip_ratio/high_mean": _masked_mean(clip_high, mask),
-      "clip_ratio/region_mean": _masked_mean(jnp.maximum(clip_low, clip_high), mask),
+      "clip_ratio/low_mean": masked_mean(clip_low, mask),
+      "clip_ratio/high_mean": masked_mean(clip_high, mask),
+      "clip_ratio/region_mean": masked_mean(jnp.maximum(clip_low, clip_high), mask),
   }
   return loss, metrics
 
@@ -180,7 +180,7 @@ def sft_loss(logps, mask):
   """
   mask = jnp.asarray(mask, jnp.float32)
   logps = jnp.where(mask > 0, jnp.asarray(logps, jnp.float32), 0.0)
-  nll = -_masked_mean(logps, mask)
+  nll = -masked_mean(logps, mask)
   return nll, {"nll": nll, "perplexity": jnp.exp(nll), "num_tokens": jnp.sum(mask)}
 
 

@@ -130,8 +130,8 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
         prompts_per_batch=cfg.eval.prompts_per_batch,
         correct_fn=rewards.REWARD_FUNCTIONS[cfg.eval.reward])
 
-  def eval_due(step):  # step = updates done
-    return step == train.steps or (step == 0) or (train.eval_every and step % train.eval_every == 0)
+  def eval_due(step):  # step = updates done (>= 1; step 0 is evaluated before the loop)
+    return step == train.steps or (train.eval_every and step % train.eval_every == 0)
 
   records = metrics_io.read_metrics(workdir) if start and is_main else []
   if start == 0 and cfg.eval.num_problems:
@@ -190,7 +190,7 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
       done = step + 1
       rec = {k: float(v) for k, v in update_metrics.items()}
       rec.update(advantages.reward_metrics(reward, g))
-      rec.update({k: v for k, v in reward_info.items()})
+      rec.update(reward_info)
       rec.update({
           "completions/mean_length": float(out.lengths.mean()),
           "completions/clipped_ratio": float(out.truncated.mean()),

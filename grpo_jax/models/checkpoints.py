@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_jax.models.transformer import ModelConfig
+from grpo_jax.models.transformer import ModelConfig, layer_param_names
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -127,16 +127,6 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
 
 
 # -- params ----------------------------------------------------------------------
-def _expected_names(cfg: ModelConfig) -> list[str]:
-  names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
-           "gate_proj", "up_proj", "down_proj"]
-  if cfg.attention_bias:
-    names += ["q_bias", "k_bias", "v_bias"]
-  if cfg.qk_norm:
-    names += ["q_norm", "k_norm"]
-  return names
-
-
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Hugging Face state dict (numpy) -> our flat params dict."""
   missing = []
@@ -148,7 +138,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
     return np.asarray(tensors[name], dtype=np.float32)
 
   params = {}
-  for ours in _expected_names(cfg):
+  for ours in layer_param_names(cfg):
     layers = [get(_LAYER_NAMES[ours].format(i)) for i in range(cfg.num_layers)]
     if not missing:
       stacked = np.stack(layers)
@@ -166,7 +156,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
 def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Our params -> Hugging Face state dict of contiguous fp32 numpy arrays."""
   out = {}
-  for ours in _expected_names(cfg):
+  for ours in layer_param_names(cfg):
     stacked = np.asarray(params[ours], dtype=np.float32)
     for i in range(cfg.num_layers):
       w = stacked[i].T if ours in _KERNELS else stacked[i]

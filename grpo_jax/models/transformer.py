@@ -85,6 +85,17 @@ class ModelConfig:
     return self.vocab_size * d + l * per_layer + d + head
 
 
+def layer_param_names(cfg: ModelConfig) -> list[str]:
+  """Names of the per-layer (stacked) params of an architecture."""
+  names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
+           "gate_proj", "up_proj", "down_proj"]
+  if cfg.attention_bias:
+    names += ["q_bias", "k_bias", "v_bias"]
+  if cfg.qk_norm:
+    names += ["q_norm", "k_norm"]
+  return names
+
+
 def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
   """Inverse frequencies [head_dim // 2], with Llama-3 scaling if configured."""
   d = cfg.head_dim
@@ -190,13 +201,7 @@ class Transformer(nnx.Module):
 
   # -- forward ----------------------------------------------------------------
   def _layer_params(self) -> dict[str, Array]:
-    names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm",
-             "gate_proj", "up_proj", "down_proj"]
-    if self.cfg.attention_bias:
-      names += ["q_bias", "k_bias", "v_bias"]
-    if self.cfg.qk_norm:
-      names += ["q_norm", "k_norm"]
-    return {n: getattr(self, n)[...] for n in names}
+    return {n: getattr(self, n)[...] for n in layer_param_names(self.cfg)}
 
   def prefill(self, tokens_BxL: Array, attention_mask_BxL: Array | None = None,
               max_len: int | None = None):
