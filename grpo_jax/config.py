@@ -64,6 +64,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # 0: evaluate only before the first and after the last step
   c.train.checkpoint_every = 50
   c.train.keep_checkpoints = 3
+  # Memory of one device for the start-up check; 0: what the device reports (GPU/TPU;
+  # a CPU reports none, so no check there unless set).
+  c.train.device_memory_gb = 0.0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes

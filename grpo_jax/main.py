@@ -61,7 +61,10 @@ def main(argv):
     config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except config_lib.ConfigError as e:  # raised at start-up, before any step
+    raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ whose tokenizer writes one digit per token (SmolLM2, Llama 2, Qwen2).
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import functools
 import logging
@@ -509,21 +510,42 @@ def combine_rewards(reward_fns, weights, prompts, completions, *, on_error: str 
     `rewards/<name>/mean` (of the unweighted rewards, NaN if all None) and,
     with on_error="zero", `rewards/<name>/errors`.
   """
+  scores = score_rewards(reward_fns, prompts, completions, on_error=on_error, **columns)
+  return weigh_scores(scores, weights)
+
+
+@dataclasses.dataclass
+class Scores:
+  """Each reward function's unweighted rewards: what `score_rewards` measured.
+
+  Scores of disjoint slices of a batch (e.g. one per host) concatenate with
+  `Scores.concatenate`, and `weigh_scores` of the whole gives the batch's
+  rewards and metrics.
+  """
+  names: list[str]
+  rewards_NxF: np.ndarray  # NaN = the function gave None
+  errors_F: np.ndarray  # rows set to 0 after a failure (on_error="zero")
+  on_error: str = "raise"
+
+  @staticmethod
+  def concatenate(parts: Sequence["Scores"]) -> "Scores":
+    return Scores(parts[0].names, np.concatenate([p.rewards_NxF for p in parts]),
+                  np.sum([p.errors_F for p in parts], axis=0), parts[0].on_error)
+
+
+def score_rewards(reward_fns, prompts, completions, *, on_error: str = "raise",
+                  **columns) -> Scores:
+  """Every function's rewards for N completions (see `combine_rewards` for the arguments)."""
   if on_error not in ("raise", "zero"):
     raise ValueError(f"on_error={on_error!r} is not supported; expected one of ['raise', 'zero'].")
   named = [(reward_fn_name(f), f) if callable(f) else tuple(f) for f in reward_fns]
   names = [name for name, _ in named]
   if not named or len(set(names)) != len(names):
     raise ValueError(f"need at least one reward function, with unique names; got {names}.")
-  weights = [1.0] * len(named) if weights is None else [float(w) for w in weights]
-  if len(weights) != len(named):
-    raise ValueError(f"{len(weights)} weights for {len(named)} reward functions {names}.")
   completions = list(completions)
   if prompts is not None and len(prompts) != len(completions):
     raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions.")
-
-  metrics = {}
-  per_fn = []
+  per_fn, errors = [], []
   for name, fn in named:
     rewards, failures = _score(name, fn, prompts, completions, columns)
     if failures and on_error == "raise":
@@ -534,16 +556,27 @@ def combine_rewards(reward_fns, weights, prompts, completions, *, on_error: str 
       logging.warning("reward function %r: %s: %s on completion %d, reward set to 0.",
                       name, type(e).__name__, e, i)
       rewards[i] = 0.0
-    present = ~np.isnan(rewards)
-    metrics[f"rewards/{name}/mean"] = float(rewards[present].mean()) if present.any() else math.nan
-    if on_error == "zero":
-      metrics[f"rewards/{name}/errors"] = len(failures)
     per_fn.append(rewards)
+    errors.append(len(failures))
+  return Scores(names, np.stack(per_fn, axis=1), np.asarray(errors), on_error)
 
-  rewards_FxN = np.stack(per_fn)
-  present_FxN = ~np.isnan(rewards_FxN)
-  weighted = np.where(present_FxN, rewards_FxN * np.asarray(weights)[:, None], 0.0).sum(axis=0)
-  return np.where(present_FxN.any(axis=0), weighted, np.nan).astype(np.float32), metrics
+
+def weigh_scores(scores: Scores, weights) -> tuple[np.ndarray, dict]:
+  """(rewards [N] float32, metrics) from `Scores`: see `combine_rewards`."""
+  f = len(scores.names)
+  weights = [1.0] * f if weights is None else [float(w) for w in weights]
+  if len(weights) != f:
+    raise ValueError(f"{len(weights)} weights for {f} reward functions {scores.names}.")
+  rewards_NxF = scores.rewards_NxF
+  present_NxF = ~np.isnan(rewards_NxF)
+  metrics = {}
+  for j, name in enumerate(scores.names):
+    column = rewards_NxF[present_NxF[:, j], j]
+    metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.size else math.nan
+    if scores.on_error == "zero":
+      metrics[f"rewards/{name}/errors"] = int(scores.errors_F[j])
+  weighted = np.where(present_NxF, rewards_NxF * np.asarray(weights), 0.0).sum(axis=1)
+  return np.where(present_NxF.any(axis=1), weighted, np.nan).astype(np.float32), metrics
 
 
 # ----------------------------------------------------------------------------

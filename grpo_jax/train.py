@@ -9,15 +9,19 @@ Exact resume: the randomness of step s is fold_in(key(seed), s) and its
 prompts are examples [s * B, (s + 1) * B) of the task, so a run restored
 from the checkpoint of step s continues exactly as an uninterrupted one.
 
-Multi-host: every process builds the same global batch on the host (the task
-is deterministic), places it on the mesh with `make_array_from_callback`, and
-gathers sampled tokens back with `process_allgather`; only process 0 writes.
+Multi-host (jax.distributed): each process takes the prompts of the batch
+rows its devices hold, tokenises them, and the global arrays are assembled
+from these process-local pieces. Sampled tokens come back to the process that
+holds them, which decodes and scores its own completions; only the small
+per-completion numbers (rewards, lengths) are all-gathered, so advantages and
+metrics are those of the whole batch. Only process 0 writes files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -27,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from grpo_jax import (advantages, checkpointing, config as config_lib, evaluate, grpo,
+from grpo_jax import (advantages, checkpointing, config as config_lib, evaluate, grpo, memory,
                       metrics_io, models, rewards, sampling, sharding)
 from grpo_jax.data import format_prompt, get_task
 
@@ -35,29 +39,69 @@ log = logging.getLogger("grpo_jax")
 COMPLETION_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
-def to_device(x, sharding_):
-  """A host array (identical on every process) placed with `sharding_`."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding_, lambda idx: x[idx])
+def process_rows(sharding_, n: int) -> slice:
+  """The rows [start, stop) of an n-row batch that this process's devices hold."""
+  spans = [idx[0] for idx in sharding_.addressable_devices_indices_map((n,)).values()]
+  return slice(min(s.start or 0 for s in spans), max(n if s.stop is None else s.stop for s in spans))
 
 
-def to_host(tree):
+def to_device(local, sharding_, rows: slice, n: int):
+  """A global [n, ...] array placed with `sharding_`, from this process's `rows` of it."""
+  local = np.asarray(local)
+
+  def piece(idx):
+    start, stop, _ = idx[0].indices(n)
+    return local[(slice(start - rows.start, stop - rows.start), *idx[1:])]
+
+  return jax.make_array_from_callback((n, *local.shape[1:]), sharding_, piece)
+
+
+def local_rows(x: jax.Array, rows: slice) -> np.ndarray:
+  """This process's `rows` of a global array (leading dim = batch), on the host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)[rows]
+  out = np.empty((rows.stop - rows.start, *x.shape[1:]), x.dtype)
+  for shard in x.addressable_shards:
+    start, stop, _ = shard.index[0].indices(x.shape[0])
+    lo, hi = max(start, rows.start), min(stop, rows.stop)
+    if lo < hi:
+      out[(slice(lo - rows.start, hi - rows.start), *shard.index[1:])] = (
+          np.asarray(shard.data)[lo - start:hi - start])
+  return out
+
+
+def gather_rows(tree, rows: slice):
+  """The whole batch from every process's `rows` of it (numpy leaves), in row order.
+
+  Processes that hold the same rows (the batch replicated across them) count once.
+  """
   if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
+    return tree
+  starts = multihost_utils.process_allgather(np.int64(rows.start))
+  order = sorted({int(s): p for p, s in reversed(list(enumerate(starts)))}.items())
+  everyone = multihost_utils.process_allgather(tree)  # leaves [processes, rows, ...]
+  return jax.tree.map(lambda x: np.concatenate([x[p] for _, p in order]), everyone)
+
+
+def global_max(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int64(value))))
 
 
 def tokenize_prompts(texts, tokenizer, max_length):
-  """Left-padded prompt ids at a bucketed length; prompts longer than the limit keep their end."""
+  """Left-padded prompt ids at a bucketed length (the same on every process); prompts longer
+  than the limit keep their end."""
   ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-  if max(len(i) for i in ids) > max_length:
+  longest = global_max(max(len(i) for i in ids))
+  if longest > max_length:
     if not tokenize_prompts.warned:
       log.warning("a prompt has more than rl.max_prompt_length=%d tokens; keeping its last %d "
                   "(this warning is shown once)", max_length, max_length)
       tokenize_prompts.warned = True
     ids = [i[-max_length:] for i in ids]
   return sampling.left_pad(ids, tokenizer.pad_token_id,
-                           min(sampling.bucket_length(max(len(i) for i in ids)), max_length))
+                           min(sampling.bucket_length(longest), max_length))
 
 
 tokenize_prompts.warned = False
@@ -81,11 +125,18 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
 
+  model_cfg = model.cfg
   graphdef, params = nnx.split(model)
   del model
   param_sh = sharding.param_shardings(mesh, params)
   batch_sh = sharding.batch_sharding(mesh)
   params = jax.device_put(params, param_sh)
+  est = memory.estimate(cfg, model_cfg, mesh,
+                        param_bytes=sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+                                        for x, sh in zip(jax.tree.leaves(params),
+                                                         jax.tree.leaves(param_sh))))
+  log.info("memory per device (estimate):\n%s", est.table())
+  memory.check(est, memory.device_memory_limit(cfg))
   # The reference is the initial policy; a copy, since the policy's buffers are donated.
   ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
                 if rl.beta != 0 else None)
@@ -118,6 +169,8 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
                                  grad_accum_steps=train.grad_accum_steps, param_sharding=param_sh,
                                  opt_sharding=opt_sh, batch_sharding=batch_sh)
   stop_ids, pad_id = sampling.stop_ids(tokenizer), tokenizer.pad_token_id
+  prompt_rows = process_rows(batch_sh, b)  # this process's share of each step's batch
+  rows = slice(prompt_rows.start * g, prompt_rows.stop * g)
   base_key = jax.random.key(train.seed)
   eval_key = jax.random.fold_in(base_key, 2**31 - 1)  # the same every eval; no step reaches it
   eval_examples = task.eval_examples(cfg.eval.num_problems)
@@ -144,38 +197,49 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
   with checkpointing.preemption_guard() as guard:
     for step in range(start, train.steps):
       t_step = time.perf_counter()
-      examples = task.train_batch(step * b, b)
+      # This process's prompts: the batch rows its devices hold.
+      examples = task.train_batch(step * b + prompt_rows.start,
+                                  prompt_rows.stop - prompt_rows.start)
       prompt_texts = [format_prompt(ex, cfg.task.template, tokenizer) for ex in examples]
       prompts, prompt_mask = tokenize_prompts(prompt_texts, tokenizer, rl.max_prompt_length)
-      prompts, prompt_mask = to_device(prompts, batch_sh), to_device(prompt_mask, batch_sh)
+      prompts = to_device(prompts, batch_sh, prompt_rows, b)
+      prompt_mask = to_device(prompt_mask, batch_sh, prompt_rows, b)
       out = sampling.sample_jit(
           graphdef, params, prompts, prompt_mask, jax.random.fold_in(base_key, step),
           num_generations=g, max_new_tokens=rl.max_completion_length, stop_ids=stop_ids,
           pad_id=pad_id, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
-      out = to_host(out)
+      out = jax.tree.map(lambda x: local_rows(x, rows), out)
       t_sample = time.perf_counter() - t_step
 
-      # Rewards on the host: strings in, one float per completion out.
+      # Rewards on the host that holds the text: strings in, one float per completion out.
+      n_local = len(out.lengths)
       texts = [tokenizer.decode(out.tokens[i, :out.lengths[i]], skip_special_tokens=True)
-               for i in range(b * g)]
+               for i in range(n_local)]
       columns = {k: [ex[k] for ex in examples for _ in range(g)] for k in examples[0]
                  if k != "prompt"}
-      reward, reward_info = rewards.combine_rewards(
-          reward_fns, weights, [t for t in prompt_texts for _ in range(g)], texts,
-          completion_lengths=out.lengths.tolist(), **columns)
-      adv = advantages.group_advantages(jnp.asarray(reward), g, scale=rl.scale_rewards)
+      scores = rewards.score_rewards(reward_fns, [t for t in prompt_texts for _ in range(g)], texts,
+                                     completion_lengths=out.lengths.tolist(), **columns)
+      # Only numbers cross hosts: the whole batch's scores give its advantages and metrics.
+      whole = gather_rows({"scores": scores.rewards_NxF, "lengths": out.lengths,
+                           "truncated": out.truncated}, rows)
+      errors = gather_rows(scores.errors_F[None], slice(jax.process_index(),
+                                                        jax.process_index() + 1))
+      scores = rewards.Scores(scores.names, whole["scores"], errors.sum(0), scores.on_error)
+      reward, reward_info = rewards.weigh_scores(scores, weights)
+      adv = np.asarray(advantages.group_advantages(jnp.asarray(reward), g,
+                                                   scale=rl.scale_rewards))
 
       # Trim to the bucket of the longest completion: no padding beyond it.
-      t_eff = min(sampling.bucket_length(int(out.lengths.max()), COMPLETION_BUCKETS),
+      t_eff = min(sampling.bucket_length(int(whole["lengths"].max()), COMPLETION_BUCKETS),
                   rl.max_completion_length)
       mask = out.mask[:, :t_eff]
       if rl.mask_truncated_completions:
         mask = mask * (~out.truncated)[:, None]
       batch = grpo.Batch(prompts=prompts, prompt_mask=prompt_mask,
-                         completions=to_device(out.tokens[:, :t_eff], batch_sh),
-                         completion_mask=to_device(mask, batch_sh),
-                         old_logps=to_device(out.logps[:, :t_eff], batch_sh),
-                         advantages=to_device(np.asarray(adv), batch_sh))
+                         completions=to_device(out.tokens[:, :t_eff], batch_sh, rows, b * g),
+                         completion_mask=to_device(mask, batch_sh, rows, b * g),
+                         old_logps=to_device(out.logps[:, :t_eff], batch_sh, rows, b * g),
+                         advantages=to_device(adv[rows], batch_sh, rows, b * g))
       t_update = time.perf_counter()
       for _ in range(rl.num_iterations):
         params, opt_state, update_metrics = update(params, opt_state, ref_params, batch)
@@ -192,8 +256,8 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
       rec.update(advantages.reward_metrics(reward, g))
       rec.update(reward_info)
       rec.update({
-          "completions/mean_length": float(out.lengths.mean()),
-          "completions/clipped_ratio": float(out.truncated.mean()),
+          "completions/mean_length": float(whole["lengths"].mean()),
+          "completions/clipped_ratio": float(whole["truncated"].mean()),
           "learning_rate": float(lr_schedule(step * rl.num_iterations)),
           "time/sample_s": t_sample, "time/update_s": t_update,
           "time/step_s": time.perf_counter() - t_step,
@@ -204,7 +268,7 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
       if done % train.log_every == 0 or "eval/accuracy" in rec or done == train.steps:
         records.append(_write(writer, progress, done, rec))
         if is_main:
-          _write_samples(workdir, done, prompt_texts[0], texts[:g], reward[:g])
+          _write_samples(workdir, done, prompt_texts[0], texts[:g], reward[rows][:g])
       if is_main and (done % 5 == 0 or done == train.steps or "eval/accuracy" in rec):
         metrics_io.write_plots(workdir, records)
       if done % train.checkpoint_every == 0 or done == train.steps or guard.requested:

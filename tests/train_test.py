@@ -336,29 +336,55 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
-  """Multi-host: two local processes (jax.distributed on 127.0.0.1, one CPU device each,
-  the mesh's data axis across them) give the metrics of a single process."""
-  args = [sys.executable, "-m", "grpo_jax.main", "--config=configs/tiny_arithmetic.py",
-          "--config.train.steps=2", "--config.eval.num_problems=8"]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  single = subprocess.run(args + [f"--workdir={tmp_path / 'one'}"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert single.returncode == 0, single.stderr[-3000:]
+def _launch_two_processes(workdir, overrides, compile_cache):
+  """The CLI as two processes (jax.distributed on 127.0.0.1, one CPU device each)."""
   port = _free_port()
-  procs = [subprocess.Popen(args + [f"--workdir={tmp_path / 'two'}",
-                                    f"--coordinator_address=127.0.0.1:{port}",
-                                    "--num_processes=2", f"--process_id={i}"],
-                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-m", "grpo_jax.main", *cli_args(workdir, overrides),
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"],
+                            cwd=REPO, env=subprocess_env(compile_cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  logs = []
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
+    logs.append(err)
+  return logs
+
+
+def test_two_processes_train_like_one_process_with_two_devices_and_resume(tmp_path,
+                                                                          compile_cache):
+  """Multi-host: two processes (the mesh's data axis across them, each sampling and scoring
+  its own prompts) give the metrics and params of one process with two devices, through a
+  checkpoint, a stop and a restart of both processes."""
+  overrides = dict(RUN, **{"train.steps": 2, "eval.num_problems": 8})
+  single = run_cli(cli_args(tmp_path / "one", overrides), subprocess_env(compile_cache, devices=2))
+  assert single.returncode == 0, single.stderr[-3000:]
+  _launch_two_processes(tmp_path / "two", dict(overrides, **{"train.steps": 1}), compile_cache)
+  logs = _launch_two_processes(tmp_path / "two", overrides, compile_cache)
+  assert "resumed from step 1" in logs[0] and "resumed from step 1" in logs[1]
+
   one = metrics_io.read_metrics(str(tmp_path / "one"))
   two = metrics_io.read_metrics(str(tmp_path / "two"))
   assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
+  assert "eval/accuracy" in one[0] and "eval/accuracy" in one[2] and "reward" in one[1]
   for a, b in zip(one, two):
-    for key, value in a.items():
+    for key, value in a.items():  # step 1 of the stopped run also has an eval: not compared
       if not key.startswith("time/"):
         assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+  # Read back on this process's single device, whatever topology saved them.
+  want = model_params(models.load(str(tmp_path / "one"))[0])
+  got = model_params(models.load(str(tmp_path / "two"))[0])
+  assert want.keys() == got.keys()
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_cli_stops_at_start_up_when_the_run_cannot_fit_in_device_memory(tmp_path, compile_cache):
+  proc = run_cli(cli_args(tmp_path, {"train.device_memory_gb": 0.001}),
+                 subprocess_env(compile_cache))
+  assert proc.returncode != 0
+  assert "MiB per device, more than the 1.02 MiB a device has" in proc.stderr, proc.stderr[-3000:]
+  assert "optimizer state" in proc.stderr and "config.train.grad_accum_steps" in proc.stderr
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+  assert not os.path.exists(tmp_path / "checkpoints")

@@ -1,0 +1,122 @@
+"""A start-up estimate of device memory per device, and a clear error when it cannot fit.
+
+    est = estimate(cfg, model_cfg, mesh, param_bytes=...)
+    print(est.table())
+    check(est, limit_bytes)  # ConfigError that says what to change
+
+What one device holds during a step (B prompts, G completions each, prompt
+length P, completion length T, the batch split over data x fsdp):
+- persistent: the policy's params, AdamW's two moments (as large as the
+  params), and the reference params when beta != 0;
+- while sampling: the KV cache (each prompt's keys/values once, shared by its
+  G rows, plus G x T slots per prompt) and the next-token logits;
+- while updating (per micro-batch of B / grad_accum_steps prompts): the
+  gradients, and the activations the backward pass keeps: per layer and token
+  the residual stream and its norms, q/k/v before and after RoPE, the
+  attention scores and probabilities over the prompt and completion, and the
+  MLP's F-wide arrays; plus one chunk
+  of logits (`losses.token_logps_and_entropy` works a chunk at a time).
+The estimate is of the arrays' sizes; XLA's buffer reuse and workspace move the
+real peak by tens of percent either way (tests compare it with XLA's own
+memory analysis of the compiled programs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from grpo_jax.config import ConfigError
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass
+class Estimate:
+  persistent: dict[str, int]  # bytes per device, held for the whole run
+  sampling: dict[str, int]  # bytes per device while sampling
+  update: dict[str, int]  # bytes per device while computing gradients
+
+  @property
+  def peak(self) -> int:
+    return sum(self.persistent.values()) + max(sum(self.sampling.values()),
+                                               sum(self.update.values()))
+
+  def table(self) -> str:
+    lines = []
+    for phase, parts in (("held", self.persistent), ("sampling", self.sampling),
+                         ("update", self.update)):
+      for name, size in parts.items():
+        lines.append(f"  {phase:9s}{name:22s}{_size(size)}")
+    lines.append(f"  {'peak':31s}{_size(self.peak)}")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+  return f"{n / GIB:9.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:9.2f} MiB"
+
+
+def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
+  """Bytes per device of the config's run (see the module docstring).
+
+  Args:
+    cfg: the experiment config (rl, train sections).
+    model_cfg: the model's `ModelConfig`.
+    mesh: the run's mesh (axes data, fsdp, tensor).
+    param_bytes: bytes of the policy's params on one device (after sharding).
+  """
+  m, rl, train = model_cfg, cfg.rl, cfg.train
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  tp = mesh.shape["tensor"]
+  act = 2 if cfg.model.dtype == "bfloat16" else 4  # matmul operands and the KV cache
+  prompts = max(train.prompts_per_step // shards, 1)
+  rows = prompts * rl.num_generations
+  p_len, t_len = rl.max_prompt_length, rl.max_completion_length
+  kv_width = 2 * m.num_kv_heads * m.head_dim // tp  # keys and values per token and layer
+
+  persistent = {"params": param_bytes, "optimizer state": 2 * param_bytes}
+  if rl.beta != 0:
+    persistent["reference params"] = param_bytes
+  sampling = {
+      "KV cache": m.num_layers * kv_width * (prompts * p_len + rows * t_len) * act,
+      "next-token logits": 3 * rows * m.vocab_size * 4,
+  }
+
+  micro_prompts = max(prompts // train.grad_accum_steps, 1)
+  micro_rows = micro_prompts * rl.num_generations
+
+  def per_token(context):  # activations kept for the backward, per token and layer
+    heads = m.num_heads // tp
+    return (8 * m.hidden_size * 4 + (3 * heads * m.head_dim + 2 * kv_width) * act
+            + 4 * m.intermediate_size // tp * act + 3 * heads * context * 4)
+
+  layers = m.num_layers * (micro_prompts * p_len * per_token(p_len)
+                           + micro_rows * t_len * per_token(p_len + t_len))
+  chunk = min(64, t_len)
+  update = {"gradients": param_bytes, "activations": layers,
+            "logits (one chunk)": 3 * micro_rows * chunk * m.vocab_size * 4 // tp}
+  return Estimate(persistent, sampling, update)
+
+
+def device_memory_limit(cfg) -> int | None:
+  """Bytes of memory of one device: config.train.device_memory_gb, else what the device
+  reports (GPUs and TPUs do; CPUs do not: None)."""
+  if cfg.train.device_memory_gb:
+    return int(cfg.train.device_memory_gb * GIB)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def check(est: Estimate, limit: int | None) -> None:
+  """ConfigError when the estimate exceeds `limit` bytes; says what to change."""
+  if limit is None or est.peak <= limit:
+    return
+  raise ConfigError(
+      f"the run needs about {_size(est.peak).strip()} per device, more than the "
+      f"{_size(limit).strip()} a device has:\n{est.table()}\n"
+      "To fit: fewer prompts per step (config.train.prompts_per_step) or more gradient "
+      "accumulation (config.train.grad_accum_steps) for activations; shorter "
+      "config.rl.max_completion_length / max_prompt_length for activations and the KV cache; "
+      "config.mesh.fsdp or config.mesh.tensor > 1 to split params, optimizer state and "
+      "activations over devices; config.rl.beta = 0 drops the reference params.")

@@ -1,0 +1,99 @@
+"""The start-up memory estimate against XLA's own memory analysis of the compiled programs,
+and the error it gives when a run cannot fit."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from grpo_jax import config as config_lib, grpo, memory, models, sampling
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**rl):
+  spec = importlib.util.spec_from_file_location(
+      "tiny_arithmetic", os.path.join(REPO, "configs", "tiny_arithmetic.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.rl.update(rl)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model, _ = models.load("tiny-random")
+  return nnx.split(model), model.cfg
+
+
+def param_bytes(params):
+  return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("beta, completion_length", [(0.04, 64), (0.0, 128)])
+def test_estimate_is_within_half_of_xlas_memory_analysis(tiny, beta, completion_length):
+  (graphdef, params), model_cfg = tiny
+  cfg = tiny_config(beta=beta, max_prompt_length=32, max_completion_length=completion_length)
+  mesh = config_lib.make_mesh(cfg)
+  est = memory.estimate(cfg, model_cfg, mesh, param_bytes=param_bytes(params))
+  assert est.persistent["optimizer state"] == 2 * param_bytes(params)
+  assert ("reference params" in est.persistent) == (beta != 0)
+
+  b, g = cfg.train.prompts_per_step, cfg.rl.num_generations
+  p, t = cfg.rl.max_prompt_length, completion_length
+  ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  batch = grpo.Batch(ints(b, p), ints(b, p), ints(b * g, t), ints(b * g, t),
+                     jax.ShapeDtypeStruct((b * g, t), jnp.float32),
+                     jax.ShapeDtypeStruct((b * g,), jnp.float32))
+  optimizer, _ = grpo.make_optimizer(1e-3, total_steps=1)
+  abstract = jax.eval_shape(lambda x: x, params)
+  update = grpo.make_update_step(graphdef, optimizer, grpo.LossConfig(num_generations=g, beta=beta))
+  xla = update.lower(abstract, jax.eval_shape(optimizer.init, params),
+                     abstract if beta else None, batch).compile().memory_analysis()
+  ratio = sum(est.update.values()) / xla.temp_size_in_bytes  # gradients and activations
+  assert 0.5 < ratio < 1.5, (est.table(), xla)
+
+  sample = jax.jit(lambda prm, tok, m: sampling.sample(
+      graphdef, prm, tok, m, jax.random.key(0), num_generations=g, max_new_tokens=t,
+      stop_ids=(-1,), pad_id=0))
+  xla = sample.lower(abstract, ints(b, p), ints(b, p)).compile().memory_analysis()
+  ratio = sum(est.sampling.values()) / xla.temp_size_in_bytes  # the KV cache and logits
+  assert 0.5 < ratio < 1.5, (est.table(), xla)
+
+
+def test_check_passes_under_the_limit_and_without_one(tiny):
+  (_, params), model_cfg = tiny
+  cfg = tiny_config()
+  est = memory.estimate(cfg, model_cfg, config_lib.make_mesh(cfg), param_bytes=param_bytes(params))
+  memory.check(est, None)  # a CPU reports no limit
+  memory.check(est, est.peak)
+  with pytest.raises(config_lib.ConfigError) as error:
+    memory.check(est, est.peak - 1)
+  message = str(error.value)
+  assert "per device, more than the" in message
+  for part in ("optimizer state", "KV cache", "activations", "config.train.grad_accum_steps",
+               "config.mesh.fsdp"):
+    assert part in message
+
+
+def test_activations_shrink_with_gradient_accumulation_and_the_batch_split(tiny):
+  (_, params), model_cfg = tiny
+  cfg = tiny_config()
+  mesh = config_lib.make_mesh(cfg)
+  whole = memory.estimate(cfg, model_cfg, mesh, param_bytes=param_bytes(params))
+  cfg.train.grad_accum_steps = 2
+  half = memory.estimate(cfg, model_cfg, mesh, param_bytes=param_bytes(params))
+  assert half.update["activations"] == whole.update["activations"] // 2
+  assert half.sampling == whole.sampling  # sampling sees the whole batch either way
+
+
+def test_device_memory_limit_from_the_config():
+  cfg = tiny_config()
+  cfg.train.device_memory_gb = 1.5
+  assert memory.device_memory_limit(cfg) == int(1.5 * 2 ** 30)
+  cfg.train.device_memory_gb = 0.0
+  assert memory.device_memory_limit(cfg) is None  # CPU devices report no memory stats
