@@ -10,7 +10,9 @@ WORKDIR resumes from its last checkpoint.
 
 Multi-host: run the same command on every host with --coordinator_address,
 --num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables; flags win).
+JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables; flags win). On a
+multi-host TPU slice or in a Slurm job of several tasks none are needed: JAX
+detects the cluster.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _cluster_detected(env) -> bool:
+  """A multi-host TPU slice (several worker hostnames) or a Slurm job of several tasks."""
+  tpu_workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  return len(tpu_workers) > 1 or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+
+
 def initialize_distributed():
   """jax.distributed.initialize from the flags, else the JAX_* environment variables."""
   import jax
@@ -40,6 +48,8 @@ def initialize_distributed():
   pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else (
       int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
   if address is None and num is None and pid is None:
+    if _cluster_detected(os.environ):  # TPU pod slice or Slurm: JAX finds the peers itself
+      jax.distributed.initialize()
     return
   if None in (address, num, pid):
     raise app.UsageError("multi-host needs all of --coordinator_address, --num_processes and "

@@ -388,3 +388,18 @@ def test_cli_stops_at_start_up_when_the_run_cannot_fit_in_device_memory(tmp_path
   assert "optimizer state" in proc.stderr and "config.train.grad_accum_steps" in proc.stderr
   assert not os.path.exists(tmp_path / "metrics.jsonl")
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("env, detected", [
+    ({}, False),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0"}, False),  # a single-host TPU VM
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1,t1v-2,t1v-3"}, True),  # a pod slice of 4 workers
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "16"}, True),
+])
+def test_plain_command_detects_a_multi_host_cluster(env, detected):
+  """No flags: jax.distributed.initialize() (auto-detecting) runs only on a TPU slice of
+  several workers or a Slurm job of several tasks."""
+  from grpo_jax import main
+
+  assert main._cluster_detected(env) == detected
