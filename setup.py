@@ -34,6 +34,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["torch==2.13.0", "accelerate", "pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
-        "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
+        # GSM8K / MATH tasks: ArrayRecord data sources, no TensorFlow needed. MATH from the
+        # Hugging Face Hub also needs `datasets` (see grpo_jax.data.tasks.Math).
+        "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8", "importlib-resources"],
     },
 )

@@ -1,25 +1,50 @@
 """Evaluation on held-out problems: pass@1, maj@k and pass@k over k samples per problem.
 
-    metrics = evaluate(graphdef, params, tokenizer, examples, template="chat",
-                       num_samples=4, temperature=1.0, max_new_tokens=128)
+From the command line (one JSON object on stdout; progress on stderr):
 
-pass@1 is the mean accuracy over all k samples (GRPO.md); maj@k the accuracy
-of the most frequent answer among the k; pass@k the unbiased estimator of the
-probability that at least one of k samples is right (with n = k samples drawn,
-it is the fraction of problems with any correct sample).
+    python -m grpo_jax.evaluate --model=runs/smollm2_arithmetic --task=arithmetic \\
+        --task_kwargs='{"max_digits": 1}' --num_problems=48 --num_samples=4 --output=eval.jsonl
+    {"pass@1": 0.766, "maj@4": 0.771, "pass@4": 0.792, "num_problems": 48, "mean_length": 8.3, ...}
+
+--model takes what `models.load` takes: a known name, a Hugging Face folder, a
+.gguf file or a training workdir. --output writes one JSON line per problem
+(the prompt, the answer, the k completions, which were right, the answers that
+voted) to read what the model did. `python -m grpo_jax.evaluate --help` lists
+every flag.
+
+From code (train.py evaluates this way):
+
+    metrics = evaluate(graphdef, params, tokenizer, examples, template="chat",
+                       num_samples=4, temperature=1.0, max_new_tokens=128, key=key,
+                       stop_ids=sampling.stop_ids(tokenizer))
+
+A completion is right when `correct_fn` (a TRL-signature reward) gives it full
+credit (>= 1). pass@1 is the mean accuracy over all k samples (GRPO.md); maj@k
+the accuracy of the most frequent answer among the k; pass@k the unbiased
+estimator of the probability that at least one of k samples is right (with
+n = k samples drawn, it is the fraction of problems with any right sample).
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import contextlib
+import json
 import math
+import os
+import sys
+import time
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from grpo_jax import rewards, sampling
-from grpo_jax.data import format_prompt
+from grpo_jax.data import TASKS, TEMPLATES, format_prompt, get_task
+
+# (prompts, k) -> (k completion texts per prompt, their token lengths [len(prompts), k]).
+Sampler = Callable[[Sequence[str], int], tuple[list[list[str]], np.ndarray]]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -29,45 +54,91 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
+def vote_key(text: str):
+  """What a completion's vote counts for in maj@k, or None when it does not vote.
+
+  The final answer (`rewards.lenient_final_answer`: the <answer> or \\boxed{}
+  content, else the last number) as an exact number when it is one ("1,000",
+  "1000.0" and "\\frac{2}{2}" vote together), else as a whitespace-normalised
+  string (an equation, a LaTeX expression); no answer or an empty one: None.
+  """
+  answer = rewards.lenient_final_answer(text)
+  if answer is None:
+    return None
+  number = rewards.parse_number(answer)
+  if number is not None:
+    return number
+  return " ".join(answer.split()) or None
+
+
+def score_problem(example: dict, texts: Sequence[str],
+                  correct_fn: Callable = rewards.accuracy_reward) -> dict:
+  """One problem's k completions judged: which are right, the votes and the majority.
+
+  Returns:
+    {"correct": [bool] * k, "ungraded": completions correct_fn returned None for,
+     "votes": [str | None] * k (each completion's `vote_key`), "majority": the
+     winning vote (ties: the first seen) or None, "majority_correct": bool}.
+  """
+  k = len(texts)
+  columns = {key: [value] * k for key, value in example.items() if key != "prompt"}
+  values = list(correct_fn(prompts=[example["prompt"]] * k, completions=list(texts), **columns))
+  correct = [v is not None and float(v) >= 1.0 for v in values]
+  keys = [vote_key(t) for t in texts]
+  votes = collections.Counter(key for key in keys if key is not None)
+  majority = votes.most_common(1)[0][0] if votes else None  # Counter keeps first-seen order
+  return {"correct": correct, "ungraded": sum(v is None for v in values),
+          "votes": [None if key is None else str(key) for key in keys],
+          "majority": None if majority is None else str(majority),
+          "majority_correct": majority is not None and correct[keys.index(majority)]}
+
+
+def _metrics(judged: Sequence[dict], completions: Sequence[Sequence[str]], lengths=None) -> dict:
+  k = len(completions[0])
+  if any(len(texts) != k for texts in completions):
+    raise ValueError(f"every problem needs the same number of completions; got "
+                     f"{sorted({len(texts) for texts in completions})}")
+  metrics = {
+      "eval/accuracy": float(np.mean([np.mean(j["correct"]) for j in judged])),
+      f"eval/maj@{k}": float(np.mean([j["majority_correct"] for j in judged])),
+      f"eval/pass@{k}": float(np.mean([pass_at_k(k, sum(j["correct"]), k) for j in judged])),
+      "eval/num_problems": len(judged),
+      "eval/mean_length_chars": float(np.mean([len(t) for texts in completions for t in texts])),
+  }
+  if lengths is not None:
+    metrics["eval/mean_length"] = float(np.mean(lengths))
+  return metrics
+
+
 def score(examples: Sequence[dict], completions: Sequence[Sequence[str]],
-          correct_fn: Callable = rewards.accuracy_reward) -> dict:
+          correct_fn: Callable = rewards.accuracy_reward, lengths=None) -> dict:
   """Metrics from k completions per example (a fake model's outputs in tests).
 
   Args:
-    examples: problems with "answer" (and any columns correct_fn reads).
+    examples: problems with "prompt" and "answer" (and any columns correct_fn reads).
     completions: completions[i] are the k texts sampled for examples[i].
     correct_fn: a TRL-signature reward returning 1.0 for a right answer.
+    lengths: optional token lengths [len(examples), k]; adds "eval/mean_length".
+
+  Returns:
+    {"eval/accuracy" (pass@1), "eval/maj@k", "eval/pass@k", "eval/num_problems",
+     "eval/mean_length_chars"[, "eval/mean_length"]}.
   """
-  k = len(completions[0])
-  accs, majs, passes, lengths = [], [], [], []
-  for ex, texts in zip(examples, completions, strict=True):
-    columns = {key: [value] * k for key, value in ex.items() if key != "prompt"}
-    right = [float(r or 0.0) for r in correct_fn(prompts=[ex["prompt"]] * k, completions=list(texts),
-                                                 **columns)]
-    accs.append(np.mean(right))
-    passes.append(pass_at_k(k, int(sum(right)), k))
-    # Majority vote over the parsed answers (unparseable ones do not vote).
-    votes = collections.Counter()
-    first_right = {}
-    for text, r in zip(texts, right):
-      answer = rewards.parse_number(rewards.lenient_final_answer(text))
-      if answer is not None:
-        votes[answer] += 1
-        first_right.setdefault(answer, r)
-    majs.append(first_right[votes.most_common(1)[0][0]] if votes else 0.0)
-    lengths.extend(len(t) for t in texts)
-  return {"eval/accuracy": float(np.mean(accs)), f"eval/maj@{k}": float(np.mean(majs)),
-          f"eval/pass@{k}": float(np.mean(passes)), "eval/num_problems": len(examples),
-          "eval/mean_length_chars": float(np.mean(lengths))}
+  judged = [score_problem(ex, texts, correct_fn)
+            for ex, texts in zip(examples, completions, strict=True)]
+  return _metrics(judged, completions, lengths)
 
 
 def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_samples: int,
-                 max_new_tokens: int, temperature: float, key, stop_ids, prompts_per_batch: int = 16,
-                 prompt_length: int | None = None, top_p: float = 1.0, top_k: int = 0):
+                 max_new_tokens: int, temperature: float, key, stop_ids,
+                 prompts_per_batch: int = 16, prompt_length: int | None = None,
+                 top_p: float = 1.0, top_k: int = 0,
+                 on_batch: Callable[[int, int], None] | None = None):
   """k completions (text) per prompt, and their token lengths [len(prompts), k].
 
   Prompts go in fixed-size batches (the last one padded with repeats), so one
-  program serves every batch.
+  program serves every batch. Lengths count the stop token when there is one.
+  `on_batch(done, total)` is called after each batch (progress reports).
   """
   ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
   length = prompt_length or sampling.bucket_length(max(len(i) for i in ids))
@@ -85,9 +156,55 @@ def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_sam
     for i in range(real * num_samples):
       texts.append(tokenizer.decode(toks[i, :lens[i]], skip_special_tokens=True))
       lengths.append(int(lens[i]))
+    if on_batch is not None:
+      on_batch(start + real, len(ids))
   k = num_samples
   return ([texts[i * k:(i + 1) * k] for i in range(len(prompts))],
           np.asarray(lengths).reshape(len(prompts), k))
+
+
+def model_sampler(graphdef, params, tokenizer, *, max_new_tokens: int, temperature: float, key,
+                  stop_ids, prompts_per_batch: int = 16, prompt_length: int | None = None,
+                  top_p: float = 1.0, top_k: int = 0,
+                  on_batch: Callable[[int, int], None] | None = None) -> Sampler:
+  """A `Sampler` that draws from the model (graphdef, params) with `sample_texts`."""
+
+  def sample(prompts, num_samples):
+    return sample_texts(graphdef, params, tokenizer, prompts, num_samples=num_samples,
+                        max_new_tokens=max_new_tokens, temperature=temperature, key=key,
+                        stop_ids=stop_ids, prompts_per_batch=prompts_per_batch,
+                        prompt_length=prompt_length, top_p=top_p, top_k=top_k, on_batch=on_batch)
+
+  return sample
+
+
+def run(sampler: Sampler, examples: Sequence[dict], prompts: Sequence[str], *, num_samples: int,
+        correct_fn: Callable = rewards.accuracy_reward) -> tuple[dict, list[dict]]:
+  """Samples k completions per example with `sampler` and scores them.
+
+  Args:
+    sampler: (prompts, k) -> (texts [P][k], token lengths [P, k]): a model
+      (`model_sampler`), or a fake one in tests.
+    examples: the problems; prompts[i] is examples[i] under the template.
+    num_samples: k.
+    correct_fn: the reward that says a completion is right.
+
+  Returns:
+    (metrics as `score` returns them, with "eval/mean_length" in tokens;
+     one record per problem: the example's fields, "prompt_text", "completions",
+     "lengths", "correct", "num_correct", "votes", "majority", "majority_correct").
+  """
+  texts, lengths = sampler(list(prompts), num_samples)
+  lengths = np.asarray(lengths)
+  judged = [score_problem(ex, t, correct_fn) for ex, t in zip(examples, texts, strict=True)]
+  records = []
+  for i, (ex, prompt, t, j) in enumerate(zip(examples, prompts, texts, judged)):
+    records.append({"index": i, **ex, "prompt_text": prompt, "completions": list(t),
+                    "lengths": [int(n) for n in lengths[i]], "correct": j["correct"],
+                    "num_correct": sum(j["correct"]), "ungraded": j["ungraded"],
+                    "votes": j["votes"], "majority": j["majority"],
+                    "majority_correct": j["majority_correct"]})
+  return _metrics(judged, texts, lengths), records
 
 
 def evaluate(graphdef, params, tokenizer, examples: Sequence[dict], *, template: str,
@@ -96,10 +213,163 @@ def evaluate(graphdef, params, tokenizer, examples: Sequence[dict], *, template:
              correct_fn: Callable = rewards.accuracy_reward) -> dict:
   """Samples k completions per held-out example and scores them (see `score`)."""
   prompts = [format_prompt(ex, template, tokenizer) for ex in examples]
-  texts, lengths = sample_texts(graphdef, params, tokenizer, prompts, num_samples=num_samples,
-                                max_new_tokens=max_new_tokens, temperature=temperature, key=key,
-                                stop_ids=stop_ids, prompts_per_batch=prompts_per_batch,
-                                prompt_length=prompt_length)
-  metrics = score(examples, texts, correct_fn)
-  metrics["eval/mean_length"] = float(lengths.mean())
-  return metrics
+  sampler = model_sampler(graphdef, params, tokenizer, max_new_tokens=max_new_tokens,
+                          temperature=temperature, key=key, stop_ids=stop_ids,
+                          prompts_per_batch=prompts_per_batch, prompt_length=prompt_length)
+  return run(sampler, examples, prompts, num_samples=num_samples, correct_fn=correct_fn)[0]
+
+
+# ----------------------------------------------------------------------------
+# The command line.
+# ----------------------------------------------------------------------------
+
+
+def _log(message: str):
+  print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The CLI's flags (argparse, not absl: grpo_jax.generate defines absl flags of the same
+  names, and both modules are imported in one process by the tests)."""
+  p = argparse.ArgumentParser(
+      prog="python -m grpo_jax.evaluate",
+      description="pass@1, maj@k and pass@k of a model on a task's held-out problems; "
+                  "prints one JSON object on stdout.")
+  p.add_argument("--model", required=True,
+                 help="known name, Hugging Face folder, .gguf path, or training workdir")
+  p.add_argument("--task", required=True, help=f"one of {sorted(TASKS)}")
+  p.add_argument("--task_kwargs", default="{}",
+                 help='JSON object for data.get_task, e.g. \'{"min_digits": 1, "max_digits": 1}\'')
+  p.add_argument("--num_problems", type=int, default=64, help="the task's first N eval problems")
+  p.add_argument("--num_samples", type=int, default=4, help="k completions per problem")
+  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+  p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+  p.add_argument("--top_k", type=int, default=0, help="0 = off")
+  p.add_argument("--max_new_tokens", type=int, default=256, help="completion length limit")
+  p.add_argument("--template", choices=TEMPLATES, default=None,
+                 help="prompt template (default: a workdir's config.task.template; else chat "
+                      "when the tokenizer has a chat template, else r1_zero)")
+  p.add_argument("--reward", default=None,
+                 help="the reward (a rewards.REWARD_FUNCTIONS name) whose full credit means "
+                      "right (default: the task's default_reward, else accuracy)")
+  p.add_argument("--prompts_per_batch", type=int, default=16, help="prompts sampled at once")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.add_argument("--dtype", default=None, help="matmul operand dtype: float32 or bfloat16 "
+                 "(default: a workdir's config.model.dtype, else float32)")
+  p.add_argument("--output", default=None,
+                 help="write one JSON line per problem (prompt, answer, completions, correct)")
+  args = p.parse_args(argv)
+
+  for name in ("num_problems", "num_samples", "max_new_tokens", "prompts_per_batch"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+  if args.temperature < 0:
+    p.error(f"--temperature must be >= 0; got {args.temperature}")
+  if args.task not in TASKS:
+    p.error(f"unknown task {args.task!r}; known tasks: {sorted(TASKS)}")
+  try:
+    args.task_kwargs = json.loads(args.task_kwargs)
+  except json.JSONDecodeError as e:
+    p.error(f"--task_kwargs is not valid JSON ({e}): {args.task_kwargs!r}")
+  if not isinstance(args.task_kwargs, dict):
+    p.error(f"--task_kwargs must be a JSON object; got {args.task_kwargs!r}")
+  if args.reward is None:
+    args.reward = getattr(TASKS[args.task], "default_reward", None) or "accuracy"
+  if args.reward not in rewards.REWARD_FUNCTIONS:
+    p.error(f"unknown reward {args.reward!r}; known rewards: {sorted(rewards.REWARD_FUNCTIONS)}")
+  try:
+    args.task_obj = get_task(args.task, **args.task_kwargs)
+  except (TypeError, ValueError) as e:
+    p.error(f"--task={args.task} --task_kwargs={json.dumps(args.task_kwargs)}: {e}")
+  from grpo_jax import models  # after the cheap checks: imports transformers
+
+  try:
+    args.model_kind = models.resolve(args.model)[0]
+  except (ValueError, FileNotFoundError) as e:
+    p.error(str(e))
+  return args
+
+
+def load_sampler(args: argparse.Namespace, examples: Sequence[dict]):
+  """(model `Sampler`, tokenizer) for the parsed flags; `main` takes a fake instead in tests."""
+  from flax import nnx
+
+  from grpo_jax import models
+
+  _log(f"loading {args.model}")
+  model, tokenizer = models.load(args.model, dtype=args.dtype)
+  graphdef, params = nnx.split(model)
+  del model
+
+  def progress(done, total):
+    _log(f"sampled {done}/{total} problems x {args.num_samples}")
+
+  sampler = model_sampler(graphdef, params, tokenizer, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, key=jax.random.key(args.seed),
+                          stop_ids=sampling.stop_ids(tokenizer),
+                          prompts_per_batch=min(args.prompts_per_batch, len(examples)),
+                          top_p=args.top_p, top_k=args.top_k, on_batch=progress)
+  return sampler, tokenizer
+
+
+def _default_template(args, tokenizer) -> str:
+  if args.model_kind == "workdir":
+    with open(os.path.join(args.model, "config.json")) as f:
+      template = (json.load(f).get("task") or {}).get("template")
+    if template in TEMPLATES:
+      return template
+  return "chat" if getattr(tokenizer, "chat_template", None) else "r1_zero"
+
+
+def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> dict:
+  """Evaluates as the flags say; prints the summary as one JSON line on stdout and returns it.
+
+  Args:
+    argv: the flags (default: sys.argv[1:]).
+    load: (parsed flags, examples) -> (Sampler, tokenizer); tests pass a fake model here.
+  """
+  args = parse_args(argv)
+  examples = args.task_obj.eval_examples(args.num_problems)
+  repeats = len(examples) - len({ex["prompt"] for ex in examples})
+  if repeats:
+    _log(f"warning: {repeats} of the {len(examples)} problems repeat an earlier one (the task's "
+         "eval split holds fewer distinct problems); each counts once per occurrence")
+  if args.temperature == 0 and args.num_samples > 1:
+    _log(f"warning: greedy (--temperature=0): the {args.num_samples} samples are all the same")
+  t = time.perf_counter()
+  # Anything a library prints goes to stderr: stdout holds only the JSON.
+  with contextlib.redirect_stdout(sys.stderr):
+    sampler, tokenizer = load(args, examples)
+    template = args.template or _default_template(args, tokenizer)
+    _log(f"{len(examples)} {args.task} problems x {args.num_samples} samples, template "
+         f"{template}, reward {args.reward}, temperature {args.temperature}")
+    prompts = [format_prompt(ex, template, tokenizer) for ex in examples]
+    metrics, records = run(sampler, examples, prompts, num_samples=args.num_samples,
+                           correct_fn=rewards.REWARD_FUNCTIONS[args.reward])
+  ungraded = sum(r["ungraded"] for r in records)
+  if ungraded:
+    _log(f"warning: reward {args.reward!r} could not grade {ungraded} of "
+         f"{len(records) * args.num_samples} completions (it returned None, e.g. for a "
+         "non-numeric answer); they count as wrong. Another --reward may fit the task.")
+  if args.output:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+      for record in records:
+        f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    _log(f"wrote {len(records)} records to {args.output}")
+  k = args.num_samples
+  summary = {"pass@1": metrics["eval/accuracy"], f"maj@{k}": metrics[f"eval/maj@{k}"],
+             f"pass@{k}": metrics[f"eval/pass@{k}"], "num_problems": metrics["eval/num_problems"],
+             "mean_length": metrics["eval/mean_length"],
+             "mean_length_chars": metrics["eval/mean_length_chars"],
+             "model": args.model, "task": args.task, "task_kwargs": args.task_kwargs,
+             "template": template, "reward": args.reward, "num_samples": k,
+             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+             "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+             "time_s": round(time.perf_counter() - t, 3)}
+  print(json.dumps(summary), flush=True)
+  return summary
+
+
+if __name__ == "__main__":
+  main()

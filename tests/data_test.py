@@ -1,7 +1,10 @@
 """Data tests: task determinism, difficulty knobs, answers, disjoint splits, templates."""
 
+import functools
 import os
 import re
+import sys
+import types
 
 import pytest
 
@@ -76,7 +79,8 @@ def test_train_and_eval_never_share_a_problem(knobs):
 
 
 def test_unknown_names_and_bad_knobs_are_clear_errors():
-  with pytest.raises(ValueError, match=r"known tasks: \['arithmetic', 'jsonl'\]"):
+  with pytest.raises(ValueError, match=r"known tasks: \['arithmetic', 'countdown', 'gsm8k', "
+                     r"'jsonl', 'math'\]"):
     data.get_task("gsm9k")
   with pytest.raises(ValueError, match="operators"):
     data.get_task("arithmetic", operators="+/")
@@ -166,3 +170,217 @@ def test_jsonl_task_errors_name_the_problem(tmp_path):
   other = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "b", "answer": "2"}])
   task = tasks.get_task("jsonl", path=good, eval_path=other)
   assert task.eval_examples(1)[0]["prompt"] == "b" and task.train_batch(5, 1)[0]["prompt"] == "a"
+
+
+# -- Countdown ---------------------------------------------------------------------
+def _countdown_scores(examples):
+  from grpo_jax import rewards
+
+  return rewards.countdown_reward(
+      prompts=[e["prompt"] for e in examples], completions=[e["answer"] for e in examples],
+      numbers=[e["numbers"] for e in examples], target=[e["target"] for e in examples])
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(),
+    dict(min_numbers=2, max_numbers=2, max_number=9, min_target=1, max_target=30),
+    dict(min_numbers=4, max_numbers=5, max_number=50, min_target=100, max_target=999),
+])
+def test_countdown_answers_reach_their_targets(knobs):
+  task = data.get_task("countdown", **knobs)
+  cfg = tasks.Countdown(**knobs)
+  examples = task.train_batch(0, 200) + task.eval_examples(200)
+  assert _countdown_scores(examples) == [1.0] * 400
+  seen_counts, seen_ops = set(), set()
+  for ex in examples:
+    assert set(ex) == {"prompt", "answer", "numbers", "target"}
+    assert cfg.min_numbers <= len(ex["numbers"]) <= cfg.max_numbers
+    assert all(1 <= x <= cfg.max_number for x in ex["numbers"])
+    assert cfg.min_target <= ex["target"] <= cfg.max_target and ex["target"] not in ex["numbers"]
+    assert str(ex["numbers"]) in ex["prompt"] and str(ex["target"]) in ex["prompt"]
+    # Independent reference: Python's own arithmetic (digits, + - * / and parentheses only).
+    assert eval(ex["answer"]) == ex["target"]  # noqa: S307
+    assert sorted(int(x) for x in re.findall(r"\d+", ex["answer"])) == sorted(ex["numbers"])
+    seen_counts.add(len(ex["numbers"]))
+    seen_ops.update(re.findall(r"[-+*/]", ex["answer"]))
+  assert seen_counts == set(range(cfg.min_numbers, cfg.max_numbers + 1))
+  assert seen_ops == set("+-*/")
+
+
+def test_countdown_is_a_pure_function_of_seed_split_index():
+  a, b = data.get_task("countdown", seed=5), data.get_task("countdown", seed=5)
+  assert a.train_batch(0, 40) == b.train_batch(0, 40)
+  assert a.train_batch(11, 7) == b.train_batch(0, 20)[11:18]
+  assert a.eval_examples(20) == [b.example("eval", i) for i in range(20)]
+  other = data.get_task("countdown", seed=6).train_batch(0, 40)
+  assert sum(x != y for x, y in zip(a.train_batch(0, 40), other)) > 30
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(),
+    dict(min_numbers=2, max_numbers=2, max_number=6, min_target=7, max_target=36),  # tiny space
+])
+def test_countdown_train_and_eval_never_share_a_problem(knobs):
+  def problems(examples):
+    return {(tuple(sorted(e["numbers"])), e["target"]) for e in examples}
+
+  train = problems(e for seed in (0, 1) for e in
+                   data.get_task("countdown", seed=seed, **knobs).train_batch(0, 1000))
+  evals = problems(e for seed in (0, 2) for e in
+                   data.get_task("countdown", seed=seed, **knobs).eval_examples(200))
+  assert train and evals and not train & evals
+
+
+def test_countdown_bad_knobs_are_clear_errors():
+  with pytest.raises(ValueError, match="min_numbers"):
+    data.get_task("countdown", min_numbers=1)
+  with pytest.raises(ValueError, match="min_target"):
+    data.get_task("countdown", min_target=50, max_target=10)
+  with pytest.raises(ValueError, match="max_number"):
+    data.get_task("countdown", max_number=0)
+  with pytest.raises(ValueError, match="no train problem"):  # 1 op 1 never reaches 50..60
+    data.get_task("countdown", min_numbers=2, max_numbers=2, max_number=1, min_target=50,
+                  max_target=60).example("train", 0)
+
+
+# -- GSM8K and MATH through tensorflow-datasets ---------------------------------------
+@pytest.fixture
+def tfds():
+  return pytest.importorskip("tensorflow_datasets")
+
+
+def _gsm8k_record(split, i):
+  value = 1000 + 37 * i
+  solution = f"{split} step {i}: 1000 + 37 * {i} = <<1000+37*{i}={value}>>{value}\n#### {value:,}"
+  return {"question": f"{split} question {i}: what is 1000 + 37 * {i}?".encode(),
+          "answer": solution.encode(), "annotation": b"", "short_answer": f"{value:,}".encode()}
+
+
+GSM8K_RECORDS = {split: [_gsm8k_record(split, i) for i in range(n)]
+                 for split, n in (("train", 30), ("test", 8))}
+
+
+def _gsm8k(tfds, **kwargs):
+  """The gsm8k task on GSM8K-shaped records: tfds's real Gsm8k builder, its data source mocked."""
+
+  def as_data_source(builder, split, **unused):
+    assert builder.name == "gsm8k"
+    return GSM8K_RECORDS[split]
+
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE,
+                              as_data_source_fn=as_data_source):
+    return data.get_task("gsm8k", **kwargs)
+
+
+def test_gsm8k_task_maps_fields_and_splits(tfds):
+  task = _gsm8k(tfds, seed=1)
+  train, evals = task.train_batch(0, 60), task.eval_examples(8)  # two epochs of train
+  for ex in train + evals:
+    assert set(ex) == {"prompt", "answer", "solution"}
+    i = int(re.search(r"question (\d+)", ex["prompt"]).group(1))
+    assert ex["answer"] == str(1000 + 37 * i)  # after "####", thousands comma dropped
+    assert ex["solution"].endswith(f"#### {1000 + 37 * i:,}")
+  # Train comes from the train split, eval from the test split, in its stored order.
+  assert {e["prompt"] for e in train} == {r["question"].decode() for r in GSM8K_RECORDS["train"]}
+  assert [e["prompt"] for e in evals] == [r["question"].decode() for r in GSM8K_RECORDS["test"]]
+  # Each epoch is a new permutation of the train split.
+  assert [e["prompt"] for e in train[:30]] != [e["prompt"] for e in train[30:]]
+  assert task.default_reward == "accuracy"
+
+
+def test_gsm8k_task_is_deterministic_by_index(tfds):
+  task, again = _gsm8k(tfds, seed=1), _gsm8k(tfds, seed=1)
+  assert task.train_batch(0, 45) == again.train_batch(0, 45)
+  assert task.train_batch(37, 5) == again.train_batch(0, 42)[37:]  # resume mid-epoch
+  assert task.example("eval", 3) == again.example("eval", 11)  # eval wraps around
+  assert task.train_batch(0, 30) != _gsm8k(tfds, seed=2).train_batch(0, 30)
+
+
+def test_gsm8k_task_reads_the_builders_real_features(tfds):
+  # tfds's random mock data follows the Gsm8k builder's own feature spec: the
+  # field names the task reads are the ones tfds serves.
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    task = data.get_task("gsm8k")
+  for ex in task.train_batch(0, 5) + task.eval_examples(5):
+    assert set(ex) == {"prompt", "answer", "solution"}
+    assert all(isinstance(v, str) and v for v in ex.values())
+
+
+MATH_RECORDS = {
+    "train": [dict(problem=f"Train problem {i}: what is $\\frac{{{i}}}{{2}}$ doubled?",
+                   solution=f"Doubling gives $\\boxed{{{i}}}$.", level=f"Level {1 + i % 5}",
+                   type="Prealgebra") for i in range(10)]
+             + [dict(problem="Train problem without a boxed answer", solution="It is 3.",
+                     level="Level 1", type="Algebra")],
+    "test": [dict(problem=f"Test problem {i}", level="Level 5", type="Geometry",
+                  solution=f"First \\boxed{{0}}, then finally $\\boxed{{\\frac{{{i}}}{{3}}}}$.")
+             for i in range(4)],
+}
+
+
+@functools.cache
+def _math_fixture_builder():
+  """A tfds builder with MATH's fields and a few records; built for real, nothing downloaded."""
+  import tensorflow_datasets as tfds
+
+  class MathFixture(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(
+          {key: tfds.features.Text() for key in ("problem", "level", "type", "solution")}))
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(split) for split in MATH_RECORDS}
+
+    def _generate_examples(self, split):
+      for i, record in enumerate(MATH_RECORDS[split]):
+        yield i, record
+
+  return MathFixture
+
+
+def test_math_task_reads_a_prepared_tfds_dataset(tfds, tmp_path):
+  _math_fixture_builder()
+  task = data.get_task("math", tfds_name="math_fixture", data_dir=str(tmp_path), seed=3)
+  train, evals = task.train_batch(0, 20), task.eval_examples(4)
+  # Two epochs of the 10 train records with a \boxed{} answer: the 11th is skipped.
+  assert {e["prompt"] for e in train} == {r["problem"] for r in MATH_RECORDS["train"][:10]}
+  assert {e["prompt"] for e in evals} == {r["problem"] for r in MATH_RECORDS["test"]}
+  for ex in train:
+    i = int(re.search(r"problem (\d+)", ex["prompt"]).group(1))
+    assert ex["answer"] == str(i) and ex["type"] == "Prealgebra"
+    assert ex["level"] == f"Level {1 + i % 5}" and "\\boxed" in ex["solution"]
+  for ex in evals:
+    i = int(re.search(r"problem (\d+)", ex["prompt"]).group(1))
+    assert ex["answer"] == f"\\frac{{{i}}}{{3}}"  # the last \boxed{}, nested braces intact
+  # The same index gives the same example, from a second task reading the prepared files.
+  again = data.get_task("math", tfds_name="math_fixture", data_dir=str(tmp_path), seed=3)
+  assert again.train_batch(0, 25) == task.train_batch(0, 25)
+  assert again.eval_examples(4) == evals
+  assert task.default_reward == "math_accuracy"
+
+
+def test_math_task_defaults_to_hugging_face_through_tfds(tfds, tmp_path, monkeypatch):
+  calls = []
+
+  def fake_hf_builder(**kwargs):  # stands in for the Hub: returns the local fixture
+    calls.append(kwargs)
+    return _math_fixture_builder()(data_dir=kwargs["data_dir"], file_format=kwargs["file_format"])
+
+  monkeypatch.setattr(tfds.dataset_builders, "HuggingfaceDatasetBuilder", fake_hf_builder)
+  monkeypatch.setitem(sys.modules, "datasets", types.ModuleType("datasets"))
+  task = data.get_task("math", data_dir=str(tmp_path))
+  assert calls == [dict(hf_repo_id=tasks.MATH_HF_REPO, hf_config=None, data_dir=str(tmp_path),
+                        file_format="array_record")]
+  assert len({e["prompt"] for e in task.train_batch(0, 10)}) == 10
+  monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails
+  with pytest.raises(ImportError, match="pip install datasets"):
+    data.get_task("math", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math"])
+def test_tfds_tasks_without_tfds_say_how_to_install_it(name, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import` now fails
+  with pytest.raises(ImportError, match=rf"task '{name}'.*pip install 'grpo_jax\[tfds\]'"):
+    data.get_task(name)

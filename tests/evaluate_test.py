@@ -1,12 +1,21 @@
-"""Evaluation metrics on fake outputs with known answers."""
+"""Evaluation metrics on fake outputs with known answers; the `python -m grpo_jax.evaluate` CLI."""
 
+import fractions
 import itertools
+import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from grpo_jax import evaluate
+from grpo_jax.data import tasks
+from grpo_jax.models import tiny
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
 
 
@@ -43,6 +52,46 @@ def test_majority_right_though_not_all():
   assert m["eval/maj@4"] == 1.0 and m["eval/accuracy"] == 0.5
 
 
+def test_lengths_and_partial_credit():
+  outs = answers([[ex["answer"]] * 2 for ex in EXAMPLES])
+  m = evaluate.score(EXAMPLES, outs, lengths=np.full((6, 2), 5))
+  assert m["eval/mean_length"] == 5.0
+  assert m["eval/mean_length_chars"] == np.mean([len(t) for texts in outs for t in texts])
+
+  def partial(prompts, completions, **unused):  # e.g. 0.1 for the format alone: not right
+    return [0.1] * len(completions)
+
+  m = evaluate.score(EXAMPLES, outs, partial)
+  assert m["eval/accuracy"] == m["eval/maj@2"] == m["eval/pass@2"] == 0.0
+
+
+def test_vote_key_numbers_and_strings():
+  assert evaluate.vote_key("<answer>1,000</answer>") == evaluate.vote_key("so 1000.0") == 1000
+  assert evaluate.vote_key("\\boxed{\\frac{1}{2}}") == fractions.Fraction(1, 2)
+  assert evaluate.vote_key("<answer> (1 + 2)  * 3 </answer>") == "(1 + 2) * 3"
+  assert evaluate.vote_key("<answer>\\sqrt{2}</answer>") == "\\sqrt{2}"
+  assert evaluate.vote_key("<answer>  </answer>") is None
+  assert evaluate.vote_key("no answer here") is None
+
+
+def test_majority_vote_on_non_numeric_answers():
+  """Equations (a countdown task) and LaTeX vote on their normalised string."""
+  examples = [{"prompt": "Make 9 from 1, 2, 3", "answer": "(1 + 2) * 3"}]
+
+  def same_equation(prompts, completions, answer, **unused):
+    return [float(evaluate.vote_key(c) == evaluate.vote_key(f"<answer>{a}</answer>"))
+            for c, a in zip(completions, answer)]
+
+  right, wrong = "(1 + 2) * 3", "3 * 3"
+  m = evaluate.score(examples, answers([[wrong, right, f" {right} ", "no"]]), same_equation)
+  assert m["eval/maj@4"] == 1.0 and m["eval/accuracy"] == 0.5
+  m = evaluate.score(examples, answers([[right, wrong, wrong, ""]]), same_equation)
+  assert m["eval/maj@4"] == 0.0 and m["eval/accuracy"] == 0.25
+  record = evaluate.score_problem(examples[0], answers([[right, wrong, wrong, ""]])[0],
+                                  same_equation)
+  assert record["votes"] == [right, wrong, wrong, None] and record["majority"] == wrong
+
+
 @pytest.mark.parametrize("n,c,k", [(4, 1, 1), (10, 3, 2), (8, 0, 3), (6, 6, 2), (5, 2, 5)])
 def test_pass_at_k_matches_enumeration(n, c, k):
   """Unbiased estimator == the fraction of k-subsets of the n samples holding a right one."""
@@ -50,3 +99,131 @@ def test_pass_at_k_matches_enumeration(n, c, k):
   subsets = list(itertools.combinations(range(n), k))
   brute = np.mean([any(samples[i] for i in s) for s in subsets])
   assert evaluate.pass_at_k(n, c, k) == pytest.approx(brute)
+
+
+# -- the CLI with a fake model ----------------------------------------------------------
+RIGHT_TOKENS, WRONG_TOKENS = 7, 3  # token lengths the fake reports for its completions
+
+
+def fake_loader(behaviour, seen):
+  """A `load` for evaluate.main: a model that reads "What is E?" in the prompt and answers
+  right always, never, or once in k (its first sample; the other k - 1 agree on a wrong one)."""
+
+  def sampler(prompts, k):
+    seen["prompts"] = prompts
+    texts, lengths = [], []
+    for prompt in prompts:
+      expression = re.search(r"What is ([\d +*-]+)\?", prompt).group(1)
+      value = eval(expression)  # digits and + - * only (the regex)
+      right = {"right": [True] * k, "wrong": [False] * k,
+               "once": [True] + [False] * (k - 1), "untagged": [True] * k}[behaviour]
+      if behaviour == "untagged":
+        texts.append([f"The answer is {value}."] * k)
+      else:
+        texts.append([f"<answer>{value if r else value + 1}</answer>" for r in right])
+      lengths.append([RIGHT_TOKENS if r else WRONG_TOKENS for r in right])
+    return texts, np.asarray(lengths)
+
+  def load(args, examples):
+    seen["args"], seen["examples"] = args, examples
+    return sampler, tiny.tokenizer()
+
+  return load
+
+
+CLI = ["--model=tiny-random", "--task=arithmetic", "--task_kwargs={\"max_digits\": 1}",
+       "--num_problems=5", "--num_samples=4"]
+
+
+@pytest.mark.parametrize("behaviour,expected", [
+    ("right", {"pass@1": 1.0, "maj@4": 1.0, "pass@4": 1.0, "mean_length": 7.0}),
+    ("wrong", {"pass@1": 0.0, "maj@4": 0.0, "pass@4": 0.0, "mean_length": 3.0}),
+    # Right once in 4: pass@1 = 1/4; any of 4 right: pass@4 = 1; the 3 wrong ones outvote it.
+    ("once", {"pass@1": 0.25, "maj@4": 0.0, "pass@4": 1.0, "mean_length": (7 + 3 * 3) / 4}),
+])
+def test_cli_prints_the_known_numbers_of_a_fake_model(behaviour, expected, capsys, tmp_path):
+  seen = {}
+  output = tmp_path / "out" / "records.jsonl"
+  returned = evaluate.main([*CLI, "--temperature=0.7", f"--output={output}"],
+                           load=fake_loader(behaviour, seen))
+  out, err = capsys.readouterr()
+  assert out.endswith("\n") and out.count("\n") == 1, out  # one JSON line, nothing else
+  summary = json.loads(out)
+  assert summary == returned
+  assert {k: summary[k] for k in [*expected, "num_problems"]} == dict(expected, num_problems=5)
+  assert summary["model"] == "tiny-random" and summary["task"] == "arithmetic"
+  assert summary["task_kwargs"] == {"max_digits": 1} and summary["temperature"] == 0.7
+  assert summary["num_samples"] == 4 and summary["reward"] == "accuracy"
+  assert summary["template"] == "chat"  # the tiny tokenizer has a chat template
+  assert "[evaluate]" in err
+  # The flags reached the task and the template: 1-digit problems, in the chat format.
+  assert seen["examples"] == tasks.Arithmetic(max_digits=1).eval_examples(5)
+  assert all(p.startswith("<|system|>") and p.endswith("<|assistant|>") for p in seen["prompts"])
+
+  records = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [r["prompt"] for r in records] == [ex["prompt"] for ex in seen["examples"]]
+  assert [r["answer"] for r in records] == [ex["answer"] for ex in seen["examples"]]
+  for r in records:
+    assert len(r["completions"]) == 4 and r["prompt_text"] in seen["prompts"]
+    assert r["correct"] == {"right": [True] * 4, "wrong": [False] * 4,
+                            "once": [True, False, False, False]}[behaviour]
+    assert r["lengths"] == [RIGHT_TOKENS if c else WRONG_TOKENS for c in r["correct"]]
+    assert r["majority"] == str(int(r["answer"]) + (behaviour != "right"))
+    assert r["majority_correct"] == (behaviour == "right")
+
+
+def test_cli_reward_defaults_to_the_tasks_default_reward(monkeypatch, capsys):
+  """An untagged "The answer is 7." is wrong for `accuracy`, right for `accuracy_lenient`."""
+  assert evaluate.main([*CLI, "--template=plain"], load=fake_loader("untagged", {}))["pass@1"] == 0
+  monkeypatch.setattr(tasks.Arithmetic, "default_reward", "accuracy_lenient", raising=False)
+  summary = evaluate.main([*CLI, "--template=plain"], load=fake_loader("untagged", {}))
+  assert summary["reward"] == "accuracy_lenient" and summary["pass@1"] == 1.0
+  assert summary["template"] == "plain"
+  capsys.readouterr()
+
+
+def test_cli_template_defaults_to_a_workdirs(tmp_path, capsys):
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "tiny-random"},
+                                                    "task": {"template": "r1_zero"}}))
+  seen = {}
+  summary = evaluate.main([*CLI[1:], f"--model={tmp_path}"], load=fake_loader("right", seen))
+  assert summary["template"] == "r1_zero" and summary["pass@1"] == 1.0
+  assert all(p.startswith("A conversation between User and Assistant") for p in seen["prompts"])
+  capsys.readouterr()
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--reward=nope", "unknown reward"), ("--task_kwargs={bad", "not valid JSON"),
+    ("--task_kwargs={\"digits\": 3}", "digits"), ("--num_samples=0", "num_samples"),
+    ("--template=fancy", "invalid choice"), ("--model=/no/such/dir", "unknown model")])
+def test_cli_rejects_bad_flags_before_loading(flag, message, capsys):
+  def load(args, examples):
+    raise AssertionError("loaded a model despite a bad flag")
+
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main([*CLI, flag], load=load)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+# -- the CLI end to end, with a real (tiny, random) model --------------------------------
+def test_cli_end_to_end_with_tiny_random(tmp_path):
+  output = tmp_path / "records.jsonl"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+  proc = subprocess.run(
+      [sys.executable, "-m", "grpo_jax.evaluate", "--model=tiny-random", "--task=arithmetic",
+       "--num_problems=4", "--num_samples=2", "--max_new_tokens=8", f"--output={output}"],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 1, proc.stdout
+  summary = json.loads(lines[0])
+  assert {"pass@1", "maj@2", "pass@2", "num_problems", "mean_length"} <= set(summary)
+  assert 0 <= summary["pass@1"] <= summary["pass@2"] <= 1
+  assert 0 <= summary["maj@2"] <= 1
+  assert summary["num_problems"] == 4 and 1 <= summary["mean_length"] <= 8
+  records = [json.loads(line) for line in output.read_text().splitlines()]
+  assert len(records) == 4
+  assert all(len(r["completions"]) == len(r["correct"]) == len(r["lengths"]) == 2 for r in records)
+  assert np.mean([r["lengths"] for r in records]) == summary["mean_length"]

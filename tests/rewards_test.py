@@ -165,6 +165,57 @@ def test_soft_overlong_penalty():
     rewards.soft_overlong_penalty(10, 11)
 
 
+COUNTDOWN_CASES = [  # (completion, expected) for the numbers [3, 5, 2] and the target 16
+    ("<think>8 * 2</think><answer>(3 + 5) * 2</answer>", 1.0),
+    ("<answer>2*(5+3)</answer>", 1.0),
+    ("<answer>(3 + 5) * 2 = 16</answer>", 1.0),                   # "= target" allowed
+    ("<answer>\\boxed{(3+5)*2}</answer>", 1.0),
+    ("\\boxed{(3+5)*2}", 1.0),
+    ("First 3 + 5 = 8.\nThen (3 + 5) * 2 = 16, done.", 1.0),        # no tags: the last equation
+    ("<answer>5 * 3 + 2 - 2 / 2</answer>", 0.0),                  # 2 used twice
+    ("<answer>(3 + 5) * 2 = 17</answer>", 0.0),                   # a wrong claimed result
+    ("<answer>(3 + 5) * 2 = 16 = 4 * 4</answer>", 0.0),
+    ("<answer>3 * 5 + 2</answer>", 0.0),                          # 17: wrong value
+    ("<answer>3 * 3 + 5 + 2</answer>", 0.0),                      # 3 reused
+    ("<answer>4 * 4</answer>", 0.0),                              # 4 was not given
+    ("<answer>8 * 2</answer>", 0.0),                              # nor 8: no intermediates
+    ("<answer>16</answer>", 0.0),
+    ("<answer>2 ** 3 * 2</answer>", 0.0),                         # only + - * /
+    ("<answer>(5 - 3) // 2</answer>", 0.0),
+    ("<answer>-(3 - 5) * 2 * 4</answer>", 0.0),                   # no unary signs
+    ("<answer>(3 + 5) x 2</answer>", 0.0),
+    ("<answer>2 / (5 - 5)</answer>", 0.0),                        # invalid and 5 reused
+    ("<answer>__import__('os').system('touch /tmp/pwned')</answer>", 0.0),
+    ("<answer>(lambda: 16)()</answer>", 0.0),
+    ("<answer>" + "(" * 100 + "(3 + 5) * 2" + ")" * 100 + "</answer>", 1.0),
+    ("<answer>" + "(" * 240 + "(3 + 5) * 2" + ")" * 240 + "</answer>", 0.0),  # parser's limit
+    ("<answer>" + "(" * 300 + "(3 + 5) * 2" + ")" * 300 + "</answer>", 0.0),  # too long
+    ("<answer>(3 + 5) * 2", 1.0),                                 # unclosed tag: the equation
+    ("The answer is 16.", 0.0),                                   # no equation at all
+    ("", 0.0),
+]
+
+
+def test_countdown_reward():
+  completions, want = zip(*COUNTDOWN_CASES)
+  n = len(completions)
+  got = call(rewards.countdown_reward, list(completions), numbers=[[3, 5, 2]] * n, target=[16] * n)
+  assert got == list(want)
+  assert rewards.REWARD_FUNCTIONS["countdown"] is rewards.countdown_reward
+
+
+def test_countdown_reward_is_exact_and_reads_columns_per_row():
+  # 7 / 2 * 4 is exactly 14 in fractions (floats would also get it; 1 / 3 * 3 needs them exact).
+  got = call(rewards.countdown_reward,
+             ["<answer>7 / 2 * 4</answer>", "<answer>1 / 3 * 3 + 9</answer>",
+              "<answer>6 + 6</answer>", "<answer>6 + 6</answer>", "<answer>1</answer>"],
+             numbers=[[7, 2, 4], [1, 3, 3, 9], [6, 6], ["6", "1"], None],
+             target=[14, "10", 12, 12, 1])
+  assert got == [1.0, 1.0, 1.0, 0.0, None]  # repeated numbers may each be used once
+  assert rewards.countdown_value("1 / 3 * 3", [1, 3, 3]) == 1
+  assert rewards.countdown_value("3 / (2 - 2)", [3, 2, 2]) is None
+
+
 # ----------------------------------------------------------------------------
 # combine_rewards and the config registry.
 # ----------------------------------------------------------------------------

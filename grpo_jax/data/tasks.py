@@ -11,6 +11,10 @@ A task has
 Each example has "prompt" (the question, before any template) and "answer"
 (the ground truth the rewards check); other keys are extra columns that reward
 functions receive as keyword arguments.
+
+Tasks: "arithmetic" and "countdown" are generated (any number of problems, no
+files); "jsonl" reads local files; "gsm8k" and "math" read their datasets
+through tensorflow-datasets (`pip install grpo_jax[tfds]`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import random
 
 SPLITS = ("train", "eval")
@@ -108,7 +113,135 @@ class Arithmetic(_IndexedTask):
                      "for this eval_fraction")
 
 
-class Jsonl(_IndexedTask):
+# Operator precedence in printed Countdown expressions (a bare number binds tightest).
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+_ATOM = 3
+
+
+def _join(left: tuple[int, str, int], op: str, right: tuple[int, str, int]) -> tuple[int, str, int]:
+  """(value, text, precedence) of `left op right`, with only the parentheses it needs.
+
+  The left operand needs them when it binds looser than `op`; the right one also
+  when it binds as tightly and `op` is - or / (a - (b + c), a / (b * c)).
+  """
+  (a, a_text, a_prec), (b, b_text, b_prec) = left, right
+  prec = _PRECEDENCE[op]
+  if a_prec < prec:
+    a_text = f"({a_text})"
+  if b_prec < prec or (b_prec == prec and op in "-/"):
+    b_text = f"({b_text})"
+  value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+  return value, f"{a_text} {op} {b_text}", prec
+
+
+@dataclasses.dataclass(frozen=True)
+class Countdown(_IndexedTask):
+  """The Countdown numbers game: reach a target from a few numbers with + - * /.
+
+  E.g. "Using the numbers [7, 3, 12], write an arithmetic expression equal to 33. ..." with
+  answer "7 * 3 + 12"; `countdown_reward` accepts any expression that uses the
+  given numbers, each at most once, and equals the target exactly.
+
+  Every target is reachable: the generator combines all the numbers at random
+  into one expression whose intermediate values are positive integers (a - b
+  only when a > b, a / b only when b > 1 divides a) and keeps it when its value
+  lies in [min_target, max_target] and is not itself one of the numbers (that
+  problem would be solved without any arithmetic). That expression is the
+  example's "answer"; other solutions usually exist and score the same.
+
+  Difficulty: how many numbers (uniform in [min_numbers, max_numbers]), their
+  size (uniform in [1, max_number]) and the target range.
+
+  Splits: a problem (its numbers as a multiset, and its target) belongs to
+  "eval" when a hash of it falls below `eval_fraction`, whatever the seed and
+  the order the numbers are listed in: train and eval never share a problem.
+  """
+
+  min_numbers: int = 3
+  max_numbers: int = 4
+  max_number: int = 20
+  min_target: int = 1
+  max_target: int = 100
+  eval_fraction: float = 0.1
+  seed: int = 0
+
+  default_reward = "countdown"  # not a field: what evaluate.py scores this task with
+
+  def __post_init__(self):
+    if not 2 <= self.min_numbers <= self.max_numbers:
+      raise ValueError(f"need 2 <= min_numbers <= max_numbers; got {self.min_numbers}, "
+                       f"{self.max_numbers}")
+    if self.max_number < 1:
+      raise ValueError(f"max_number must be >= 1; got {self.max_number}")
+    if not 1 <= self.min_target <= self.max_target:
+      raise ValueError(f"need 1 <= min_target <= max_target; got {self.min_target}, "
+                       f"{self.max_target}")
+    if not 0.0 < self.eval_fraction < 1.0:
+      raise ValueError(f"eval_fraction must be in (0, 1); got {self.eval_fraction}")
+
+  @staticmethod
+  def _random_expression(numbers: list[int], rng: random.Random) -> tuple[int, str, int]:
+    """Joins two random terms with a random allowed operator until one term is left."""
+    terms = [(x, str(x), _ATOM) for x in numbers]
+    while len(terms) > 1:
+      i, j = rng.sample(range(len(terms)), 2)
+      (a, *_), (b, *_) = terms[i], terms[j]
+      ops = "+*" + ("-" if a > b else "") + ("/" if b > 1 and a % b == 0 else "")
+      joined = _join(terms[i], rng.choice(ops), terms[j])
+      terms = [t for k, t in enumerate(terms) if k not in (i, j)] + [joined]
+    return terms[0]
+
+  def example(self, split: str, index: int) -> dict:
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    rng = random.Random(f"countdown/{self.seed}/{split}/{index}")
+    for _ in range(100_000):  # rejection: targets out of range, and ~1 / eval_fraction for eval
+      numbers = [rng.randint(1, self.max_number)
+                 for _ in range(rng.randint(self.min_numbers, self.max_numbers))]
+      target, expression, _ = self._random_expression(numbers, rng)
+      if not self.min_target <= target <= self.max_target or target in numbers:
+        continue
+      problem = f"{sorted(numbers)} -> {target}"
+      if (_hash_fraction(problem) < self.eval_fraction) == (split == "eval"):
+        prompt = (f"Using the numbers {numbers}, write an arithmetic expression equal to "
+                  f"{target}. You may use +, -, *, / and parentheses, and each number at most "
+                  "once.")
+        return {"prompt": prompt, "answer": expression, "numbers": numbers, "target": target}
+    raise ValueError(f"no {split} problem found for {self}: widen the target range or the "
+                     "numbers' range, or change eval_fraction")
+
+
+class _RowsTask(_IndexedTask):
+  """Examples held in memory, one list per split (`self._splits`).
+
+  Eval example i is row i mod n, in the source's order. Train example i is row
+  perm_e[i mod n] of epoch e = i // n, where perm_e is a shuffle seeded by
+  (`_shuffle_name`, seed, e): deterministic by index, so resuming is exact,
+  and each epoch visits every train row once.
+  """
+
+  _shuffle_name = "rows"
+  _splits: dict[str, list[dict]]
+  seed: int
+
+  def example(self, split: str, index: int) -> dict:
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    rows = self._splits[split]
+    n = len(rows)
+    if split == "eval":
+      return rows[index % n]
+    epoch, i = divmod(index, n)
+    return rows[self._order(epoch)[i]]
+
+  @functools.lru_cache(maxsize=2)
+  def _order(self, epoch: int) -> list[int]:
+    order = list(range(len(self._splits["train"])))
+    random.Random(f"{self._shuffle_name}/{self.seed}/{epoch}").shuffle(order)
+    return order
+
+
+class Jsonl(_RowsTask):
   """Problems from local JSON-lines files, one {"prompt": ..., "answer": ...} per line.
 
   `prompt_key` / `answer_key` name other fields (GSM8K exports use "question"
@@ -118,6 +251,8 @@ class Jsonl(_IndexedTask):
   example i is problem perm_e[i mod n] of epoch e = i // n, where perm_e is a
   seeded shuffle: deterministic by index, so resuming is exact.
   """
+
+  _shuffle_name = "jsonl"  # the seed string of earlier runs: their resumes stay exact
 
   def __init__(self, path: str, eval_path: str | None = None, eval_fraction: float = 0.05,
                prompt_key: str = "prompt", answer_key: str = "answer", seed: int = 0):
@@ -158,26 +293,165 @@ class Jsonl(_IndexedTask):
                          "examples; give eval_path or change eval_fraction")
     self.seed = seed
 
-  def example(self, split: str, index: int) -> dict:
-    if split not in SPLITS:
-      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    rows = self._splits[split]
-    n = len(rows)
-    if split == "eval":
-      return rows[index % n]
-    epoch, i = divmod(index, n)
-    return rows[self._order(epoch)[i]]
 
-  @functools.lru_cache(maxsize=2)
-  def _order(self, epoch: int) -> list[int]:
-    order = list(range(len(self._splits["train"])))
-    random.Random(f"jsonl/{self.seed}/{epoch}").shuffle(order)
-    return order
+# ----------------------------------------------------------------------------
+# Datasets read through tensorflow-datasets.
+# ----------------------------------------------------------------------------
+
+
+def _import_tfds(task: str):
+  """tensorflow_datasets, or an ImportError that says how to install it."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError(f"task {task!r} reads its data with tensorflow-datasets, which is not "
+                      "installed: pip install 'grpo_jax[tfds]' (in a checkout: "
+                      "pip install -e '.[tfds]')") from e
+  return tfds
+
+
+def _text(value) -> str:
+  """A tfds Text feature as str: data sources return bytes (mock data, str)."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class _TfdsTask(_RowsTask):
+  """A dataset's train and test splits, read through tensorflow-datasets.
+
+  Reading goes through `builder.as_data_source` (ArrayRecord files, random
+  access), which needs no TensorFlow. The first use downloads and prepares the
+  dataset under `data_dir` (tfds's default: $TFDS_DATA_DIR, else
+  ~/tensorflow_datasets); later ones read what is there. Both splits are read
+  into memory when the task is built (these datasets are a few MB), so a bad
+  split name or a missing dataset fails before training starts.
+
+  The eval split is the dataset's own test split, in its stored order; train
+  is reshuffled each epoch as in `_RowsTask`.
+  """
+
+  name = ""  # the task's name in TASKS, for error messages
+
+  def __init__(self, data_dir: str | None = None, seed: int = 0, train_split: str = "train",
+               eval_split: str = "test"):
+    tfds = _import_tfds(self.name)
+    builder = self._builder(tfds, data_dir)
+    # tfds fetches from its GCS mirror only TFRecord files, useless here: skip that lookup.
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    self._splits = {}
+    for split, source_split in (("train", train_split), ("eval", eval_split)):
+      source = builder.as_data_source(split=source_split)
+      rows = [self._row(source[i]) for i in range(len(source))]
+      kept = [row for row in rows if row is not None]
+      if len(kept) < len(rows):
+        logging.warning("task %r: skipped %d of the %d rows of split %r (no answer found)",
+                        self.name, len(rows) - len(kept), len(rows), source_split)
+      if not kept:
+        raise ValueError(f"task {self.name!r}: split {source_split!r} has no usable examples")
+      self._splits[split] = kept
+    self.seed = seed
+
+  def _builder(self, tfds, data_dir: str | None):
+    """The tfds DatasetBuilder to read, storing its data as ArrayRecord."""
+    raise NotImplementedError
+
+  def _row(self, record: dict) -> dict | None:
+    """One example from a dataset record; None to skip a record without an answer."""
+    raise NotImplementedError
+
+
+class Gsm8k(_TfdsTask):
+  """GSM8K grade-school maths word problems (tfds "gsm8k": 7,473 train, 1,319 test).
+
+  "prompt" is the question; "answer" is the number after the solution's final
+  "####" ("72"), without thousands commas; "solution" is the full worked
+  solution, with its <<calculator>> annotations, for rewards or SFT that want it.
+  `train_split` / `eval_split` also accept tfds's "train_socratic" / "test_socratic".
+  """
+
+  name = "gsm8k"
+  _shuffle_name = "gsm8k"
+  default_reward = "accuracy"  # what evaluate.py scores this task with
+
+  def _builder(self, tfds, data_dir):
+    # The class itself, not tfds.builder("gsm8k"): tfds registers its built-in
+    # builders only once their module is imported, and this imports it.
+    return tfds.text.Gsm8k(data_dir=data_dir, file_format="array_record")
+
+  def _row(self, record):
+    solution = _text(record["answer"])
+    if "####" in solution:
+      answer = solution.rsplit("####", 1)[1]
+    else:
+      answer = _text(record.get("short_answer", ""))
+    answer = answer.strip().replace(",", "")
+    if not answer:
+      return None
+    return {"prompt": _text(record["question"]), "answer": answer, "solution": solution}
+
+
+MATH_HF_REPO = "DigitalLearningGmbH/MATH-lighteval"
+
+
+class Math(_TfdsTask):
+  """MATH competition problems (Hendrycks et al. 2021: 7,500 train, 5,000 test).
+
+  tensorflow-datasets has no MATH builder of its own ("math_dataset" is
+  DeepMind's synthetic Mathematics Dataset, another thing), so by default this
+  reads the Hugging Face copy `hf_repo_id` through tfds's
+  HuggingfaceDatasetBuilder, which needs the `datasets` package and the Hub on
+  first use. `tfds_name` instead reads a tfds dataset already prepared in
+  `data_dir` (e.g. "huggingface:digitallearninggmbh__math_lighteval", or one
+  of your own) with the same fields.
+
+  "prompt" is the problem; "answer" is the content of the solution's last
+  \\boxed{} (a LaTeX answer: score it with the "math_accuracy" reward); the
+  full "solution" and, when present, "level" ("Level 1" .. "Level 5") and
+  "type" (the subject) are kept as columns. Rows without a \\boxed{} answer
+  are skipped.
+  """
+
+  name = "math"
+  _shuffle_name = "math"
+  default_reward = "math_accuracy"  # what evaluate.py scores this task with
+
+  def __init__(self, data_dir: str | None = None, seed: int = 0, train_split: str = "train",
+               eval_split: str = "test", tfds_name: str | None = None,
+               hf_repo_id: str = MATH_HF_REPO, hf_config: str | None = None):
+    self._tfds_name, self._hf_repo_id, self._hf_config = tfds_name, hf_repo_id, hf_config
+    super().__init__(data_dir=data_dir, seed=seed, train_split=train_split, eval_split=eval_split)
+
+  def _builder(self, tfds, data_dir):
+    if self._tfds_name:
+      return tfds.builder(self._tfds_name, data_dir=data_dir, file_format="array_record")
+    try:
+      import datasets  # noqa: F401 (tfds's Hugging Face builder needs it)
+    except ImportError as e:
+      raise ImportError(f"task 'math' reads {self._hf_repo_id} from the Hugging Face Hub, which "
+                        "needs the datasets package: pip install datasets (or give tfds_name, "
+                        "a tfds dataset prepared in data_dir)") from e
+    return tfds.dataset_builders.HuggingfaceDatasetBuilder(
+        hf_repo_id=self._hf_repo_id, hf_config=self._hf_config, data_dir=data_dir,
+        file_format="array_record")
+
+  def _row(self, record):
+    from grpo_jax.rewards import extract_boxed  # here: rewards imports jax
+
+    solution = _text(record["solution"])
+    answer = extract_boxed(solution)
+    if answer is None or not answer.strip():
+      return None
+    row = {"prompt": _text(record["problem"]), "answer": answer.strip(), "solution": solution}
+    row.update({key: _text(record[key]) for key in ("level", "type") if key in record})
+    return row
 
 
 TASKS = {
     "arithmetic": Arithmetic,
+    "countdown": Countdown,
     "jsonl": Jsonl,
+    "gsm8k": Gsm8k,
+    "math": Math,
 }
 
 
