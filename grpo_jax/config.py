@@ -9,6 +9,7 @@ where it has one.
 from __future__ import annotations
 
 import difflib
+import os
 
 import ml_collections
 
@@ -16,9 +17,12 @@ from grpo_jax import advantages, losses, rewards
 from grpo_jax.data import TASKS, TEMPLATES
 
 
+MODES = ("grpo", "sft")
+
+
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "grpo"
+  c.mode = "grpo"  # "grpo" (train.py) | "sft": supervised fine-tuning on config.sft (sft.py)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "smollm2-135m-instruct"  # known name, HF folder, or .gguf path
@@ -47,6 +51,14 @@ def defaults() -> ml_collections.ConfigDict:
   c.rl.mask_truncated_completions = False  # DAPO: no loss on completions cut at the limit
 
   c.rewards = [("accuracy", 1.0), ("format", 0.5)]
+
+  # Supervised fine-tuning (mode "sft"; cold start, distillation). Batches of
+  # train.prompts_per_step rows; prompts under task.template; the task's eval as in GRPO.
+  c.sft = ml_collections.ConfigDict()
+  c.sft.path = ""  # JSONL: {"prompt", "completion"} or {"messages": [..., assistant turn]} a line
+  c.sft.eval_path = ""  # optional held-out JSONL of the same form: eval/loss at evaluations
+  c.sft.epochs = 0.0  # > 0: this many passes over the data (instead of train.steps)
+  c.sft.max_length = 1024  # tokens of prompt + completion (+ EOS); longer rows are cut at the end
 
   c.opt = ml_collections.ConfigDict()
   c.opt.learning_rate = 1e-6
@@ -109,7 +121,9 @@ def validate(cfg) -> None:
     hint = f"; did you mean config.{close[0]}?" if close else ""
     raise ConfigError(f"unknown config key config.{key}{hint}")
   rl, train = cfg.rl, cfg.train
-  _check(cfg.mode == "grpo", f"config.mode={cfg.mode!r}: only 'grpo' is supported")
+  _check(cfg.mode in MODES, f"config.mode={cfg.mode!r}; expected one of {list(MODES)}")
+  if cfg.mode == "sft":
+    _validate_sft(cfg.sft)
   _check(rl.num_generations >= 2,
          f"config.rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per "
          "prompt to compare them (advantages are relative to the group)")
@@ -152,6 +166,20 @@ def validate(cfg) -> None:
     raise ConfigError(f"config.rewards: {e}") from None
 
 
+def _validate_sft(sft) -> None:
+  """The files and numbers of config.sft; the rows themselves are checked as they are read
+  (sft.read_rows), also before the model loads."""
+  _check(bool(sft.path), "config.mode='sft' needs config.sft.path: a JSONL file with one "
+         '{"prompt": ..., "completion": ...} (or {"messages": [...]}) object per line; '
+         "e.g. --config.sft.path=data.jsonl")
+  for key in ("path", "eval_path"):
+    path = sft[key]
+    _check(not path or os.path.isfile(path),
+           f"config.sft.{key}={path!r}: no such file ({os.path.abspath(path)})")
+  _check(sft.epochs >= 0, f"config.sft.epochs={sft.epochs} must be >= 0 (0: train.steps steps)")
+  _check(sft.max_length >= 2, f"config.sft.max_length={sft.max_length} must be >= 2 tokens")
+
+
 def make_mesh(cfg, devices=None):
   """The mesh of config.mesh, checked against the batch: ConfigError if they do not fit."""
   from grpo_jax import sharding
@@ -175,3 +203,7 @@ def validate_with_model(cfg, model_cfg) -> None:
   _check(total <= model_cfg.max_position_embeddings,
          f"config.rl.max_prompt_length + max_completion_length = {total} is longer than the "
          f"model's context of {model_cfg.max_position_embeddings} tokens; lower one of them")
+  if cfg.mode == "sft":
+    _check(cfg.sft.max_length <= model_cfg.max_position_embeddings,
+           f"config.sft.max_length={cfg.sft.max_length} is longer than the model's context of "
+           f"{model_cfg.max_position_embeddings} tokens; lower it")

@@ -1,8 +1,10 @@
-"""Train with GRPO from an ml-collections config.
+"""Train with GRPO (or, with config.mode = "sft", supervised fine-tuning) from an ml-collections
+config.
 
     python -m grpo_jax.main --config=configs/smollm2_arithmetic.py --workdir=runs/smollm2
     python -m grpo_jax.main --config=configs/tiny_arithmetic.py --workdir=/tmp/tiny \\
         --config.train.steps=20 --config.rl.beta=0
+    python -m grpo_jax.main --config=configs/tiny_sft.py --workdir=/tmp/tiny_sft   # SFT
 
 Writes WORKDIR/metrics.jsonl, WORKDIR/tb (TensorBoard), WORKDIR/*.png plots,
 WORKDIR/samples.jsonl and WORKDIR/checkpoints; the same command on an existing
@@ -65,14 +67,15 @@ def main(argv):
   for noisy in ("absl", "tensorboardX", "jax._src.xla_bridge"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   initialize_distributed()
-  from grpo_jax import config as config_lib, train
+  from grpo_jax import config as config_lib, sft, train
 
   try:
     config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
+  run = sft.train_sft if _CONFIG.value.mode == "sft" else train.train_and_evaluate
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:  # raised at start-up, before any step
     raise app.UsageError(str(e)) from None
 

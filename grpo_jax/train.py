@@ -15,15 +15,21 @@ from these process-local pieces. Sampled tokens come back to the process that
 holds them, which decodes and scores its own completions; only the small
 per-completion numbers (rewards, lengths) are all-gathered, so advantages and
 metrics are those of the whole batch. Only process 0 writes files.
+
+`Run` is the part of a run that supervised fine-tuning (sft.py) shares: mesh,
+model, shardings, memory check, optimizer, checkpoints and resume, metrics,
+plots and evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -107,17 +113,157 @@ def tokenize_prompts(texts, tokenizer, max_length):
 tokenize_prompts.warned = False
 
 
-def train_and_evaluate(cfg, workdir: str) -> list[dict]:
-  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records."""
-  # ---------------------------------------------------------------- set-up --
-  config_lib.validate(cfg)
+@dataclasses.dataclass
+class Run:
+  """What the GRPO loop (`train_and_evaluate`) and the SFT loop (`sft.train_sft`) share.
+
+      run, params = start_run(cfg, workdir)      # mesh, model on it, memory check, config.json
+      params, opt_state = run.start_training(params, steps, eval_fn=...)  # optimizer; resumes
+      run.evaluate_first(params)                 # step 0 of a fresh run
+      with checkpointing.preemption_guard() as guard:
+        for step in range(run.start, steps):
+          ...                                    # the update of `step`
+          if run.eval_due(step + 1): rec.update(run.evaluate(params))
+          run.log(step + 1, rec)
+          if run.checkpoint(step + 1, params, opt_state, guard, data_position=...): break
+      return run.close()                         # the run's metric records
+
+  Params and optimizer state are not kept here: the loops own them (donated each update).
+  """
+  cfg: Any
+  workdir: str
+  is_main: bool
+  mesh: Any
+  tokenizer: Any
+  model_cfg: Any
+  graphdef: Any
+  param_sh: Any
+  batch_sh: Any
+  # Set by start_training:
+  steps: int = 0
+  optimizer: Any = None
+  lr_schedule: Callable[[int], Any] | None = None
+  opt_sh: Any = None
+  ckpt: checkpointing.Checkpointer | None = None
+  start: int = 0  # the step the run resumes from (0: a fresh run)
+  writer: metrics_io.MetricsWriter | None = None
+  progress: metrics_io.ProgressLine | None = None
+  records: list[dict] = dataclasses.field(default_factory=list)
+  eval_fn: Callable[[Any], dict] | None = None  # params -> eval/* metrics; None: no evaluation
+
+  def start_training(self, params, steps: int, *, optimizer_steps: int | None = None,
+                     eval_fn: Callable[[Any], dict] | None = None):
+    """The optimizer (config.opt) and its state, restored with the params from the workdir's
+    latest checkpoint if it has one; the metrics writer and progress line. -> (params, opt_state).
+
+    Args:
+      params: the starting params (placed with `param_sh`).
+      steps: the run's number of steps (logging, evaluation and checkpoint schedule).
+      optimizer_steps: updates over the run, for the learning-rate schedule (default `steps`).
+      eval_fn: params -> eval/* metrics, run before the first step and when `eval_due`.
+    """
+    cfg, train = self.cfg, self.cfg.train
+    self.steps, self.eval_fn = steps, eval_fn
+    self.optimizer, self.lr_schedule = grpo.make_optimizer(
+        cfg.opt.learning_rate, total_steps=optimizer_steps or steps,
+        warmup_steps=cfg.opt.warmup_steps, schedule=cfg.opt.schedule,
+        weight_decay=cfg.opt.weight_decay, max_grad_norm=cfg.opt.max_grad_norm)
+    self.opt_sh = sharding.param_shardings(self.mesh, jax.eval_shape(self.optimizer.init, params))
+    opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)(params)
+
+    self.ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                           train.keep_checkpoints)
+    self.start = self.ckpt.latest_step() or 0
+    if self.start:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              {"params": params, "opt_state": opt_state},
+                              {"params": self.param_sh, "opt_state": self.opt_sh})
+      state, meta = self.ckpt.restore(abstract_state=abstract)
+      params, opt_state = state["params"], state["opt_state"]
+      log.info("resumed from step %d (data position %d)", self.start, meta["data_position"])
+    if self.is_main:
+      self.writer = metrics_io.MetricsWriter(self.workdir, resume_step=self.start)
+      self.progress = metrics_io.ProgressLine(steps)
+    self.records = metrics_io.read_metrics(self.workdir) if self.start and self.is_main else []
+    return params, opt_state
+
+  def task_evaluator(self, task) -> Callable[[Any], dict] | None:
+    """params -> the eval/* metrics of `task`'s held-out problems (config.eval); None when
+    config.eval.num_problems is 0. The sampling key is the same at every evaluation."""
+    cfg = self.cfg
+    if not cfg.eval.num_problems:
+      return None
+    examples = task.eval_examples(cfg.eval.num_problems)
+    key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1)  # no step reaches it
+    stop_ids = sampling.stop_ids(self.tokenizer)
+    return lambda params: evaluate.evaluate(
+        self.graphdef, params, self.tokenizer, examples, template=cfg.task.template,
+        num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
+        max_new_tokens=cfg.rl.max_completion_length, key=key, stop_ids=stop_ids,
+        prompts_per_batch=cfg.eval.prompts_per_batch,
+        correct_fn=rewards.REWARD_FUNCTIONS[cfg.eval.reward])
+
+  def evaluate(self, params) -> dict:
+    t = time.perf_counter()
+    return dict(self.eval_fn(params), **{"time/eval_s": time.perf_counter() - t})
+
+  def eval_due(self, step: int) -> bool:
+    """step = updates done (>= 1; step 0 is evaluated by `evaluate_first`)."""
+    every = self.cfg.train.eval_every
+    return self.eval_fn is not None and bool(step == self.steps or (every and step % every == 0))
+
+  def evaluate_first(self, params) -> None:
+    """A fresh run with an evaluation records one of the starting params as step 0."""
+    if self.start == 0 and self.eval_fn is not None:
+      self.records.append(_write(self.writer, self.progress, 0, self.evaluate(params)))
+
+  def log(self, step: int, rec: dict) -> bool:
+    """Records step `step` when due (every train.log_every steps, with an evaluation, at the
+    last step) and rewrites the plots now and then; True if recorded."""
+    evaluated = any(k.startswith("eval/") for k in rec)
+    due = step % self.cfg.train.log_every == 0 or evaluated or step == self.steps
+    if due:
+      self.records.append(_write(self.writer, self.progress, step, rec))
+    if self.is_main and (step % 5 == 0 or step == self.steps or evaluated):
+      metrics_io.write_plots(self.workdir, self.records)
+    return due
+
+  def checkpoint(self, step: int, params, opt_state, guard, *, data_position: int) -> bool:
+    """Saves step `step` when due (every train.checkpoint_every steps, the last step, a
+    signal); True when a signal asks the run to stop now."""
+    train = self.cfg.train
+    if step % train.checkpoint_every == 0 or step == self.steps or guard.requested:
+      self.ckpt.save(step, {"params": params, "opt_state": opt_state},
+                     meta={"step": step, "data_position": data_position, "seed": train.seed})
+    if guard.requested:
+      log.warning("signal %s: checkpointed step %d, stopping", guard.signum, step)
+    return guard.requested
+
+  def close(self) -> list[dict]:
+    """Waits for the last checkpoint, writes the final plots; returns the metric records."""
+    self.ckpt.wait()
+    self.ckpt.close()
+    if self.is_main:
+      metrics_io.write_plots(self.workdir, self.records)
+      self.writer.close()
+      self.progress.close()
+    return self.records
+
+
+def start_run(cfg, workdir: str, *, memory_cfg=None) -> tuple[Run, Any]:
+  """The start of a run: the mesh, the model (params placed on it), the device memory check
+  and WORKDIR/config.json (which makes the workdir loadable by `models.load`).
+
+  Args:
+    cfg: the validated experiment config.
+    workdir: the run directory (created).
+    memory_cfg: the config whose shapes the memory estimate reads (default `cfg`).
+  Returns:
+    (run, params): params are the model's as loaded, sharded by name over the mesh.
+  """
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  rl, train = cfg.rl, cfg.train
-  b, g = train.prompts_per_step, rl.num_generations
   mesh = config_lib.make_mesh(cfg)
-  task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-  reward_fns, weights = rewards.get_reward_fns(list(cfg.rewards))
   log.info("loading model %s", cfg.model.name)
   model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
   config_lib.validate_with_model(cfg, model.cfg)
@@ -131,33 +277,32 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
   param_sh = sharding.param_shardings(mesh, params)
   batch_sh = sharding.batch_sharding(mesh)
   params = jax.device_put(params, param_sh)
-  est = memory.estimate(cfg, model_cfg, mesh,
+  est = memory.estimate(memory_cfg or cfg, model_cfg, mesh,
                         param_bytes=sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
                                         for x, sh in zip(jax.tree.leaves(params),
                                                          jax.tree.leaves(param_sh))))
   log.info("memory per device (estimate):\n%s", est.table())
   memory.check(est, memory.device_memory_limit(cfg))
-  # The reference is the initial policy; a copy, since the policy's buffers are donated.
-  ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
-                if rl.beta != 0 else None)
-  optimizer, lr_schedule = grpo.make_optimizer(
-      cfg.opt.learning_rate, total_steps=train.steps * rl.num_iterations,
-      warmup_steps=cfg.opt.warmup_steps, schedule=cfg.opt.schedule,
-      weight_decay=cfg.opt.weight_decay, max_grad_norm=cfg.opt.max_grad_norm)
-  opt_sh = sharding.param_shardings(mesh, jax.eval_shape(optimizer.init, params))
-  opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+  return Run(cfg, workdir, is_main, mesh, tokenizer, model_cfg, graphdef, param_sh,
+             batch_sh), params
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), train.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            {"params": params, "opt_state": opt_state},
-                            {"params": param_sh, "opt_state": opt_sh})
-    state, meta = ckpt.restore(abstract_state=abstract)
-    params, opt_state = state["params"], state["opt_state"]
-    log.info("resumed from step %d (data position %d)", start, meta["data_position"])
-  writer = metrics_io.MetricsWriter(workdir, resume_step=start) if is_main else None
-  progress = metrics_io.ProgressLine(train.steps) if is_main else None
+
+def train_and_evaluate(cfg, workdir: str) -> list[dict]:
+  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records."""
+  # ---------------------------------------------------------------- set-up --
+  config_lib.validate(cfg)
+  rl, train = cfg.rl, cfg.train
+  b, g = train.prompts_per_step, rl.num_generations
+  task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
+  reward_fns, weights = rewards.get_reward_fns(list(cfg.rewards))
+  run, params = start_run(cfg, workdir)
+  graphdef, tokenizer, batch_sh = run.graphdef, run.tokenizer, run.batch_sh
+  # The reference is the initial policy; a copy, since the policy's buffers are donated.
+  ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.param_sh)(params)
+                if rl.beta != 0 else None)
+  params, opt_state = run.start_training(params, train.steps,
+                                         optimizer_steps=train.steps * rl.num_iterations,
+                                         eval_fn=run.task_evaluator(task))
 
   loss_cfg = grpo.LossConfig(
       num_generations=g, beta=rl.beta, epsilon=rl.epsilon, epsilon_high=rl.epsilon_high,
@@ -165,37 +310,20 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
       importance_sampling_level=rl.importance_sampling_level,
       max_completion_length=rl.max_completion_length, temperature=rl.temperature,
       use_old_logps=rl.num_iterations > 1)
-  update = grpo.make_update_step(graphdef, optimizer, loss_cfg,
-                                 grad_accum_steps=train.grad_accum_steps, param_sharding=param_sh,
-                                 opt_sharding=opt_sh, batch_sharding=batch_sh)
+  update = grpo.make_update_step(graphdef, run.optimizer, loss_cfg,
+                                 grad_accum_steps=train.grad_accum_steps,
+                                 param_sharding=run.param_sh, opt_sharding=run.opt_sh,
+                                 batch_sharding=batch_sh)
   stop_ids, pad_id = sampling.stop_ids(tokenizer), tokenizer.pad_token_id
   prompt_rows = process_rows(batch_sh, b)  # this process's share of each step's batch
   rows = slice(prompt_rows.start * g, prompt_rows.stop * g)
   base_key = jax.random.key(train.seed)
-  eval_key = jax.random.fold_in(base_key, 2**31 - 1)  # the same every eval; no step reaches it
-  eval_examples = task.eval_examples(cfg.eval.num_problems)
-
-  def run_eval():
-    return evaluate.evaluate(
-        graphdef, params, tokenizer, eval_examples, template=cfg.task.template,
-        num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
-        max_new_tokens=rl.max_completion_length, key=eval_key, stop_ids=stop_ids,
-        prompts_per_batch=cfg.eval.prompts_per_batch,
-        correct_fn=rewards.REWARD_FUNCTIONS[cfg.eval.reward])
-
-  def eval_due(step):  # step = updates done (>= 1; step 0 is evaluated before the loop)
-    return step == train.steps or (train.eval_every and step % train.eval_every == 0)
-
-  records = metrics_io.read_metrics(workdir) if start and is_main else []
-  if start == 0 and cfg.eval.num_problems:
-    t = time.perf_counter()
-    rec = dict(run_eval(), **{"time/eval_s": time.perf_counter() - t})
-    records.append(_write(writer, progress, 0, rec))
+  run.evaluate_first(params)
   update_programs = None
 
   # ------------------------------------------------------------------ loop --
   with checkpointing.preemption_guard() as guard:
-    for step in range(start, train.steps):
+    for step in range(run.start, train.steps):
       t_step = time.perf_counter()
       # This process's prompts: the batch rows its devices hold.
       examples = task.train_batch(step * b + prompt_rows.start,
@@ -258,32 +386,17 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
       rec.update({
           "completions/mean_length": float(whole["lengths"].mean()),
           "completions/clipped_ratio": float(whole["truncated"].mean()),
-          "learning_rate": float(lr_schedule(step * rl.num_iterations)),
+          "learning_rate": float(run.lr_schedule(step * rl.num_iterations)),
           "time/sample_s": t_sample, "time/update_s": t_update,
           "time/step_s": time.perf_counter() - t_step,
       })
-      if cfg.eval.num_problems and eval_due(done):
-        t = time.perf_counter()
-        rec.update(run_eval(), **{"time/eval_s": time.perf_counter() - t})
-      if done % train.log_every == 0 or "eval/accuracy" in rec or done == train.steps:
-        records.append(_write(writer, progress, done, rec))
-        if is_main:
-          _write_samples(workdir, done, prompt_texts[0], texts[:g], reward[rows][:g])
-      if is_main and (done % 5 == 0 or done == train.steps or "eval/accuracy" in rec):
-        metrics_io.write_plots(workdir, records)
-      if done % train.checkpoint_every == 0 or done == train.steps or guard.requested:
-        ckpt.save(done, {"params": params, "opt_state": opt_state},
-                  meta={"step": done, "data_position": done * b, "seed": train.seed})
-      if guard.requested:
-        log.warning("signal %s: checkpointed step %d, stopping", guard.signum, done)
+      if run.eval_due(done):
+        rec.update(run.evaluate(params))
+      if run.log(done, rec) and run.is_main:
+        _write_samples(workdir, done, prompt_texts[0], texts[:g], reward[rows][:g])
+      if run.checkpoint(done, params, opt_state, guard, data_position=done * b):
         break
-  ckpt.wait()
-  ckpt.close()
-  if is_main:
-    metrics_io.write_plots(workdir, records)
-    writer.close()
-    progress.close()
-  return records
+  return run.close()
 
 
 def _write(writer, progress, step, rec):

@@ -1,0 +1,143 @@
+"""The R1 experiments as pipelines of CLI stages: R1-Zero, R1, and distillation vs direct RL.
+
+    .venv/bin/python experiments/run.py r1_zero r1 distill    # all three, ~45 min on 2 CPU cores
+    .venv/bin/python experiments/run.py r1 --root=runs/experiments --dry_run   # print the commands
+
+Every stage is one command a user could type (`grpo_jax.main` for GRPO and SFT,
+`grpo_jax.rejection` for rejection sampling and teacher traces,
+`grpo_jax.evaluate` for held-out accuracy), printed before it runs. A stage
+that finished is skipped when the script runs again, so an interrupted pipeline
+resumes. Results: ROOT/results.json (one evaluation per model), read by
+experiments/report.py for the tables and plots of experiments/README.md.
+
+The setting: SmolLM2-135M-Instruct on one-digit addition and subtraction (the
+default experiment's task, chat template with the R1 system prompt).
+- r1_zero: GRPO straight from the instruct model (no SFT), 30 steps.
+- r1: cold start (SFT on 183 R1-format traces, configs/data/arithmetic_sft.jsonl)
+  -> GRPO 20 steps -> rejection sampling from that policy (correct, R1-formatted,
+  one language) -> SFT of the instruct model on cold-start + rejection data
+  (DeepSeek-R1 retrains from the base at this stage) -> GRPO 20 steps.
+- distill: the R1 pipeline's final policy as teacher writes traces for the
+  training problems, filtered like rejection sampling; the instruct model is
+  SFT-ed on them. Compared with direct RL (r1_zero's result) from the same start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLD_START = os.path.join(REPO, "configs", "data", "arithmetic_sft.jsonl")
+TASK_KWARGS = {"min_digits": 1, "max_digits": 1, "operators": "+-"}
+GRPO_CONFIG = os.path.join(REPO, "configs", "smollm2_arithmetic.py")
+SFT_CONFIG = os.path.join(REPO, "configs", "smollm2_sft.py")
+EVAL = dict(num_problems=48, num_samples=4, temperature=1.0, max_new_tokens=48,
+            reward="accuracy_lenient")
+
+
+def grpo(workdir, model, steps):
+  return [sys.executable, "-m", "grpo_jax.main", f"--config={GRPO_CONFIG}", f"--workdir={workdir}",
+          f"--config.model.name={model}", f"--config.train.steps={steps}",
+          "--config.eval.num_problems=0", f"--config.train.checkpoint_every={steps}"]
+
+
+def sft(workdir, model, data):
+  return [sys.executable, "-m", "grpo_jax.main", f"--config={SFT_CONFIG}:{data}",
+          f"--workdir={workdir}", f"--config.model.name={model}"]
+
+
+def rejection(output, model, num_problems, start_index=0):
+  return [sys.executable, "-m", "grpo_jax.rejection", f"--model={model}", "--task=arithmetic",
+          f"--task_kwargs={json.dumps(TASK_KWARGS)}", f"--num_problems={num_problems}",
+          "--num_samples=4", "--temperature=1.0", "--max_new_tokens=48", "--require_format",
+          "--reward=accuracy", f"--start_index={start_index}", f"--output={output}"]
+
+
+def evaluate(output, model):
+  return [sys.executable, "-m", "grpo_jax.evaluate", f"--model={model}", "--task=arithmetic",
+          f"--task_kwargs={json.dumps(TASK_KWARGS)}", f"--output={output}",
+          *(f"--{k}={v}" for k, v in EVAL.items())]
+
+
+def concatenate(output, *inputs):
+  """A stage without a command: the union of JSONL datasets."""
+  with open(output + ".tmp", "w") as out:
+    for path in inputs:
+      with open(path) as f:
+        out.writelines(line if line.endswith("\n") else line + "\n" for line in f if line.strip())
+  os.replace(output + ".tmp", output)
+
+
+def stages(name, root):
+  """(stage name, command or callable, the file or folder it makes, model to evaluate or None)."""
+  d = lambda *p: os.path.join(root, name, *p)  # noqa: E731
+  base = "smollm2-135m-instruct"
+  if name == "r1_zero":
+    return [("instruct", None, None, base),
+            ("grpo", grpo(d("grpo"), base, 30), d("grpo"), d("grpo"))]
+  if name == "r1":
+    return [("cold_start_sft", sft(d("cold_start"), base, COLD_START), d("cold_start"),
+             d("cold_start")),
+            ("grpo_1", grpo(d("grpo_1"), d("cold_start"), 20), d("grpo_1"), d("grpo_1")),
+            ("rejection_sampling", rejection(d("rs.jsonl"), d("grpo_1"), 183), d("rs.jsonl"), None),
+            ("sft_data", lambda: concatenate(d("sft_2.jsonl"), COLD_START, d("rs.jsonl")),
+             d("sft_2.jsonl"), None),
+            ("sft_2", sft(d("sft_2"), base, d("sft_2.jsonl")), d("sft_2"), d("sft_2")),
+            ("grpo_2", grpo(d("grpo_2"), d("sft_2"), 20), d("grpo_2"), d("grpo_2"))]
+  if name == "distill":
+    teacher = os.path.join(root, "r1", "grpo_2")
+    return [("teacher_traces", rejection(d("traces.jsonl"), teacher, 183), d("traces.jsonl"),
+             None),
+            ("student_sft", sft(d("student"), base, d("traces.jsonl")), d("student"),
+             d("student"))]
+  raise ValueError(f"unknown experiment {name!r}; expected r1_zero, r1 or distill")
+
+
+def run(name, root, dry_run=False):
+  results_path = os.path.join(root, "results.json")
+  results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+  for stage, command, product, model in stages(name, root):
+    key = f"{name}/{stage}"
+    if command is not None and not os.path.exists(os.path.join(root, name, f".{stage}.done")):
+      print(f"[{key}] " + (" ".join(command) if isinstance(command, list) else "(concatenate)"),
+            file=sys.stderr, flush=True)
+      if not dry_run:
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        t = time.perf_counter()
+        if callable(command):
+          command()
+        else:
+          subprocess.run(command, cwd=REPO, check=True)
+        results.setdefault(key, {})["stage_s"] = time.perf_counter() - t
+        open(os.path.join(root, name, f".{stage}.done"), "w").close()
+        if product and product.endswith(".jsonl") and os.path.exists(product + ".stats.json"):
+          results[key]["data"] = json.load(open(product + ".stats.json"))
+    if model is not None and "eval" not in results.get(key, {}):
+      command = evaluate(os.path.join(root, name, f"eval_{stage}.jsonl"), model)
+      print(f"[{key}] " + " ".join(command), file=sys.stderr, flush=True)
+      if not dry_run:
+        out = subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
+        results.setdefault(key, {})["eval"] = json.loads(out.stdout.strip().splitlines()[-1])
+    if not dry_run:
+      with open(results_path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+      os.replace(results_path + ".tmp", results_path)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("experiments", nargs="+", choices=["r1_zero", "r1", "distill"])
+  parser.add_argument("--root", default=os.path.join(REPO, "runs", "experiments"))
+  parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+  args = parser.parse_args()
+  for name in args.experiments:
+    run(name, args.root, args.dry_run)
+
+
+if __name__ == "__main__":
+  main()
