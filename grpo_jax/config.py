@@ -52,6 +52,11 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.rewards = [("accuracy", 1.0), ("format", 0.5)]
 
+  # LLM-as-judge reward ("judge" in config.rewards): a model ranks each group's G answers.
+  c.judge = ml_collections.ConfigDict()
+  c.judge.model = "policy"  # "policy" (the current params) or anything models.load reads
+  c.judge.template = "chat"  # how the judging prompt is written: "chat" | "plain"
+
   # Supervised fine-tuning (mode "sft"; cold start, distillation). Batches of
   # train.prompts_per_step rows; prompts under task.template; the task's eval as in GRPO.
   c.sft = ml_collections.ConfigDict()
@@ -160,6 +165,10 @@ def validate(cfg) -> None:
     TASKS[cfg.task.name](**cfg.task.kwargs.to_dict())
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.task.kwargs for task {cfg.task.name!r}: {e}") from None
+  except ImportError as e:  # a task whose data needs an optional package (tfds)
+    raise ConfigError(f"config.task.name={cfg.task.name!r}: {e}") from None
+  _check(cfg.judge.template in ("chat", "plain"),
+         f"config.judge.template={cfg.judge.template!r}; expected 'chat' or 'plain'")
   try:
     rewards.get_reward_fns(list(cfg.rewards))
   except (KeyError, ValueError, TypeError) as e:

@@ -489,12 +489,19 @@ def reward_fn_name(fn) -> str:
   return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def get_reward_fns(specs) -> tuple[list[tuple[str, RewardFn]], list[float]]:
+# Rewards the training loop builds at run time (they need a model), by name in config.rewards.
+RUNTIME_REWARDS = ("judge",)  # judge.py: a model ranks each group's answers (config.judge)
+
+
+def get_reward_fns(specs, runtime: dict | None = None
+                   ) -> tuple[list[tuple[str, RewardFn]], list[float]]:
   """Resolves `config.rewards` into (named reward functions, weights).
 
   Args:
     specs: sequence of (name_or_fn, weight), or bare names / functions
-      (weight 1). Names are keys of REWARD_FUNCTIONS.
+      (weight 1). Names are keys of REWARD_FUNCTIONS or RUNTIME_REWARDS.
+    runtime: {name: function} for the RUNTIME_REWARDS names; None checks the
+      names only and returns None in their place.
 
   Returns:
     ([(name, fn)], [weight]), ready for `combine_rewards(*get_reward_fns(...), ...)`.
@@ -506,8 +513,11 @@ def get_reward_fns(specs) -> tuple[list[tuple[str, RewardFn]], list[float]]:
       named.append((reward_fn_name(fn), fn))
     elif fn in REWARD_FUNCTIONS:
       named.append((fn, REWARD_FUNCTIONS[fn]))
+    elif fn in RUNTIME_REWARDS:
+      named.append((fn, None if runtime is None else runtime[fn]))
     else:
-      raise ValueError(f"unknown reward {fn!r}; known rewards: {sorted(REWARD_FUNCTIONS)}.")
+      raise ValueError(f"unknown reward {fn!r}; known rewards: "
+                       f"{sorted(REWARD_FUNCTIONS) + list(RUNTIME_REWARDS)}.")
     weights.append(float(weight))
   return named, weights
 

@@ -294,9 +294,19 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
   rl, train = cfg.rl, cfg.train
   b, g = train.prompts_per_step, rl.num_generations
   task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-  reward_fns, weights = rewards.get_reward_fns(list(cfg.rewards))
   run, params = start_run(cfg, workdir)
   graphdef, tokenizer, batch_sh = run.graphdef, run.tokenizer, run.batch_sh
+  reward_fns, weights = rewards.get_reward_fns(
+      list(cfg.rewards), runtime={"judge": lambda *a, **kw: judge_fn(*a, **kw)})
+  judge_fn = None
+  if any(name == "judge" for name, _ in reward_fns):
+    from grpo_jax import judge
+
+    judge_fn = (judge.judge_reward_from_params(graphdef, lambda: params, tokenizer, g,
+                                               template=cfg.judge.template)
+                if cfg.judge.model == "policy" else
+                judge.make_judge_reward(cfg.judge.model, num_generations=g,
+                                        template=cfg.judge.template))
   # The reference is the initial policy; a copy, since the policy's buffers are donated.
   ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.param_sh)(params)
                 if rl.beta != 0 else None)

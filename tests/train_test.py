@@ -403,3 +403,21 @@ def test_plain_command_detects_a_multi_host_cluster(env, detected):
   from grpo_jax import main
 
   assert main._cluster_detected(env) == detected
+
+
+def test_policy_as_judge_reward_ranks_each_group(tmp_path):
+  """config.rewards with "judge": the policy ranks its own G answers; rank rewards average
+  exactly 0.5 in every group whatever the scores, and the run trains on them."""
+  cfg = tiny_config(dict(RUN, **{"train.steps": 2, "rewards": [("accuracy", 1.0), ("judge", 1.0)],
+                                 "judge.template": "plain"}))
+  records = train.train_and_evaluate(cfg, str(tmp_path))
+  steps = training_records(records)
+  assert len(steps) == 2
+  for rec in steps:
+    assert rec["rewards/judge/mean"] == pytest.approx(0.5, abs=1e-6)
+    assert rec["reward"] == pytest.approx(rec["rewards/accuracy/mean"] + 0.5, abs=1e-6)
+
+
+def test_unknown_judge_template_is_a_config_error():
+  with pytest.raises(config_lib.ConfigError, match="config.judge.template='html'"):
+    config_lib.validate(tiny_config({"judge.template": "html"}))
