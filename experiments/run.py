@@ -115,8 +115,9 @@ def run(name, root, dry_run=False):
           subprocess.run(command, cwd=REPO, check=True)
         results.setdefault(key, {})["stage_s"] = time.perf_counter() - t
         open(os.path.join(root, name, f".{stage}.done"), "w").close()
-        if product and product.endswith(".jsonl") and os.path.exists(product + ".stats.json"):
-          results[key]["data"] = json.load(open(product + ".stats.json"))
+        stats = product and product.removesuffix(".jsonl") + ".stats.json"
+        if stats and product.endswith(".jsonl") and os.path.exists(stats):
+          results[key]["data"] = json.load(open(stats))
     if model is not None and "eval" not in results.get(key, {}):
       command = evaluate(os.path.join(root, name, f"eval_{stage}.jsonl"), model)
       print(f"[{key}] " + " ".join(command), file=sys.stderr, flush=True)
