@@ -1,6 +1,6 @@
 """The R1 experiments as pipelines of CLI stages: R1-Zero, R1, and distillation vs direct RL.
 
-    .venv/bin/python experiments/run.py r1_zero r1 distill    # all three, ~45 min on 2 CPU cores
+    .venv/bin/python experiments/run.py r1_zero r1 distill    # all three, ~1 hour on 2 CPU cores
     .venv/bin/python experiments/run.py r1 --root=runs/experiments --dry_run   # print the commands
 
 Every stage is one command a user could type (`grpo_jax.main` for GRPO and SFT,
