@@ -493,15 +493,14 @@ def reward_fn_name(fn) -> str:
 RUNTIME_REWARDS = ("judge",)  # judge.py: a model ranks each group's answers (config.judge)
 
 
-def get_reward_fns(specs, runtime: dict | None = None
-                   ) -> tuple[list[tuple[str, RewardFn]], list[float]]:
+def get_reward_fns(specs) -> tuple[list[tuple[str, RewardFn]], list[float]]:
   """Resolves `config.rewards` into (named reward functions, weights).
 
   Args:
     specs: sequence of (name_or_fn, weight), or bare names / functions
-      (weight 1). Names are keys of REWARD_FUNCTIONS or RUNTIME_REWARDS.
-    runtime: {name: function} for the RUNTIME_REWARDS names; None checks the
-      names only and returns None in their place.
+      (weight 1). Names are keys of REWARD_FUNCTIONS or RUNTIME_REWARDS; a
+      RUNTIME_REWARDS name comes back with None as its function, for the
+      caller that has the model to build it.
 
   Returns:
     ([(name, fn)], [weight]), ready for `combine_rewards(*get_reward_fns(...), ...)`.
@@ -514,7 +513,7 @@ def get_reward_fns(specs, runtime: dict | None = None
     elif fn in REWARD_FUNCTIONS:
       named.append((fn, REWARD_FUNCTIONS[fn]))
     elif fn in RUNTIME_REWARDS:
-      named.append((fn, None if runtime is None else runtime[fn]))
+      named.append((fn, None))
     else:
       raise ValueError(f"unknown reward {fn!r}; known rewards: "
                        f"{sorted(REWARD_FUNCTIONS) + list(RUNTIME_REWARDS)}.")

@@ -296,10 +296,8 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
   task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
   run, params = start_run(cfg, workdir)
   graphdef, tokenizer, batch_sh = run.graphdef, run.tokenizer, run.batch_sh
-  reward_fns, weights = rewards.get_reward_fns(
-      list(cfg.rewards), runtime={"judge": lambda *a, **kw: judge_fn(*a, **kw)})
-  judge_fn = None
-  if any(name == "judge" for name, _ in reward_fns):
+  reward_fns, weights = rewards.get_reward_fns(list(cfg.rewards))
+  if any(name == "judge" for name, _ in reward_fns):  # the one RUNTIME_REWARDS entry
     from grpo_jax import judge
 
     judge_fn = (judge.judge_reward_from_params(graphdef, lambda: params, tokenizer, g,
@@ -307,6 +305,7 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
                 if cfg.judge.model == "policy" else
                 judge.make_judge_reward(cfg.judge.model, num_generations=g,
                                         template=cfg.judge.template))
+    reward_fns = [(name, judge_fn if fn is None else fn) for name, fn in reward_fns]
   # The reference is the initial policy; a copy, since the policy's buffers are donated.
   ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.param_sh)(params)
                 if rl.beta != 0 else None)
@@ -359,10 +358,9 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
                                      completion_lengths=out.lengths.tolist(), **columns)
       # Only numbers cross hosts: the whole batch's scores give its advantages and metrics.
       whole = gather_rows({"scores": scores.rewards_NxF, "lengths": out.lengths,
-                           "truncated": out.truncated}, rows)
-      errors = gather_rows(scores.errors_F[None], slice(jax.process_index(),
-                                                        jax.process_index() + 1))
-      scores = rewards.Scores(scores.names, whole["scores"], errors.sum(0), scores.on_error)
+                           "truncated": out.truncated, "errors": scores.errors_F[None]}, rows)
+      scores = rewards.Scores(scores.names, whole["scores"], whole["errors"].sum(0),
+                              scores.on_error)
       reward, reward_info = rewards.weigh_scores(scores, weights)
       adv = np.asarray(advantages.group_advantages(jnp.asarray(reward), g,
                                                    scale=rl.scale_rewards))
