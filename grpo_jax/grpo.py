@@ -167,17 +167,35 @@ def make_update_step(graphdef, optimizer, cfg: LossConfig, *, grad_accum_steps: 
   inputs and outputs keep them (the batch is split over the mesh's batch axes).
   """
 
-  def step(params, opt_state, ref_params, batch):
-    grads, metrics = grads_and_metrics(params, ref_params, graphdef, batch, cfg, grad_accum_steps)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return params, opt_state, metrics
+  def grads_fn(params, ref_params, batch):
+    return grads_and_metrics(params, ref_params, graphdef, batch, cfg, grad_accum_steps)
 
-  kw: dict[str, Any] = dict(donate_argnums=(0, 1))
+  extra = None
   if param_sharding is not None:
     batch_sh = jax.tree.map(lambda _: batch_sharding, Batch(*([0] * 6)))
     ref_sh = param_sharding if cfg.beta != 0 else None  # no reference params when beta == 0
-    kw.update(in_shardings=(param_sharding, opt_sharding, ref_sh, batch_sh),
+    extra = (ref_sh, batch_sh)
+  return jit_update(grads_fn, optimizer, param_sharding=param_sharding,
+                    opt_sharding=opt_sharding, extra_shardings=extra)
+
+
+def jit_update(grads_fn, optimizer, *, param_sharding=None, opt_sharding=None,
+               extra_shardings=None):
+  """(params, opt_state, *args) -> (params, opt_state, metrics) under jit, from
+  `grads_fn(params, *args) -> (grads, metrics)`: one optimizer step, `grad_norm`
+  added to the metrics, params and opt_state donated. With `param_sharding`, the
+  params and optimizer state keep their shardings and `extra_shardings` (one per
+  arg) place the other inputs. Shared by the GRPO and SFT updates.
+  """
+
+  def step(params, opt_state, *args):
+    grads, metrics = grads_fn(params, *args)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
+
+  kw: dict[str, Any] = dict(donate_argnums=(0, 1))
+  if param_sharding is not None:
+    kw.update(in_shardings=(param_sharding, opt_sharding, *extra_shardings),
               out_shardings=(param_sharding, opt_sharding, None))
   return jax.jit(step, **kw)

@@ -49,7 +49,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx, struct
 
 from grpo_jax import checkpointing, config as config_lib, grpo, losses, sampling, train
@@ -211,29 +210,24 @@ def make_update_step(graphdef, optimizer, *, grad_accum_steps: int = 1, param_sh
   """
   grad_fn = jax.grad(loss_and_metrics, has_aux=True)
 
-  def step(params, opt_state, batch):
+  def grads_fn(params, batch):
     if grad_accum_steps == 1:
-      grads, metrics = grad_fn(params, graphdef, batch)
-    else:
-      total = jnp.maximum(jnp.sum(batch.completion_mask), 1).astype(jnp.float32)
+      return grad_fn(params, graphdef, batch)
+    total = jnp.maximum(jnp.sum(batch.completion_mask), 1).astype(jnp.float32)
 
-      def add(acc, mb):
-        grads, metrics = grad_fn(params, graphdef, mb, total)
-        return jax.tree.map(jnp.add, acc, grads), metrics
+    def add(acc, mb):
+      grads, metrics = grad_fn(params, graphdef, mb, total)
+      return jax.tree.map(jnp.add, acc, grads), metrics
 
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
-      grads, metrics = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), micro)
-      metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state,
-            dict(metrics, grad_norm=optax.tree.norm(grads)))
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+    grads, metrics = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), micro)
+    return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
-  kw: dict[str, Any] = dict(donate_argnums=(0, 1))
+  extra = None
   if param_sharding is not None:
-    batch_sh = jax.tree.map(lambda _: batch_sharding, Batch(0, 0, 0, 0))
-    kw.update(in_shardings=(param_sharding, opt_sharding, batch_sh),
-              out_shardings=(param_sharding, opt_sharding, None))
-  return jax.jit(step, **kw)
+    extra = (jax.tree.map(lambda _: batch_sharding, Batch(0, 0, 0, 0)),)
+  return grpo.jit_update(grads_fn, optimizer, param_sharding=param_sharding,
+                         opt_sharding=opt_sharding, extra_shardings=extra)
 
 
 # -- the loop ------------------------------------------------------------------------
