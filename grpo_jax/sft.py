@@ -39,7 +39,6 @@ tokenises the rows its devices hold; padded lengths are agreed across hosts.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -54,6 +53,7 @@ from flax import nnx, struct
 from grpo_jax import checkpointing, config as config_lib, grpo, losses, sampling, train
 from grpo_jax.config import ConfigError
 from grpo_jax.data import format_prompt, get_task
+from grpo_jax.data.tasks import read_jsonl
 
 log = logging.getLogger("grpo_jax")
 
@@ -90,16 +90,7 @@ def read_rows(path: str, key: str = "config.sft.path") -> list[dict]:
   """The rows of an SFT JSONL file, each checked; ConfigError naming the file and line if not."""
   if not os.path.isfile(path):
     raise ConfigError(f"{key}={path!r}: no such file ({os.path.abspath(path)})")
-  rows = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{line_no}: not a JSON object ({e})") from None
-      rows.append(_check_row(row, f"{path}:{line_no}"))
+  rows = read_jsonl(path, _check_row, error=ConfigError)
   if not rows:
     raise ConfigError(f"{key}={path!r} holds no rows")
   return rows

@@ -45,6 +45,25 @@ def _evaluate(operands: list[int], ops: list[str]) -> int:
   return total + sign * product
 
 
+def read_jsonl(path: str, check_row, error=ValueError) -> list:
+  """The rows of a JSON-lines file, blank lines skipped. `check_row(row, "path:line")`
+  returns what to keep of each row or raises; `error` (naming the file and line) for a
+  line that is not JSON. May be empty: the caller says what an empty file means."""
+  import json
+
+  rows = []
+  with open(path) as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise error(f"{path}:{line_no}: not a JSON object ({e})") from None
+      rows.append(check_row(row, f"{path}:{line_no}"))
+  return rows
+
+
 class _IndexedTask:
   """train_batch / eval_examples on top of a subclass's `example(split, index)`."""
 
@@ -256,27 +275,23 @@ class Jsonl(_RowsTask):
 
   def __init__(self, path: str, eval_path: str | None = None, eval_fraction: float = 0.05,
                prompt_key: str = "prompt", answer_key: str = "answer", seed: int = 0):
-    import json
     import os
 
     if not path:
       raise ValueError("task 'jsonl' needs the path of a JSON-lines file: "
                        "--config.task.kwargs.path=FILE.jsonl")
 
+    def check(row, where):
+      if prompt_key not in row or answer_key not in row:
+        raise ValueError(f"{where}: needs the keys {prompt_key!r} and {answer_key!r} "
+                         f"(set prompt_key / answer_key); has {sorted(row)}")
+      extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
+      return {"prompt": str(row[prompt_key]), "answer": str(row[answer_key]), **extra}
+
     def read(p):
       if not os.path.isfile(p):
         raise ValueError(f"JSONL file not found: {p} (config.task.kwargs.path / eval_path)")
-      rows = []
-      with open(p) as f:
-        for line_no, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          row = json.loads(line)
-          if prompt_key not in row or answer_key not in row:
-            raise ValueError(f"{p}:{line_no}: needs the keys {prompt_key!r} and {answer_key!r} "
-                             f"(set prompt_key / answer_key); has {sorted(row)}")
-          extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
-          rows.append({"prompt": str(row[prompt_key]), "answer": str(row[answer_key]), **extra})
+      rows = read_jsonl(p, check)
       if not rows:
         raise ValueError(f"{p} holds no examples")
       return rows
