@@ -8,6 +8,12 @@ row forced to exactly `new_tokens` tokens (no early stop) so both sides do the
 same work. Reports new tokens/s after warm-up (compilation reported apart), and
 the compute floor: 2 x params FLOPs per token at the matmul rate measured in
 this run (fp32, and bf16 operands with fp32 accumulation).
+
+It also times a decode step's weight matmuls alone (the 30 layers' seven
+projections in their order, then the LM head, at M = rows, each layer's weights
+a separate array; no attention, norms or sampling), in XLA and in PyTorch: no
+sampler built on that library's matmul kernel can decode faster than that,
+which turns into a ceiling in tokens/s (`matmul-only ceiling`).
 """
 
 import argparse
@@ -38,36 +44,72 @@ def matmul_rate(dtype, accumulate=None, n=2048, reps=5):
   return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
+def best_of(run, repeats):
+  """Seconds of the fastest of `repeats` calls of run(r) (r = 1..repeats), after run(0)
+  (compilation, warm-up), and the seconds of that first call."""
+  t = time.perf_counter()
+  run(0)
+  first = time.perf_counter() - t
+  times = []
+  for r in range(1, repeats + 1):
+    t = time.perf_counter()
+    run(r)
+    times.append(time.perf_counter() - t)
+  return min(times), first
+
+
+def matmul_only_step(model, rows, repeats=5):
+  """Seconds for one decode step's weight matmuls at M = rows: (XLA, PyTorch)."""
+  p = models.params_dict(model)
+  names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  layers = [[np.array(p[n][i], np.float32) for n in names]
+            for i in range(model.cfg.num_layers)]
+  head = np.array(np.asarray(p["embed"]).T, np.float32, order="C")
+  x = np.random.default_rng(0).standard_normal((rows, model.cfg.hidden_size)).astype(np.float32)
+
+  def step(mm, x, layers, head):  # the data flow of a decode step, minus everything but matmuls
+    for q, k, v, o, gate, up, down in layers:
+      attn = mm(x, q) + mm(x, k).sum() + mm(x, v).sum()  # k, v feed attention, q its output
+      x = x + mm(attn, o)
+      x = x + mm(mm(x, gate) * mm(x, up), down)
+    return mm(x, head)
+
+  f = jax.jit(lambda x, layers, head: step(jnp.matmul, x, layers, head))
+  args = (jnp.asarray(x), jax.tree.map(jnp.asarray, layers), jnp.asarray(head))
+  t_xla, _ = best_of(lambda r: jax.block_until_ready(f(*args)), repeats)
+  targs = (torch.from_numpy(x), [[torch.from_numpy(w) for w in ws] for ws in layers],
+           torch.from_numpy(head))
+  with torch.no_grad():
+    t_torch, _ = best_of(lambda r: step(torch.matmul, *targs), repeats)
+  return t_xla, t_torch
+
+
 def ours(model, prompts, mask, g, new_tokens, repeats):
+  """(seconds of the first call, best seconds after it) of the jitted sampler."""
   graphdef, params = nnx.split(model)
   kw = dict(num_generations=g, max_new_tokens=new_tokens, stop_ids=(-1,), pad_id=0,
             temperature=1.0)
-  t = time.perf_counter()
-  out = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(0), **kw)
-  jax.block_until_ready(out)
-  first = time.perf_counter() - t
-  times = []
-  for r in range(repeats):
-    t = time.perf_counter()
-    out = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(r + 1), **kw)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t)
-  assert int(out.lengths.min()) == new_tokens
-  return first, min(times)
+
+  def run(r):
+    out = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(r), **kw)
+    assert int(jax.block_until_ready(out).lengths.min()) == new_tokens
+
+  best, first = best_of(run, repeats)
+  return first, best
 
 
 def hf_generate(hf, ids, g, new_tokens, repeats):
-  times = []
-  for r in range(repeats):
+  """Best seconds of `transformers` `generate` after one warm-up call."""
+
+  def run(r):
     torch.manual_seed(r)
-    t = time.perf_counter()
     with torch.no_grad():
       out = hf.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                         num_return_sequences=g, max_new_tokens=new_tokens,
                         min_new_tokens=new_tokens, pad_token_id=0)
-    times.append(time.perf_counter() - t)
-  assert out.shape[1] - ids["input_ids"].shape[1] == new_tokens
-  return min(times)
+    assert out.shape[1] - ids["input_ids"].shape[1] == new_tokens
+
+  return best_of(run, repeats)[0]
 
 
 def main():
@@ -112,6 +154,11 @@ def main():
     print(f"| {rows} | {hf_tps:.0f} | {tps32:.0f} ({tps32 / hf_tps:.1f}x) | "
           f"{tps16:.0f} ({tps16 / hf_tps:.1f}x) | {100 * tps16 * flops_per_token / rate16:.0f}% | "
           f"{c32 - t32:.1f} / {c16 - t16:.1f} |", flush=True)
+    mm_xla, mm_torch = matmul_only_step(model, rows)
+    print(f"  {rows} rows, one decode step's weight matmuls alone (fp32): XLA {1e3 * mm_xla:.0f} ms, "
+          f"PyTorch {1e3 * mm_torch:.0f} ms -> matmul-only ceiling "
+          f"{rows / min(mm_xla, mm_torch):.0f} tok/s ({rows / min(mm_xla, mm_torch) / hf_tps:.1f}x "
+          f"transformers); ours {new / t32 / (rows / min(mm_xla, mm_torch)):.0%} of it", flush=True)
 
 
 if __name__ == "__main__":
