@@ -6,27 +6,25 @@ rejection-sampling SFT, distillation; experiments/run.py uses it for each).
     python -m grpo_jax.main --config=configs/smollm2_arithmetic.py --workdir=runs/smollm2_r1 \\
         --config.model.name=runs/smollm2_cold_start   # then GRPO from the SFT model
 
-Prompts get the same chat template and R1 system prompt as configs/smollm2_arithmetic.py,
-so the SFT-ed model is trained on exactly what GRPO will show it.
+The model and the task (its chat template and R1 system prompt, its held-out
+problems) are configs/smollm2_arithmetic.py's, read from that file, so the
+SFT-ed model is trained on exactly what GRPO will show it.
 """
 
 import os
 
 from grpo_jax import config as config_lib
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                            "arithmetic_sft.jsonl")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(HERE, "data", "arithmetic_sft.jsonl")
 
 
 def get_config(arg: str | None = None):
+  grpo = config_lib.from_file(os.path.join(HERE, "smollm2_arithmetic.py"))
   c = config_lib.defaults()
   c.mode = "sft"
-  c.model.name = "smollm2-135m-instruct"
-  c.task.name = "arithmetic"
-  c.task.template = "chat"
-  c.task.kwargs.min_digits = 1
-  c.task.kwargs.max_digits = 1
-  c.task.kwargs.operators = "+-"
+  c.model = grpo.model
+  c.task = grpo.task
   c.sft.path = arg or DEFAULT_DATA
   c.sft.epochs = 2.0
   c.sft.max_length = 256

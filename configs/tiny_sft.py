@@ -22,17 +22,16 @@ import os
 
 from grpo_jax import config as config_lib
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arithmetic_sft.jsonl")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data", "arithmetic_sft.jsonl")
 
 
 def get_config(arg: str | None = None):
+  grpo = config_lib.from_file(os.path.join(HERE, "tiny_arithmetic.py"))
   c = config_lib.defaults()
   c.mode = "sft"
-  c.model.name = "tiny-random"
-  c.task.name = "arithmetic"
-  c.task.template = "plain"  # as configs/tiny_arithmetic.py
-  c.task.kwargs.min_digits = 1
-  c.task.kwargs.max_digits = 1
+  c.model = grpo.model  # the model and the task (template, held-out problems) of GRPO's run
+  c.task = grpo.task
   c.sft.path = arg or DATA
   c.sft.max_length = 64
   c.rl.max_prompt_length = 32  # evaluation: prompts and new tokens

@@ -9,6 +9,7 @@ where it has one.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 
 import ml_collections
@@ -97,6 +98,21 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval.prompts_per_batch = 16
   c.eval.reward = "accuracy"  # the reward (a REWARD_FUNCTIONS name) that says an answer is right
   return c
+
+
+def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of an experiment file, as `--config=path:arg` loads it.
+
+  For configs that build on another (configs/smollm2_sft.py takes its task from
+  configs/smollm2_arithmetic.py), benchmarks and tests.
+  """
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"grpo_jax_config_{name}", path)
+  if spec is None:
+    raise ConfigError(f"{path}: not a Python config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def _flat_keys(cfg, prefix="") -> set[str]:

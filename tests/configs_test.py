@@ -1,7 +1,6 @@
 """Every config in configs/ validates; the real-scale one runs a step on a tiny Qwen2 folder."""
 
 import glob
-import importlib.util
 import json
 import os
 
@@ -14,11 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-  path = os.path.join(ROOT, "configs", name)
-  spec = importlib.util.spec_from_file_location(name[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.from_file(os.path.join(ROOT, "configs", name), arg)
 
 
 @pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in
@@ -33,6 +28,19 @@ def test_config_validates_and_documents_its_command(name, tmp_path):
     cfg.task.kwargs.path = write_rows(tmp_path / "train.jsonl", cfg.task.kwargs.prompt_key)
     cfg.task.kwargs.eval_path = write_rows(tmp_path / "test.jsonl", cfg.task.kwargs.prompt_key)
   config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("sft, grpo", [("smollm2_sft.py", "smollm2_arithmetic.py"),
+                                       ("tiny_sft.py", "tiny_arithmetic.py")])
+def test_sft_configs_train_the_model_and_task_of_their_grpo_run(sft, grpo):
+  s, g = load_config(sft), load_config(grpo)
+  assert (s.mode, g.mode) == ("sft", "grpo")
+  assert s.task.to_dict() == g.task.to_dict() and s.model.to_dict() == g.model.to_dict()
+
+
+def test_from_file_needs_a_python_config():
+  with pytest.raises(config_lib.ConfigError, match="README.md: not a Python config file"):
+    config_lib.from_file(os.path.join(ROOT, "configs", "README.md"))
 
 
 def write_rows(path, prompt_key, n=60):

@@ -1,7 +1,6 @@
 """The start-up memory estimate against XLA's own memory analysis of the compiled programs,
 and the error it gives when a run cannot fit."""
 
-import importlib.util
 import os
 
 import jax
@@ -15,11 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**rl):
-  spec = importlib.util.spec_from_file_location(
-      "tiny_arithmetic", os.path.join(REPO, "configs", "tiny_arithmetic.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config_lib.from_file(os.path.join(REPO, "configs", "tiny_arithmetic.py"))
   cfg.rl.update(rl)
   return cfg
 

@@ -4,7 +4,6 @@ memorising a few rows, exact resume, the next stage (GRPO) from an SFT workdir, 
 The runs share train_test's persistent compilation cache fixture (autouse, per module).
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -42,10 +41,7 @@ def write_jsonl(path, rows):
 
 
 def sft_config(path, overrides=None, eval_path=""):
-  spec = importlib.util.spec_from_file_location("tiny_sft", TINY_SFT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(str(path))
+  cfg = config_lib.from_file(TINY_SFT, str(path))
   cfg.sft.eval_path = eval_path
   for key, value in (overrides or {}).items():
     section, leaf = key.split(".")

@@ -6,7 +6,6 @@ own update step); a persistent compilation cache shared by this module's runs
 and subprocesses turns each re-compile (~8 s on 2 cores) into a load (~0.1 s).
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -43,10 +42,7 @@ TRAIN_KEYS = ["loss", "reward", "reward_std", "rewards/accuracy/mean", "rewards/
 
 def tiny_config(overrides):
   """configs/tiny_arithmetic.py with {"section.key": value} overrides (new keys allowed)."""
-  spec = importlib.util.spec_from_file_location("tiny_arithmetic", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config_lib.from_file(TINY)
   for key, value in overrides.items():
     *sections, leaf = key.split(".")
     node = cfg

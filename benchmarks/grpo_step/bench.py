@@ -16,7 +16,6 @@ and the share of the compute floor (see `step_flops`).
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -33,10 +32,9 @@ CONFIG = os.path.join(HERE, "config.py")
 
 
 def load_config():
-  spec = importlib.util.spec_from_file_location("grpo_step_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from grpo_jax import config as config_lib
+
+  return config_lib.from_file(CONFIG)
 
 
 def pin_threads(threads):
