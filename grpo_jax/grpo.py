@@ -101,7 +101,7 @@ def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig
   return loss, metrics
 
 
-def _split(batch: Batch, parts: int) -> Batch:
+def split_micro_batches(batch, parts: int):
   """[B, ...] / [N, ...] arrays -> [parts, B / parts, ...]: micro-batches of whole groups."""
   return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), batch)
 
@@ -117,6 +117,22 @@ def _micro_weight(mb: Batch, full: Batch, cfg: LossConfig, parts: int):
   return 1.0 / parts
 
 
+def accumulate(grad_fn, params, micro_batches, weight_fn):
+  """Σ_i w_i · grad_fn(micro-batch i) over the leading axis of `micro_batches` (lax.scan:
+  one micro-batch's activations live at a time), w_i = weight_fn(micro-batch i).
+
+  Returns (gradients, metrics [parts, ...], weights [parts]). GRPO and SFT both use it.
+  """
+  def body(acc, mb):
+    grads, metrics = grad_fn(mb)
+    w = weight_fn(mb)
+    return jax.tree.map(lambda a, g: a + w * g, acc, grads), (metrics, w)
+
+  grads, (metrics, weights) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params),
+                                           micro_batches)
+  return grads, metrics, weights
+
+
 def grads_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig,
                       grad_accum_steps: int = 1):
   """Gradients of the batch's loss, accumulated over micro-batches with lax.scan."""
@@ -124,15 +140,9 @@ def grads_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfi
   if grad_accum_steps == 1:
     grads, metrics = grad_fn(params, ref_params, graphdef, batch, cfg)
     return grads, metrics
-
-  def body(acc, mb):
-    grads, metrics = grad_fn(params, ref_params, graphdef, mb, cfg)
-    w = _micro_weight(mb, batch, cfg, grad_accum_steps)
-    acc = jax.tree.map(lambda a, g: a + w * g, acc, grads)
-    return acc, (w, metrics)
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (weights, metrics) = jax.lax.scan(body, zeros, _split(batch, grad_accum_steps))
+  grads, metrics, weights = accumulate(
+      lambda mb: grad_fn(params, ref_params, graphdef, mb, cfg), params,
+      split_micro_batches(batch, grad_accum_steps), lambda mb: _micro_weight(mb, batch, cfg, grad_accum_steps))
   # Metrics are token means or per-sequence means: combine like the loss.
   metrics = jax.tree.map(lambda m: jnp.sum(m * weights) if cfg.loss_type in ("bnpo", "dapo")
                          else jnp.mean(m), metrics)

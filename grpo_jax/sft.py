@@ -205,13 +205,9 @@ def make_update_step(graphdef, optimizer, *, grad_accum_steps: int = 1, param_sh
     if grad_accum_steps == 1:
       return grad_fn(params, graphdef, batch)
     total = jnp.maximum(jnp.sum(batch.completion_mask), 1).astype(jnp.float32)
-
-    def add(acc, mb):
-      grads, metrics = grad_fn(params, graphdef, mb, total)
-      return jax.tree.map(jnp.add, acc, grads), metrics
-
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
-    grads, metrics = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), micro)
+    grads, metrics, _ = grpo.accumulate(
+        lambda mb: grad_fn(params, graphdef, mb, total), params,
+        grpo.split_micro_batches(batch, grad_accum_steps), lambda mb: 1.0)
     return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
   extra = None

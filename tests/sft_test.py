@@ -87,10 +87,16 @@ def test_loss_equals_numpy_float64_with_and_without_grad_accumulation():
   np.testing.assert_allclose(got, want, rtol=2e-6)
   # The loss the update reports with 2 micro-batches of 47 and 5 tokens: each weighs by its
   # share of the tokens (the mean of the two micro-batches' means would be 4.6113).
+  # The update is the whole batch's, too (SGD with lr 1: new params = params - grads).
   sgd = optax.sgd(1.0)
-  _, _, metrics = sft.make_update_step(graphdef, sgd, grad_accum_steps=2)(
-      params, sgd.init(params), batch)
+  whole, _, _ = sft.make_update_step(graphdef, sgd)(
+      jax.tree.map(jnp.copy, params), sgd.init(params), batch)
+  split, _, metrics = sft.make_update_step(graphdef, sgd, grad_accum_steps=2)(
+      jax.tree.map(jnp.copy, params), sgd.init(params), batch)
   np.testing.assert_allclose(metrics["loss"], want, rtol=2e-6)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), whole, params)
+  assert max(jax.tree.leaves(moved)) > 1e-3  # the step changed the params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), split, whole)
 
 
 def test_encode_appends_the_end_of_turn_token_and_cuts_long_rows():
