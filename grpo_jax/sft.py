@@ -175,29 +175,27 @@ class Stream:
 
 
 # -- the loss and the update ---------------------------------------------------------
-def loss_and_metrics(params, graphdef, batch: Batch, total_tokens=None, chunk_size: int = 64):
-  """The SFT loss of a (micro-)batch, as its share of a batch of `total_tokens` completion
-  tokens (default: its own): sum of -log p(completion tokens | prompt) / total_tokens.
+def loss_and_metrics(params, graphdef, batch: Batch, chunk_size: int = 64):
+  """The SFT loss of a (micro-)batch: the mean of -log p(completion token | prompt, prefix)
+  over its completion tokens.
 
-  Returns (loss, {"loss": loss, "entropy": the entropies' share of the batch's mean}).
+  Returns (loss, {"loss": loss, "entropy": the completion tokens' mean entropy}).
   """
   logps, entropy = grpo.completion_logps(
       nnx.merge(graphdef, params), batch.prompts, batch.prompt_mask, batch.completions,
       batch.completion_mask, num_generations=1, chunk_size=chunk_size)
   nll, metrics = losses.sft_loss(logps, batch.completion_mask)
   mask = batch.completion_mask.astype(jnp.float32)
-  share = 1.0 if total_tokens is None else metrics["num_tokens"] / total_tokens
-  loss = nll * share
-  return loss, {"loss": loss, "entropy": losses.masked_mean(entropy, mask) * share}
+  return nll, {"loss": nll, "entropy": losses.masked_mean(entropy, mask)}
 
 
 def make_update_step(graphdef, optimizer, *, grad_accum_steps: int = 1, param_sharding=None,
                      opt_sharding=None, batch_sharding=None):
   """The jitted SFT update: (params, opt_state, batch) -> (params, opt_state, metrics).
 
-  With grad_accum_steps > 1 the batch is split into that many micro-batches (lax.scan) whose
-  losses are their shares of the batch's token mean, so their gradients add up to the whole
-  batch's. params and opt_state are donated; shardings as in `grpo.make_update_step`.
+  With grad_accum_steps > 1 the batch is split into that many micro-batches (lax.scan), each
+  weighted by its share of the batch's completion tokens, so their gradients and metrics add
+  up to the whole batch's token mean. params and opt_state are donated; shardings as in `grpo.make_update_step`.
   """
   grad_fn = jax.grad(loss_and_metrics, has_aux=True)
 
@@ -205,10 +203,11 @@ def make_update_step(graphdef, optimizer, *, grad_accum_steps: int = 1, param_sh
     if grad_accum_steps == 1:
       return grad_fn(params, graphdef, batch)
     total = jnp.maximum(jnp.sum(batch.completion_mask), 1).astype(jnp.float32)
-    grads, metrics, _ = grpo.accumulate(
-        lambda mb: grad_fn(params, graphdef, mb, total), params,
-        grpo.split_micro_batches(batch, grad_accum_steps), lambda mb: 1.0)
-    return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+    grads, metrics, weights = grpo.accumulate(
+        lambda mb: grad_fn(params, graphdef, mb), params,
+        grpo.split_micro_batches(batch, grad_accum_steps),
+        lambda mb: jnp.sum(mb.completion_mask) / total)
+    return grads, jax.tree.map(lambda m: jnp.sum(m * weights), metrics)
 
   extra = None
   if param_sharding is not None:
