@@ -102,7 +102,8 @@ def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig
 
 
 def split_micro_batches(batch, parts: int):
-  """[B, ...] / [N, ...] arrays -> [parts, B / parts, ...]: micro-batches of whole groups."""
+  """Arrays [B, ...] -> [parts, B / parts, ...]. For GRPO's prompt-major rows ([B] prompts,
+  [N = B * G] completions) each micro-batch holds whole groups."""
   return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), batch)
 
 
@@ -142,7 +143,8 @@ def grads_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfi
     return grads, metrics
   grads, metrics, weights = accumulate(
       lambda mb: grad_fn(params, ref_params, graphdef, mb, cfg), params,
-      split_micro_batches(batch, grad_accum_steps), lambda mb: _micro_weight(mb, batch, cfg, grad_accum_steps))
+      split_micro_batches(batch, grad_accum_steps),
+      lambda mb: _micro_weight(mb, batch, cfg, grad_accum_steps))
   # Metrics are token means or per-sequence means: combine like the loss.
   metrics = jax.tree.map(lambda m: jnp.sum(m * weights) if cfg.loss_type in ("bnpo", "dapo")
                          else jnp.mean(m), metrics)

@@ -279,7 +279,7 @@ def _logps_entropy_fn(head):
   def bwd(res, cotangents):
     hidden, targets, consts, logz, expected = res
     g_logp, g_entropy = cotangents
-    logits, head_vjp = jax.vjp(lambda h, *cs: head(h, *cs), hidden, *consts)
+    logits, head_vjp = jax.vjp(head, hidden, *consts)
     logits32 = logits.astype(jnp.float32)
     probs = jnp.exp(logits32 - logz[..., None])
     onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
