@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from grpo_jax import models, sampling  # noqa: E402
+from grpo_jax.data import batching  # noqa: E402
 
 QUESTIONS = ["What is 17 * 23? Think step by step.", "Write a short poem about the sea.",
              "Explain what a prime number is.", "Name three colours and why you like them."]
@@ -143,7 +144,7 @@ def main():
     ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
            for q in qs]
     ids = [i if isinstance(i, list) else i["input_ids"] for i in ids]
-    prompts, mask = sampling.left_pad(ids, tok.pad_token_id)
+    prompts, mask = batching.left_pad(ids, tok.pad_token_id)
     hf_in = dict(input_ids=torch.tensor(prompts, dtype=torch.long),
                  attention_mask=torch.tensor(mask, dtype=torch.long))
     new = rows * args.new_tokens

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from grpo_jax import rewards, sampling
+from grpo_jax.data import batching
 from grpo_jax.data import TASKS, TEMPLATES, format_prompt, get_task
 
 # (prompts, k) -> (k completion texts per prompt, their token lengths [len(prompts), k]).
@@ -141,13 +142,10 @@ def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_sam
   `on_batch(done, total)` is called after each batch (progress reports).
   """
   ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-  length = prompt_length or sampling.bucket_length(max(len(i) for i in ids))
+  length = prompt_length or batching.bucket_length(max(len(i) for i in ids))
   texts, lengths = [], []
-  for start in range(0, len(ids), prompts_per_batch):
-    chunk = ids[start:start + prompts_per_batch]
-    real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (prompts_per_batch - real)
-    tokens, mask = sampling.left_pad(chunk, tokenizer.pad_token_id, length)
+  for start, chunk, real in batching.fixed_size_chunks(ids, prompts_per_batch):
+    tokens, mask = batching.left_pad(chunk, tokenizer.pad_token_id, length)
     out = sampling.sample_jit(graphdef, params, tokens, mask, jax.random.fold_in(key, start),
                               num_generations=num_samples, max_new_tokens=max_new_tokens,
                               stop_ids=tuple(stop_ids), pad_id=tokenizer.pad_token_id,

@@ -34,6 +34,7 @@ def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, t
   from flax import nnx
 
   from grpo_jax import sampling
+  from grpo_jax.data import batching
 
   if chat:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
@@ -41,7 +42,7 @@ def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, t
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
   else:
     ids = tokenizer(prompt)["input_ids"]
-  tokens, mask = sampling.left_pad([ids], tokenizer.pad_token_id)
+  tokens, mask = batching.left_pad([ids], tokenizer.pad_token_id)
   graphdef, params = nnx.split(model)
   out = sampling.sample_jit(graphdef, params, tokens, mask, jax.random.key(seed),
                             num_generations=1, max_new_tokens=max_new_tokens,

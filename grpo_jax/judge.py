@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grpo_jax import rewards, sampling
+from grpo_jax import rewards
+from grpo_jax.data import batching
 
 JUDGE_PROMPT = ("Question: {question}\n"
                 "Proposed answer: {answer}\n"
@@ -106,13 +107,10 @@ def judge_scores(graphdef, params, tokenizer, questions: Sequence[str], answers:
   yes_no = jnp.asarray(yes_no_ids(tokenizer), jnp.int32)
   ids = [tokenizer(judge_prompt(q, a, template, tokenizer), add_special_tokens=False)["input_ids"]
          for q, a in zip(questions, answers)]
-  length = sampling.bucket_length(max(len(i) for i in ids))
+  length = batching.bucket_length(max(len(i) for i in ids))
   scores = []
-  for start in range(0, len(ids), batch_size):
-    chunk = ids[start:start + batch_size]
-    real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (batch_size - real)
-    tokens, mask = sampling.left_pad(chunk, tokenizer.pad_token_id, length)
+  for _, chunk, real in batching.fixed_size_chunks(ids, batch_size):
+    tokens, mask = batching.left_pad(chunk, tokenizer.pad_token_id, length)
     scores.append(np.asarray(_preference(graphdef, params, tokens, mask, yes_no))[:real])
   return np.concatenate(scores).astype(np.float32)
 

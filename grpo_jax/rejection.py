@@ -205,7 +205,7 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
   import tqdm
 
   from grpo_jax import evaluate, sampling
-  from grpo_jax.data import format_prompt
+  from grpo_jax.data import batching, format_prompt
 
   if not examples:
     raise ValueError("no examples to sample")
@@ -217,7 +217,7 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
   prompts = [format_prompt(ex, template, tokenizer) for ex in examples]
   # One prompt length for all batches: one compiled sampler.
   longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-  prompt_length = sampling.bucket_length(longest)
+  prompt_length = batching.bucket_length(longest)
   texts, lengths = [], []
   with tqdm.tqdm(total=len(prompts), desc="rejection sampling", unit="problem", file=sys.stderr,
                  disable=not progress) as bar:

@@ -204,34 +204,6 @@ def sample_jit(graphdef, params, prompts_BxP, prompt_mask_BxP, key, *, num_gener
 
 
 # -- host-side helpers ----------------------------------------------------------------
-def bucket_length(n: int, buckets: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048, 4096)) -> int:
-  """Smallest bucket >= n (shapes static per bucket: few compilations)."""
-  for b in buckets:
-    if n <= b:
-      return b
-  return -(-n // buckets[-1]) * buckets[-1]
-
-
-def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
-  """Left-pads token lists to `length` (default: the bucket of the longest).
-
-  Returns (tokens [B, L] int32, mask [B, L] int32) as numpy arrays.
-  """
-  import numpy as np
-
-  longest = max(len(t) for t in token_lists)
-  length = length or bucket_length(longest)
-  if longest > length:
-    raise ValueError(f"a prompt has {longest} tokens, more than the length {length}")
-  tokens = np.full((len(token_lists), length), pad_id, np.int32)
-  mask = np.zeros((len(token_lists), length), np.int32)
-  for i, t in enumerate(token_lists):
-    if len(t):
-      tokens[i, length - len(t):] = t
-      mask[i, length - len(t):] = 1
-  return tokens, mask
-
-
 def stop_ids(tokenizer) -> tuple[int, ...]:
   """EOS plus the end-of-turn tokens a chat model may emit instead."""
   ids = {tokenizer.eos_token_id}

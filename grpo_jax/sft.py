@@ -52,7 +52,7 @@ from flax import nnx, struct
 
 from grpo_jax import checkpointing, config as config_lib, grpo, losses, sampling, train
 from grpo_jax.config import ConfigError
-from grpo_jax.data import format_prompt, get_task
+from grpo_jax.data import batching, format_prompt, get_task
 from grpo_jax.data.tasks import read_jsonl
 
 log = logging.getLogger("grpo_jax")
@@ -147,9 +147,9 @@ def pad_batch(encoded, pad_id: int, max_length: int, keep=None) -> Batch:
   """
   longest_p = train.global_max(max(len(e[0]) for e in encoded))
   longest_c = train.global_max(max(len(e[1]) for e in encoded))
-  p_len = min(sampling.bucket_length(max(longest_p, 1)), max_length)
-  t_len = min(sampling.bucket_length(max(longest_c, 1), train.COMPLETION_BUCKETS), max_length)
-  prompts, prompt_mask = sampling.left_pad([e[0] for e in encoded], pad_id, p_len)
+  p_len = min(batching.bucket_length(max(longest_p, 1)), max_length)
+  t_len = min(batching.bucket_length(max(longest_c, 1), batching.COMPLETION_BUCKETS), max_length)
+  prompts, prompt_mask = batching.left_pad([e[0] for e in encoded], pad_id, p_len)
   completions = np.full((len(encoded), t_len), pad_id, np.int32)
   completion_mask = np.zeros((len(encoded), t_len), np.int32)
   for i, e in enumerate(encoded):

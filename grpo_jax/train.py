@@ -39,10 +39,9 @@ from jax.experimental import multihost_utils
 
 from grpo_jax import (advantages, checkpointing, config as config_lib, evaluate, grpo, memory,
                       metrics_io, models, rewards, sampling, sharding)
-from grpo_jax.data import format_prompt, get_task
+from grpo_jax.data import batching, format_prompt, get_task
 
 log = logging.getLogger("grpo_jax")
-COMPLETION_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def process_rows(sharding_, n: int) -> slice:
@@ -106,8 +105,8 @@ def tokenize_prompts(texts, tokenizer, max_length):
                   "(this warning is shown once)", max_length, max_length)
       tokenize_prompts.warned = True
     ids = [i[-max_length:] for i in ids]
-  return sampling.left_pad(ids, tokenizer.pad_token_id,
-                           min(sampling.bucket_length(longest), max_length))
+  return batching.left_pad(ids, tokenizer.pad_token_id,
+                           min(batching.bucket_length(longest), max_length))
 
 
 tokenize_prompts.warned = False
@@ -366,7 +365,7 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
                                                    scale=rl.scale_rewards))
 
       # Trim to the bucket of the longest completion: no padding beyond it.
-      t_eff = min(sampling.bucket_length(int(whole["lengths"].max()), COMPLETION_BUCKETS),
+      t_eff = min(batching.bucket_length(int(whole["lengths"].max()), batching.COMPLETION_BUCKETS),
                   rl.max_completion_length)
       mask = out.mask[:, :t_eff]
       if rl.mask_truncated_completions:

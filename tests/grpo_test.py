@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from grpo_jax import grpo, models, sampling
+from grpo_jax.data import batching
 from grpo_jax.models.transformer import ModelConfig
 
 CFG = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -18,7 +19,7 @@ G = 3
 
 def make_batch(seed=0, b=4, t=7):
   rng = np.random.default_rng(seed)
-  prompts, pmask = sampling.left_pad([list(rng.integers(2, 50, rng.integers(2, 6))) for _ in range(b)],
+  prompts, pmask = batching.left_pad([list(rng.integers(2, 50, rng.integers(2, 6))) for _ in range(b)],
                                      pad_id=0, length=6)
   n = b * G
   lengths = rng.integers(1, t + 1, n)

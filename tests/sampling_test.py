@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 from grpo_jax import models, sampling
+from grpo_jax.data import batching
 from grpo_jax.models.transformer import ModelConfig
 
 
@@ -176,7 +177,7 @@ TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_laye
 def test_sampler_logps_match_a_full_forward_of_prompt_and_completion(dtype, atol):
   """Decoding with the shared prompt prefix gives the logits a plain forward gives."""
   model = models.init_model(TINY, seed=3, dtype=dtype)
-  prompts, mask = sampling.left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], pad_id=0, length=6)
+  prompts, mask = batching.left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], pad_id=0, length=6)
   out = run(model, prompts, mask, temperature=1.0, num_generations=3, max_new_tokens=7,
             stop_ids=(1,), key=2)
   forward = models.jit_forward(model)
@@ -198,7 +199,7 @@ def test_greedy_equals_transformers_generate(smollm2, smollm2_torch):
   ids = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
          for q in questions]
   ids = [i if isinstance(i, list) else i["input_ids"] for i in ids]
-  prompts, mask = sampling.left_pad(ids, tokenizer.pad_token_id)
+  prompts, mask = batching.left_pad(ids, tokenizer.pad_token_id)
   out = run(model, prompts, mask, temperature=0.0, max_new_tokens=24,
             stop_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
   for row, p in enumerate(ids):
@@ -210,12 +211,12 @@ def test_greedy_equals_transformers_generate(smollm2, smollm2_torch):
 
 
 def test_left_pad_and_buckets():
-  tokens, mask = sampling.left_pad([[1, 2, 3], [4]], pad_id=0)
+  tokens, mask = batching.left_pad([[1, 2, 3], [4]], pad_id=0)
   assert tokens.shape == (2, 32)
   np.testing.assert_array_equal(tokens[:, -3:], [[1, 2, 3], [0, 0, 4]])
-  assert mask.sum() == 4 and sampling.bucket_length(33) == 64
+  assert mask.sum() == 4 and batching.bucket_length(33) == 64
   with pytest.raises(ValueError, match="more than the length 2"):
-    sampling.left_pad([[1, 2, 3]], pad_id=0, length=2)
+    batching.left_pad([[1, 2, 3]], pad_id=0, length=2)
 
 
 def test_sharded_sampling_equals_single_device():
@@ -225,12 +226,13 @@ def test_sharded_sampling_equals_single_device():
       from flax import nnx
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       from grpo_jax import models, sampling
+      from grpo_jax.data import batching
       from grpo_jax.models.transformer import ModelConfig
       assert jax.device_count() == 8
       cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=8)
       graphdef, params = nnx.split(models.init_model(cfg, seed=1))
-      prompts, mask = sampling.left_pad([[i + 2, i + 3, 5] for i in range(8)], pad_id=0, length=4)
+      prompts, mask = batching.left_pad([[i + 2, i + 3, 5] for i in range(8)], pad_id=0, length=4)
       kw = dict(num_generations=2, max_new_tokens=6, stop_ids=(1,), pad_id=0, temperature=1.0)
       ref = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(0), **kw)
       mesh = Mesh(np.array(jax.devices()).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
