@@ -1,15 +1,12 @@
-"""Checkpoints (orbax) of the training state, and a guard that turns SIGTERM into one.
+"""Checkpoints (orbax) of the training state, and the layout of a run's checkpoints.
 
     ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=3)
     if ckpt.latest_step() is not None:
       state, meta = ckpt.restore(abstract_state=jax.eval_shape(...) with shardings)
-    with preemption_guard() as guard:
-      for step in ...:
-        ...
-        if step % every == 0 or guard.requested:
-          ckpt.save(step, state, meta={"data_position": ..., "config": ...})
-        if guard.requested:
-          break
+    for step in ...:
+      ...
+      if step % every == 0:
+        ckpt.save(step, state, meta={"data_position": ..., "config": ...})
     ckpt.wait(); ckpt.close()
 
 A checkpoint is one directory per step holding two items: `state` (any pytree
@@ -34,11 +31,8 @@ no conversion to raw key data is needed.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
-import signal
-from typing import Any, Iterator
+from typing import Any
 
 import orbax.checkpoint as ocp
 
@@ -133,37 +127,26 @@ class Checkpointer:
     self.close()
 
 
-@dataclasses.dataclass
-class PreemptionFlag:
-  """Set by the signal handlers of `preemption_guard`."""
+# -- a training run's checkpoints ----------------------------------------------------
+# WORKDIR/checkpoints/<step>/ holds state = {"params", "opt_state"} and meta = {"step",
+# "data_position", "seed"}. The run harness (runner.py) writes them; models.load(WORKDIR)
+# reads the params back.
+RUN_DIR = "checkpoints"
 
-  requested: bool = False
-  signum: int | None = None
+
+def run_checkpointer(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> Checkpointer:
+  """The Checkpointer of a training run's WORKDIR/checkpoints."""
+  return Checkpointer(os.path.join(workdir, RUN_DIR), max_to_keep, read_only=read_only)
 
 
-@contextlib.contextmanager
-def preemption_guard(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
-                     ) -> Iterator[PreemptionFlag]:
-  """Within the block, SIGTERM / SIGINT only set `flag.requested`.
+def run_state(train_state) -> dict:
+  """The saved tree of a run's train state (anything with .params and .opt_state)."""
+  return {"params": train_state.params, "opt_state": train_state.opt_state}
 
-  The training loop checks the flag at step boundaries, saves a checkpoint and
-  leaves: schedulers (Slurm, Kubernetes, TPU maintenance) send SIGTERM some
-  seconds before killing the job. A second SIGINT raises KeyboardInterrupt, so
-  Ctrl-C twice still stops a stuck run at once. The previous handlers are back
-  on exit. Must be entered from the main thread (a Python signal rule).
-  Multi-host: each host sees its own signal; agree on the flag across hosts
-  (e.g. an all-gather) before acting on it.
-  """
-  flag = PreemptionFlag()
 
-  def handler(signum, frame):
-    if flag.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    flag.requested, flag.signum = True, signum
-
-  previous = {s: signal.signal(s, handler) for s in signals}
-  try:
-    yield flag
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
+def read_run_params(workdir: str, abstract_params):
+  """The params of a training workdir's latest checkpoint, read into `abstract_params`'
+  shapes, dtypes and shardings (the optimizer state is not read)."""
+  with run_checkpointer(workdir, read_only=True) as ckpt:
+    state, _ = ckpt.restore(abstract_state={"params": abstract_params}, partial=True)
+  return state["params"]

@@ -16,7 +16,7 @@ From code (train.py evaluates this way):
 
     metrics = evaluate(graphdef, params, tokenizer, examples, template="chat",
                        num_samples=4, temperature=1.0, max_new_tokens=128, key=key,
-                       stop_ids=sampling.stop_ids(tokenizer))
+                       stop_ids=templates.stop_ids(tokenizer))
 
 A completion is right when `correct_fn` (a TRL-signature reward) gives it full
 credit (>= 1). pass@1 is the mean accuracy over all k samples (GRPO.md); maj@k
@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from grpo_jax import rewards, sampling
-from grpo_jax.data import batching
+from grpo_jax.data import batching, templates
 from grpo_jax.data import TASKS, TEMPLATES, format_prompt, get_task
 
 # (prompts, k) -> (k completion texts per prompt, their token lengths [len(prompts), k]).
@@ -304,7 +304,7 @@ def load_sampler(args: argparse.Namespace, examples: Sequence[dict]):
 
   sampler = model_sampler(graphdef, params, tokenizer, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, key=jax.random.key(args.seed),
-                          stop_ids=sampling.stop_ids(tokenizer),
+                          stop_ids=templates.stop_ids(tokenizer),
                           prompts_per_batch=min(args.prompts_per_batch, len(examples)),
                           top_p=args.top_p, top_k=args.top_k, on_batch=progress)
   return sampler, tokenizer

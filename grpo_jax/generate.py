@@ -34,7 +34,7 @@ def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, t
   from flax import nnx
 
   from grpo_jax import sampling
-  from grpo_jax.data import batching
+  from grpo_jax.data import batching, templates
 
   if chat:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
@@ -46,7 +46,7 @@ def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, t
   graphdef, params = nnx.split(model)
   out = sampling.sample_jit(graphdef, params, tokens, mask, jax.random.key(seed),
                             num_generations=1, max_new_tokens=max_new_tokens,
-                            stop_ids=sampling.stop_ids(tokenizer), pad_id=tokenizer.pad_token_id,
+                            stop_ids=templates.stop_ids(tokenizer), pad_id=tokenizer.pad_token_id,
                             temperature=temperature, top_k=top_k, top_p=top_p)
   n = int(out.lengths[0])
   return tokenizer.decode(list(map(int, out.tokens[0, :n])), skip_special_tokens=True)

@@ -1,9 +1,14 @@
 """The GRPO update: log-probs of completions, the loss, and one jitted, sharded step.
 
+    loss_cfg = loss_config_from(config.rl)        # or loss_config(G, beta=0.0, loss_type="dapo")
     step_fn = make_update_step(graphdef, optimizer, loss_cfg, ...)
     params, opt_state, metrics = step_fn(params, opt_state, ref_params, batch)
 
-Work saved against a plain implementation (PERFORMANCE.md):
+The loss itself is `losses.grpo_loss` (docs/maths.md); its keyword arguments
+come from config.rl under the same names, so a new loss option is a new
+keyword there and a config key, nothing in between.
+
+Work saved against a plain implementation (docs/design.md):
 - the prompt is run once per group, not G times: its G completions attend to
   its keys/values as a shared prefix (the same mechanism the sampler uses);
 - logits exist only at completion positions, a chunk at a time
@@ -18,14 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx, struct
 
-from grpo_jax import losses
+from grpo_jax import losses, optim
 
 
 @struct.dataclass
@@ -39,20 +44,52 @@ class Batch:
   advantages: jax.Array  # [N] float32
 
 
+LOSS_KEYWORDS = tuple(name for name, p in inspect.signature(losses.grpo_loss).parameters.items()
+                      if p.kind == p.KEYWORD_ONLY)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Static settings of the loss (config.rl), hashable so the step can close over them."""
+  """Static settings of the loss, hashable so the step can close over them.
+
+  `options` are (keyword, value) pairs for `losses.grpo_loss`; build it with `loss_config`
+  or `loss_config_from`.
+  """
   num_generations: int
-  beta: float = 0.04
-  epsilon: float = 0.2
-  epsilon_high: float | None = None
-  loss_type: str = "grpo"
-  kl_estimator: str = "k3"
-  importance_sampling_level: str = "token"
-  max_completion_length: int | None = None
   temperature: float = 1.0
-  use_old_logps: bool = False  # True when num_iterations > 1
+  use_old_logps: bool = False  # True when num_iterations > 1: the sampler's log-probs are pi_old
   chunk_size: int = 64
+  options: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def kwargs(self) -> dict[str, Any]:
+    return dict(self.options)
+
+  @property
+  def beta(self) -> float:
+    return self.kwargs.get("beta", inspect.signature(losses.grpo_loss).parameters["beta"].default)
+
+  @property
+  def token_mean(self) -> bool:
+    """The loss is a token mean over the whole batch (bnpo, dapo), not a per-sequence mean."""
+    return self.kwargs.get("loss_type", "grpo") in ("bnpo", "dapo")
+
+
+def loss_config(num_generations: int, *, temperature: float = 1.0, use_old_logps: bool = False,
+                chunk_size: int = 64, **grpo_loss_kwargs) -> LossConfig:
+  """A LossConfig from `losses.grpo_loss` keyword arguments (beta=..., loss_type=..., ...)."""
+  unknown = sorted(set(grpo_loss_kwargs) - set(LOSS_KEYWORDS))
+  if unknown:
+    raise TypeError(f"grpo_loss has no keyword {unknown}; it takes {list(LOSS_KEYWORDS)}")
+  return LossConfig(num_generations, temperature, use_old_logps, chunk_size,
+                    tuple(sorted(grpo_loss_kwargs.items())))
+
+
+def loss_config_from(rl) -> LossConfig:
+  """The LossConfig of config.rl: every grpo_loss keyword that config.rl sets, by name."""
+  return loss_config(rl.num_generations, temperature=rl.temperature,
+                     use_old_logps=rl.num_iterations > 1,
+                     **{k: rl[k] for k in LOSS_KEYWORDS if k in rl})
 
 
 def completion_logps(model, prompts_BxP, prompt_mask_BxP, completions_NxT, completion_mask_NxT, *,
@@ -90,21 +127,11 @@ def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig
     ref_logps, _ = lp(nnx.merge(graphdef, jax.lax.stop_gradient(ref_params)), *args)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   old = batch.old_logps if cfg.use_old_logps else jax.lax.stop_gradient(logps)
-  loss, metrics = losses.grpo_loss(
-      logps, old, ref_logps, batch.advantages, batch.completion_mask,
-      loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-      beta=cfg.beta, kl_estimator=cfg.kl_estimator,
-      importance_sampling_level=cfg.importance_sampling_level,
-      max_completion_length=cfg.max_completion_length)
+  loss, metrics = losses.grpo_loss(logps, old, ref_logps, batch.advantages,
+                                   batch.completion_mask, **cfg.kwargs)
   mask = batch.completion_mask.astype(jnp.float32)
   metrics = dict(metrics, loss=loss, entropy=losses.masked_mean(entropy, mask))
   return loss, metrics
-
-
-def split_micro_batches(batch, parts: int):
-  """Arrays [B, ...] -> [parts, B / parts, ...]. For GRPO's prompt-major rows ([B] prompts,
-  [N = B * G] completions) each micro-batch holds whole groups."""
-  return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), batch)
 
 
 def _micro_weight(mb: Batch, full: Batch, cfg: LossConfig, parts: int):
@@ -113,25 +140,9 @@ def _micro_weight(mb: Batch, full: Batch, cfg: LossConfig, parts: int):
   grpo and dr_grpo normalise per sequence (equal-size micro-batches: 1/parts);
   bnpo/dapo are a token mean over the batch: weight by the share of tokens.
   """
-  if cfg.loss_type in ("bnpo", "dapo"):
+  if cfg.token_mean:
     return jnp.sum(mb.completion_mask) / jnp.maximum(jnp.sum(full.completion_mask), 1)
   return 1.0 / parts
-
-
-def accumulate(grad_fn, params, micro_batches, weight_fn):
-  """Σ_i w_i · grad_fn(micro-batch i) over the leading axis of `micro_batches` (lax.scan:
-  one micro-batch's activations live at a time), w_i = weight_fn(micro-batch i).
-
-  Returns (gradients, metrics [parts, ...], weights [parts]). GRPO and SFT both use it.
-  """
-  def body(acc, mb):
-    grads, metrics = grad_fn(mb)
-    w = weight_fn(mb)
-    return jax.tree.map(lambda a, g: a + w * g, acc, grads), (metrics, w)
-
-  grads, (metrics, weights) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params),
-                                           micro_batches)
-  return grads, metrics, weights
 
 
 def grads_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig,
@@ -141,34 +152,14 @@ def grads_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfi
   if grad_accum_steps == 1:
     grads, metrics = grad_fn(params, ref_params, graphdef, batch, cfg)
     return grads, metrics
-  grads, metrics, weights = accumulate(
+  grads, metrics, weights = optim.accumulate(
       lambda mb: grad_fn(params, ref_params, graphdef, mb, cfg), params,
-      split_micro_batches(batch, grad_accum_steps),
+      optim.split_micro_batches(batch, grad_accum_steps),
       lambda mb: _micro_weight(mb, batch, cfg, grad_accum_steps))
   # Metrics are token means or per-sequence means: combine like the loss.
-  metrics = jax.tree.map(lambda m: jnp.sum(m * weights) if cfg.loss_type in ("bnpo", "dapo")
-                         else jnp.mean(m), metrics)
+  metrics = jax.tree.map(lambda m: jnp.sum(m * weights) if cfg.token_mean else jnp.mean(m),
+                         metrics)
   return grads, metrics
-
-
-def make_optimizer(learning_rate: float, *, total_steps: int, warmup_steps: int = 0,
-                   schedule: str = "constant", weight_decay: float = 0.0,
-                   max_grad_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.99):
-  """AdamW with linear warmup then constant or cosine decay, after global-norm clipping.
-
-  Returns (optimizer, schedule_fn) so the loop can log the learning rate.
-  """
-  if schedule == "constant":
-    decay = optax.constant_schedule(learning_rate)
-  elif schedule == "cosine":
-    decay = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
-  else:
-    raise ValueError(f"opt.schedule={schedule!r} is not supported; expected 'constant' or 'cosine'")
-  lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay],
-                            [warmup_steps]) if warmup_steps else decay
-  chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
-  chain.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
-  return optax.chain(*chain), lr
 
 
 def make_update_step(graphdef, optimizer, cfg: LossConfig, *, grad_accum_steps: int = 1,
@@ -187,27 +178,5 @@ def make_update_step(graphdef, optimizer, cfg: LossConfig, *, grad_accum_steps: 
     batch_sh = jax.tree.map(lambda _: batch_sharding, Batch(*([0] * 6)))
     ref_sh = param_sharding if cfg.beta != 0 else None  # no reference params when beta == 0
     extra = (ref_sh, batch_sh)
-  return jit_update(grads_fn, optimizer, param_sharding=param_sharding,
+  return optim.jit_update(grads_fn, optimizer, param_sharding=param_sharding,
                     opt_sharding=opt_sharding, extra_shardings=extra)
-
-
-def jit_update(grads_fn, optimizer, *, param_sharding=None, opt_sharding=None,
-               extra_shardings=None):
-  """(params, opt_state, *args) -> (params, opt_state, metrics) under jit, from
-  `grads_fn(params, *args) -> (grads, metrics)`: one optimizer step, `grad_norm`
-  added to the metrics, params and opt_state donated. With `param_sharding`, the
-  params and optimizer state keep their shardings and `extra_shardings` (one per
-  arg) place the other inputs. Shared by the GRPO and SFT updates.
-  """
-
-  def step(params, opt_state, *args):
-    grads, metrics = grads_fn(params, *args)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
-
-  kw: dict[str, Any] = dict(donate_argnums=(0, 1))
-  if param_sharding is not None:
-    kw.update(in_shardings=(param_sharding, opt_sharding, *extra_shardings),
-              out_shardings=(param_sharding, opt_sharding, None))
-  return jax.jit(step, **kw)

@@ -67,13 +67,13 @@ def main(argv):
   for noisy in ("absl", "tensorboardX", "jax._src.xla_bridge"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   initialize_distributed()
-  from grpo_jax import config as config_lib, sft, train
+  from grpo_jax import config as config_lib, sft_train, train
 
   try:
     config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  run = sft.train_sft if _CONFIG.value.mode == "sft" else train.train_and_evaluate
+  run = sft_train.train_sft if _CONFIG.value.mode == "sft" else train.train_and_evaluate
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:  # raised at start-up, before any step

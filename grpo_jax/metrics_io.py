@@ -3,7 +3,7 @@
     writer = MetricsWriter(workdir, resume_step=restored_step)   # None: fresh run
     writer.write(step, {"loss": ..., "reward": ...})             # one JSON line, flushed
     write_plots(workdir, read_metrics(workdir))                  # reward.png, kl.png, ...
-    progress = ProgressLine(total_steps); progress.update(step, metrics)
+    progress = Progress(total_steps); progress.update(step, metrics)
 
 Named metrics_io, not logging: `from grpo_jax import logging` would shadow the
 standard library's module in the importing file, as would grpo_jax/ itself on
@@ -23,7 +23,6 @@ import json
 import numbers
 import os
 import sys
-import time
 from typing import Any, Iterable, TextIO
 
 import numpy as np
@@ -171,55 +170,35 @@ def write_plots(workdir: str, records: list[dict], *, size=(6.4, 4.0), dpi: int 
   return written
 
 
-def _hms(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+class Progress:
+  """A tqdm bar over the run's steps (stderr) with the last reward / loss and eval accuracy.
 
-
-class ProgressLine:
-  """step/total, reward, last eval accuracy, s/step and ETA, one line per update.
-
-  On a terminal the line is rewritten in place (carriage return); elsewhere
-  (CI, a log file) each update prints a new line.
+  tqdm's rate is a moving average, so the first step's compilation soon stops weighing on the
+  ETA; the loops say in the log when a step compiles.
   """
 
-  def __init__(self, total_steps: int, stream: TextIO | None = None, tty: bool | None = None):
-    self.total = total_steps
-    self.stream = sys.stderr if stream is None else stream
-    self.tty = getattr(self.stream, "isatty", lambda: False)() if tty is None else tty
-    self._start: tuple[float, int] | None = None  # (time, step) of the first update
-    self._eval_accuracy = None
-    self._width = 0
+  def __init__(self, total_steps: int, initial: int = 0, stream: TextIO | None = None):
+    import tqdm
 
-  def format(self, step: int, metrics: dict[str, Any], now: float | None = None) -> str:
-    now = time.perf_counter() if now is None else now
-    if self._start is None:
-      self._start = (now, step)
+    self._eval_accuracy = None
+    self._bar = tqdm.tqdm(total=total_steps, initial=initial, unit="step", smoothing=0.3,
+                          file=sys.stderr if stream is None else stream, dynamic_ncols=True,
+                          desc="train")
+
+  def postfix(self, metrics: dict[str, Any]) -> str:
     if "eval/accuracy" in metrics:
       self._eval_accuracy = float(metrics["eval/accuracy"])
-    parts = [f"step {step}/{self.total}"]
-    if "reward" in metrics:
-      parts.append(f"reward {float(metrics['reward']):.3f}")
+    parts = [f"{k} {float(metrics[k]):.3f}" for k in ("reward", "loss") if k in metrics]
     if self._eval_accuracy is not None:
       parts.append(f"eval acc {self._eval_accuracy:.3f}")
-    t0, step0 = self._start
-    if step > step0:  # the first step is mostly compilation: time from it on
-      per_step = (now - t0) / (step - step0)
-      parts.append(f"{per_step:.2f} s/step")
-      parts.append(f"ETA {_hms(per_step * max(self.total - step, 0))}")
     return " | ".join(parts)
 
-  def update(self, step: int, metrics: dict[str, Any], now: float | None = None) -> str:
-    line = self.format(step, metrics, now)
-    if self.tty:
-      self.stream.write("\r" + line.ljust(self._width))
-      self._width = len(line)
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
-    return line
+  def update(self, step: int, metrics: dict[str, Any]) -> str:
+    """Moves the bar to `step` and shows the metrics; returns the postfix shown."""
+    text = self.postfix(metrics)
+    self._bar.set_postfix_str(text, refresh=False)
+    self._bar.update(step - self._bar.n)
+    return text
 
   def close(self) -> None:
-    if self.tty and self._width:
-      self.stream.write("\n")
-      self.stream.flush()
+    self._bar.close()

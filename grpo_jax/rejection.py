@@ -190,7 +190,7 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
     require_format: also require `format_reward` (strict R1 "format" by default) to be 1.
     key: a jax.random key (default: jax.random.key(seed)).
     prompts_per_batch: problems sampled per call of the compiled sampler.
-    stop_ids: tokens that end an answer (default `sampling.stop_ids(tokenizer)`).
+    stop_ids: tokens that end an answer (default `templates.stop_ids(tokenizer)`).
     progress: a tqdm bar on stderr.
     sampler: `evaluate.sample_texts` or a function with its signature (tests
       inject fakes). It returns token lengths, not the sampler's truncated flag,
@@ -205,7 +205,7 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
   import tqdm
 
   from grpo_jax import evaluate, sampling
-  from grpo_jax.data import batching, format_prompt
+  from grpo_jax.data import batching, format_prompt, templates
 
   if not examples:
     raise ValueError("no examples to sample")
@@ -213,7 +213,7 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
   _check_reward(format_reward if require_format else None)
   sampler = sampler or evaluate.sample_texts
   key = jax.random.key(seed) if key is None else key
-  stop_ids = tuple(stop_ids or sampling.stop_ids(tokenizer))
+  stop_ids = tuple(stop_ids or templates.stop_ids(tokenizer))
   prompts = [format_prompt(ex, template, tokenizer) for ex in examples]
   # One prompt length for all batches: one compiled sampler.
   longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)

@@ -201,14 +201,3 @@ def sample_jit(graphdef, params, prompts_BxP, prompt_mask_BxP, key, *, num_gener
                 num_generations=num_generations, max_new_tokens=max_new_tokens,
                 stop_ids=stop_ids, pad_id=pad_id, temperature=temperature, top_k=top_k,
                 top_p=top_p, row_offset=row_offset)
-
-
-# -- host-side helpers ----------------------------------------------------------------
-def stop_ids(tokenizer) -> tuple[int, ...]:
-  """EOS plus the end-of-turn tokens a chat model may emit instead."""
-  ids = {tokenizer.eos_token_id}
-  for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
-    i = tokenizer.convert_tokens_to_ids(t)
-    if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None:
-      ids.add(i)
-  return tuple(sorted(i for i in ids if i is not None))

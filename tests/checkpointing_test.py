@@ -225,28 +225,3 @@ def test_kill_during_save_loop_leaves_latest_complete_step_restorable(tmp_path):
   np.testing.assert_array_equal(jax.random.key_data(got["key"]),
                                 jax.random.key_data(jax.random.key(latest)))
   ckpt.close()
-
-
-def test_preemption_guard_sets_flag_and_restores_handlers():
-  seen = []
-  previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("outer"))
-  try:
-    with checkpointing.preemption_guard() as guard:
-      assert not guard.requested
-      os.kill(os.getpid(), signal.SIGTERM)
-      assert guard.requested and guard.signum == signal.SIGTERM
-      assert seen == []  # the outer handler did not run
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert seen == ["outer"]
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
-def test_preemption_guard_second_ctrl_c_interrupts():
-  default = signal.getsignal(signal.SIGINT)
-  with pytest.raises(KeyboardInterrupt):
-    with checkpointing.preemption_guard() as guard:
-      os.kill(os.getpid(), signal.SIGINT)
-      assert guard.requested and guard.signum == signal.SIGINT
-      os.kill(os.getpid(), signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is default

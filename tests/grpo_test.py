@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax import grpo, models, sampling
+from grpo_jax import grpo, optim, models, sampling
 from grpo_jax.data import batching
 from grpo_jax.models.transformer import ModelConfig
 
@@ -57,7 +57,7 @@ def test_gradient_accumulation_equals_one_batch(loss_type):
   graphdef, params = nnx.split(model)
   ref = jax.tree.map(lambda x: x * 1.01, params)
   batch = make_batch(seed=2)
-  cfg = grpo.LossConfig(num_generations=G, loss_type=loss_type, max_completion_length=7,
+  cfg = grpo.loss_config(G, loss_type=loss_type, max_completion_length=7,
                         use_old_logps=True, beta=0.1, chunk_size=4)
   g1, m1 = jax.jit(lambda p: grpo.grads_and_metrics(p, ref, graphdef, batch, cfg, 1))(params)
   g2, m2 = jax.jit(lambda p: grpo.grads_and_metrics(p, ref, graphdef, batch, cfg, 2))(params)
@@ -71,10 +71,10 @@ def test_update_step_changes_params_and_gives_finite_metrics():
   model = models.init_model(CFG, seed=3)
   graphdef, params = nnx.split(model)
   ref = jax.tree.map(jnp.copy, params)
-  optimizer, _ = grpo.make_optimizer(1e-2, total_steps=10)
+  optimizer, _ = optim.make_optimizer(1e-2, total_steps=10)
   opt_state = optimizer.init(params)
   before = jax.tree.map(np.asarray, params)
-  step = grpo.make_update_step(graphdef, optimizer, grpo.LossConfig(num_generations=G))
+  step = grpo.make_update_step(graphdef, optimizer, grpo.loss_config(G))
   params, opt_state, metrics = step(params, opt_state, ref, make_batch(seed=4))
   for k in ("loss", "kl", "entropy", "grad_norm", "clip_ratio/region_mean"):
     assert np.isfinite(float(metrics[k])), k
@@ -84,24 +84,24 @@ def test_update_step_changes_params_and_gives_finite_metrics():
   assert all(changed)
   # After one step the policy moved away from the reference: the KL term is positive.
   _, m2 = jax.jit(lambda p: grpo.loss_and_metrics(p, ref, graphdef, make_batch(seed=4),
-                                                  grpo.LossConfig(num_generations=G)))(params)
+                                                  grpo.loss_config(G)))(params)
   assert float(m2["kl"]) > 0
 
 
 def test_beta_zero_needs_no_reference():
   model = models.init_model(CFG, seed=5)
   graphdef, params = nnx.split(model)
-  cfg = grpo.LossConfig(num_generations=G, beta=0.0)
+  cfg = grpo.loss_config(G, beta=0.0)
   loss, metrics = grpo.loss_and_metrics(params, None, graphdef, make_batch(seed=6), cfg)
   assert np.isfinite(float(loss)) and float(metrics["kl"]) == 0.0
 
 
 def test_optimizer_schedule_warmup_then_cosine():
-  _, lr = grpo.make_optimizer(1.0, total_steps=110, warmup_steps=10, schedule="cosine")
+  _, lr = optim.make_optimizer(1.0, total_steps=110, warmup_steps=10, schedule="cosine")
   assert float(lr(0)) == 0.0 and abs(float(lr(5)) - 0.5) < 1e-6 and abs(float(lr(10)) - 1.0) < 1e-6
   assert abs(float(lr(60)) - 0.5) < 1e-3 and float(lr(110)) < 1e-6
   with pytest.raises(ValueError, match="constant.*cosine"):
-    grpo.make_optimizer(1.0, total_steps=10, schedule="linear")
+    optim.make_optimizer(1.0, total_steps=10, schedule="linear")
 
 
 def test_several_iterations_use_the_sampling_logps_and_clip():
@@ -112,7 +112,7 @@ def test_several_iterations_use_the_sampling_logps_and_clip():
   logps, _ = grpo.completion_logps(model, batch.prompts, batch.prompt_mask, batch.completions,
                                    batch.completion_mask, num_generations=G)
   batch = batch.replace(old_logps=logps)  # what the sampler returns for the same params
-  on_policy = grpo.LossConfig(num_generations=G, beta=0.0)
+  on_policy = grpo.loss_config(G, beta=0.0)
   with_old = dataclasses.replace(on_policy, use_old_logps=True)
   g1, _ = jax.grad(grpo.loss_and_metrics, has_aux=True)(params, None, graphdef, batch, on_policy)
   g2, m2 = jax.grad(grpo.loss_and_metrics, has_aux=True)(params, None, graphdef, batch, with_old)
@@ -120,7 +120,7 @@ def test_several_iterations_use_the_sampling_logps_and_clip():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
   assert float(m2["clip_ratio/region_mean"]) == 0.0
   # A second update on the same rollout, after a big step: ratios leave [1 - eps, 1 + eps].
-  optimizer, _ = grpo.make_optimizer(0.05, total_steps=2)
+  optimizer, _ = optim.make_optimizer(0.05, total_steps=2)
   step = grpo.make_update_step(graphdef, optimizer, with_old)
   opt_state = optimizer.init(params)
   params, opt_state, _ = step(params, opt_state, None, batch)

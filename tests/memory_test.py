@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from grpo_jax import config as config_lib, grpo, memory, models, sampling
+from grpo_jax import config as config_lib, grpo, optim, memory, models, sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,9 +44,9 @@ def test_estimate_is_within_half_of_xlas_memory_analysis(tiny, beta, completion_
   batch = grpo.Batch(ints(b, p), ints(b, p), ints(b * g, t), ints(b * g, t),
                      jax.ShapeDtypeStruct((b * g, t), jnp.float32),
                      jax.ShapeDtypeStruct((b * g,), jnp.float32))
-  optimizer, _ = grpo.make_optimizer(1e-3, total_steps=1)
+  optimizer, _ = optim.make_optimizer(1e-3, total_steps=1)
   abstract = jax.eval_shape(lambda x: x, params)
-  update = grpo.make_update_step(graphdef, optimizer, grpo.LossConfig(num_generations=g, beta=beta))
+  update = grpo.make_update_step(graphdef, optimizer, grpo.loss_config(g, beta=beta))
   xla = update.lower(abstract, jax.eval_shape(optimizer.init, params),
                      abstract if beta else None, batch).compile().memory_analysis()
   ratio = sum(est.update.values()) / xla.temp_size_in_bytes  # gradients and activations

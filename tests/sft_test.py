@@ -17,7 +17,8 @@ import optax
 import pytest
 from flax import nnx
 
-from grpo_jax import config as config_lib, metrics_io, models, sft, train
+from grpo_jax import config as config_lib, metrics_io, models, sft, sft_train, train
+from grpo_jax.data import templates
 from grpo_jax.generate import generate
 from tests.train_test import compile_cache  # noqa: F401  (the fixture, autouse here too)
 from tests.train_test import (REPO, assert_params_equal, initial_params, model_params,
@@ -118,8 +119,8 @@ def test_encode_appends_the_end_of_turn_token_and_cuts_long_rows():
                              "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>"
                              "{% endif %}")
   im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-  assert sft.end_of_turn_id(tokenizer, "chat") == im_end != eos
-  assert sft.end_of_turn_id(tokenizer, "plain") == eos
+  assert templates.end_of_turn_id(tokenizer, "chat") == im_end != eos
+  assert templates.end_of_turn_id(tokenizer, "plain") == eos
 
 
 # -- training runs -----------------------------------------------------------------------
@@ -134,7 +135,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def memorised(data, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("sft"))
-  records = sft.train_sft(sft_config(data[0], RUN, eval_path=data[1]), workdir)
+  records = sft_train.train_sft(sft_config(data[0], RUN, eval_path=data[1]), workdir)
   return workdir, records
 
 
@@ -164,9 +165,9 @@ def test_sft_memorises_the_rows_and_generates_them(memorised, data):
 
 
 def test_restart_resumes_exactly(memorised, data, tmp_path):
-  first = sft.train_sft(sft_config(data[0], dict(RUN, **{"train.steps": STEPS // 2}),
+  first = sft_train.train_sft(sft_config(data[0], dict(RUN, **{"train.steps": STEPS // 2}),
                                    eval_path=data[1]), str(tmp_path))
-  sft.train_sft(sft_config(data[0], RUN, eval_path=data[1]), str(tmp_path))
+  sft_train.train_sft(sft_config(data[0], RUN, eval_path=data[1]), str(tmp_path))
   records = metrics_io.read_metrics(str(tmp_path))
   assert records[:STEPS // 2 + 1] == first
   # The first run's last step also has an evaluation: compare the training metrics.
@@ -190,7 +191,7 @@ def test_grpo_starts_from_an_sft_workdir(memorised, tmp_path):
 
 
 def test_epochs_set_the_number_of_steps(data, tmp_path):
-  records = sft.train_sft(sft_config(data[0], dict(RUN, **{"sft.epochs": 2.5})), str(tmp_path))
+  records = sft_train.train_sft(sft_config(data[0], dict(RUN, **{"sft.epochs": 2.5})), str(tmp_path))
   assert [r["step"] for r in records] == [1, 2, 3]  # ceil(2.5 * 8 rows / 8 a step)
   assert records[-1]["epoch"] == 3
 
@@ -227,7 +228,7 @@ def test_bad_rows_stop_the_run_before_the_model_loads(lines, message, tmp_path):
   path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
                           for line in lines))
   with pytest.raises(config_lib.ConfigError, match=message):
-    sft.train_sft(sft_config(path), str(tmp_path / "run"))
+    sft_train.train_sft(sft_config(path), str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 

@@ -9,6 +9,7 @@ and subprocesses turns each re-compile (~8 s on 2 cores) into a load (~0.1 s).
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -220,14 +221,14 @@ def test_restart_resumes_exactly(full_run, tmp_path):
 _SLOW_MAIN = textwrap.dedent("""
   import sys, time
   from absl import app
-  from grpo_jax import main, train
+  from grpo_jax import main, runner
 
-  write = train._write
+  write = runner.Log.write
   def slow_write(*args, **kwargs):
-    record = write(*args, **kwargs)
+    recorded = write(*args, **kwargs)
     time.sleep(0.3)
-    return record
-  train._write = slow_write
+    return recorded
+  runner.Log.write = slow_write
   app.run(main.main, argv=sys.argv)
 """)
 
@@ -374,6 +375,39 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume(tmp_pa
   assert want.keys() == got.keys()
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(tmp_path, compile_cache):
+  """Multi-host preemption: SIGTERM reaches one host only (as a scheduler may send it); JAX's
+  preemption service makes both agree on a step, both checkpoint it and stop."""
+  workdir = tmp_path / "run"
+  port = _free_port()
+  logs = [open(tmp_path / f"stderr{i}.txt", "w") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-c", _SLOW_MAIN, *cli_args(workdir, RUN),
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=REPO, env=subprocess_env(compile_cache),
+                            stdout=subprocess.DEVNULL, stderr=logs[i]) for i in range(2)]
+  try:
+    deadline = time.time() + 240
+    while len(metrics_io.read_metrics(str(workdir))) < 2 and procs[0].poll() is None:
+      assert time.time() < deadline, "no training steps within 240 s"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+    for f in logs:
+      f.close()
+  texts = [(tmp_path / f"stderr{i}.txt").read_text() for i in range(2)]
+  assert codes == [0, 0], texts[0][-2000:] + texts[1][-2000:]
+  stopped = [re.findall(r"checkpointed step (\d+), stopping", t) for t in texts]
+  assert len(stopped[0]) == len(stopped[1]) == 1, stopped
+  step = int(stopped[0][0])
+  assert int(stopped[1][0]) == step and 2 <= step < RUN["train.steps"]
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
+    assert ckpt.latest_step() == step
+  assert metrics_io.read_metrics(str(workdir))[-1]["step"] == step
 
 
 def test_cli_stops_at_start_up_when_the_run_cannot_fit_in_device_memory(tmp_path, compile_cache):

@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from grpo_jax import grpo, models  # noqa: E402
+from grpo_jax import grpo, optim, models  # noqa: E402
 
 B, G, P, T = 2, 8, 64, 64
 
@@ -59,10 +59,10 @@ def main():
   print(f"{'piece':32s} {'forward s':>10s} {'fwd+bwd s':>10s} {'bwd / fwd':>10s}")
   for name, fwd, both in rows:
     print(f"{name:32s} {fwd:10.2f} {both:10.2f} {(both - fwd) / fwd:10.1f}")
-  optimizer, _ = grpo.make_optimizer(1e-5, total_steps=10)
+  optimizer, _ = optim.make_optimizer(1e-5, total_steps=10)
   opt_state = jax.jit(optimizer.init)(params)
   for beta in (0.04, 0.0):
-    step = grpo.make_update_step(graphdef, optimizer, grpo.LossConfig(num_generations=G, beta=beta))
+    step = grpo.make_update_step(graphdef, optimizer, grpo.loss_config(G, beta=beta))
     ref = jax.tree.map(jnp.copy, params) if beta else None
     run = lambda: step(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt_state),  # noqa
                        ref, batch)[2]["loss"]

@@ -64,6 +64,22 @@ def read_jsonl(path: str, check_row, error=ValueError) -> list:
   return rows
 
 
+@functools.lru_cache(maxsize=4)
+def _permutation(num_rows: int, seed: str) -> tuple[int, ...]:
+  order = list(range(num_rows))
+  random.Random(seed).shuffle(order)
+  return tuple(order)
+
+
+def shuffled_index(index: int, num_rows: int, seed: str) -> int:
+  """The row at position `index` of an endless stream over `num_rows` rows: position i is row
+  perm_e[i mod n] of epoch e = i // n, perm_e a shuffle seeded by f"{seed}/{e}". A function of
+  the index alone, so a resumed run reads exactly what an uninterrupted one would, and each
+  epoch visits every row once."""
+  epoch, i = divmod(index, num_rows)
+  return _permutation(num_rows, f"{seed}/{epoch}")[i]
+
+
 class _IndexedTask:
   """train_batch / eval_examples on top of a subclass's `example(split, index)`."""
 
@@ -233,10 +249,9 @@ class Countdown(_IndexedTask):
 class _RowsTask(_IndexedTask):
   """Examples held in memory, one list per split (`self._splits`).
 
-  Eval example i is row i mod n, in the source's order. Train example i is row
-  perm_e[i mod n] of epoch e = i // n, where perm_e is a shuffle seeded by
-  (`_shuffle_name`, seed, e): deterministic by index, so resuming is exact,
-  and each epoch visits every train row once.
+  Eval example i is row i mod n, in the source's order; train example i is
+  `shuffled_index(i, n, f"{_shuffle_name}/{seed}")`: deterministic by index, so
+  resuming is exact, and each epoch visits every train row once.
   """
 
   _shuffle_name = "rows"
@@ -247,17 +262,9 @@ class _RowsTask(_IndexedTask):
     if split not in SPLITS:
       raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rows = self._splits[split]
-    n = len(rows)
     if split == "eval":
-      return rows[index % n]
-    epoch, i = divmod(index, n)
-    return rows[self._order(epoch)[i]]
-
-  @functools.lru_cache(maxsize=2)
-  def _order(self, epoch: int) -> list[int]:
-    order = list(range(len(self._splits["train"])))
-    random.Random(f"{self._shuffle_name}/{self.seed}/{epoch}").shuffle(order)
-    return order
+      return rows[index % len(rows)]
+    return rows[shuffled_index(index, len(rows), f"{self._shuffle_name}/{self.seed}")]
 
 
 class Jsonl(_RowsTask):

@@ -1,6 +1,6 @@
 """Prompt templates: a task's question -> the text the model continues.
 
-    "r1_zero"  DeepSeek-R1-Zero's template (GRPO.md), for base models
+    "r1_zero"  DeepSeek-R1-Zero's template (docs/maths.md), for base models
     "chat"     the tokenizer's chat template, with a system message asking for
                <think> reasoning and an <answer>, for instruction-tuned models
     "plain"    the question as it is
@@ -43,3 +43,26 @@ def format_prompt(example: dict, template: str, tokenizer=None) -> str:
                 {"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
   raise ValueError(f"unknown template {template!r}; known templates: {list(TEMPLATES)}")
+
+
+def end_of_turn_id(tokenizer, template: str = "chat") -> int:
+  """The token that ends an answer: under a chat template, the special token the template puts
+  right after an assistant turn (<|im_end|>, <|eot_id|>, <end_of_turn>, ...); else EOS."""
+  if template == "chat" and getattr(tokenizer, "chat_template", None):
+    marker = "COMPLETION"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Q"},
+                                          {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    tail = text[text.rindex(marker) + len(marker):]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    for token in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+      if token in special:
+        return token
+  return tokenizer.eos_token_id
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+  """The tokens that end sampling: EOS and the chat template's end of turn (an instruct model
+  ends its answer with the latter, a base model with the former)."""
+  ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer, "chat")}
+  return tuple(sorted(i for i in ids if i is not None))

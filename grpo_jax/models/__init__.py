@@ -133,13 +133,10 @@ def _load_workdir(workdir: str, dtype: Any, param_dtype: Any):
   model_cfg = _workdir_model_config(workdir)
   model, tokenizer = load(model_cfg["name"], dtype=dtype or model_cfg.get("dtype", "float32"),
                           param_dtype=param_dtype)
-  _, params = nnx.split(model)  # the tree train.py saves
+  _, params = nnx.split(model)  # the tree a run saves
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           params)
-  # train.py saves {"params", "opt_state"}: read only the params.
-  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
-    state, _ = ckpt.restore(abstract_state={"params": abstract}, partial=True)
-  nnx.update(model, state["params"])
+  nnx.update(model, checkpointing.read_run_params(workdir, abstract))
   return model, tokenizer
 
 

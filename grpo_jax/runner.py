@@ -1,0 +1,276 @@
+"""The run harness both training loops share (GRPO in train.py, SFT in sft_train.py).
+
+    run, params = runner.setup(cfg, workdir, steps=S)        # mesh, model, memory check, optimizer
+    state, start = runner.restore_or_init(run, params)       # TrainState; resumes the workdir
+    log = runner.Log(run, start)                             # metrics.jsonl, TensorBoard, plots, bar
+    runner.evaluate_first(run, log, eval_fn, state.params, start)
+    with runner.Preemption() as preemption:
+      for step in range(start, S):
+        state, rec = ...                                     # the algorithm's update of `step`
+        rec.update(runner.evaluate_if_due(run, eval_fn, step + 1, state.params))
+        log.write(step + 1, rec)
+        if runner.checkpoint_or_stop(run, step + 1, state, preemption, data_position=...):
+          break
+    return runner.finish(run, log)
+
+`Run` holds what does not change during a run; `TrainState` is the pytree that
+does (params and optimizer state, donated to each update). Everything else is a
+free function of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx, struct
+from jax.experimental import multihost_utils
+
+from grpo_jax import (checkpointing, config as config_lib, distributed, evaluate, memory,
+                      metrics_io, models, optim, rewards, sharding)
+from grpo_jax.data import templates
+
+log = logging.getLogger("grpo_jax")
+EvalFn = Callable[[Any], dict]  # params -> eval/* metrics
+
+
+@struct.dataclass
+class TrainState:
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """The fixed parts of a run: config, mesh, model definition, shardings, optimizer, checkpoints."""
+  cfg: Any
+  workdir: str
+  steps: int
+  mesh: Any
+  tokenizer: Any
+  model_cfg: Any
+  graphdef: Any
+  param_sh: Any
+  batch_sh: Any
+  optimizer: Any
+  lr_schedule: Callable[[int], Any]
+  opt_sh: Any
+  ckpt: checkpointing.Checkpointer
+
+  @property
+  def is_main(self) -> bool:
+    return distributed.is_main()
+
+
+def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
+          memory_cfg=None) -> tuple[Run, Any]:
+  """The mesh, the model (params placed on it), the device memory check, WORKDIR/config.json
+  (which makes the workdir loadable by `models.load`), the optimizer and the checkpointer.
+
+  Args:
+    cfg: the validated experiment config.
+    workdir: the run directory (created).
+    steps: the run's number of steps (logging, evaluation and checkpoint schedule).
+    optimizer_steps: updates over the run, for the learning-rate schedule (default `steps`).
+    memory_cfg: the config whose shapes the memory estimate reads (default `cfg`).
+  Returns:
+    (run, params): params are the model's as loaded, sharded by name over the mesh.
+  """
+  mesh = config_lib.make_mesh(cfg)
+  log.info("loading model %s", cfg.model.name)
+  model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
+  config_lib.validate_with_model(cfg, model.cfg)
+  os.makedirs(workdir, exist_ok=True)
+  if distributed.is_main():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  model_cfg = model.cfg
+  graphdef, params = nnx.split(model)
+  del model
+  param_sh = sharding.param_shardings(mesh, params)
+  params = jax.device_put(params, param_sh)
+  est = memory.estimate(memory_cfg or cfg, model_cfg, mesh,
+                        param_bytes=sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+                                        for x, sh in zip(jax.tree.leaves(params),
+                                                         jax.tree.leaves(param_sh))))
+  log.info("memory per device (estimate):\n%s", est.table())
+  memory.check(est, memory.device_memory_limit(cfg))
+
+  optimizer, lr_schedule = optim.optimizer_from_config(cfg.opt, optimizer_steps or steps)
+  opt_sh = sharding.param_shardings(mesh, jax.eval_shape(optimizer.init, params))
+  ckpt = checkpointing.run_checkpointer(workdir, cfg.train.keep_checkpoints)
+  return Run(cfg, workdir, steps, mesh, tokenizer, model_cfg, graphdef, param_sh,
+             sharding.batch_sharding(mesh), optimizer, lr_schedule, opt_sh, ckpt), params
+
+
+def restore_or_init(run: Run, params) -> tuple[TrainState, int]:
+  """The train state of the workdir's latest checkpoint, else `params` with a fresh optimizer
+  state; and the step it starts from (0 for a fresh run)."""
+  opt_state = jax.jit(run.optimizer.init, out_shardings=run.opt_sh)(params)
+  state = TrainState(params, opt_state)
+  start = run.ckpt.latest_step() or 0
+  if start:
+    shardings = TrainState(run.param_sh, run.opt_sh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, shardings)
+    restored, meta = run.ckpt.restore(abstract_state=checkpointing.run_state(abstract))
+    state = TrainState(restored["params"], restored["opt_state"])
+    log.info("resumed from step %d (data position %d)", start, meta["data_position"])
+  return state, start
+
+
+def checkpoint_or_stop(run: Run, step: int, state: TrainState, preemption: Preemption, *,
+                       data_position: int) -> bool:
+  """Saves step `step` every train.checkpoint_every steps, at the last step, and when a signal
+  asks the run to stop; True when it should stop now (every process agrees)."""
+  stop = preemption.reached(step)
+  if step % run.cfg.train.checkpoint_every == 0 or step == run.steps or stop:
+    run.ckpt.save(step, checkpointing.run_state(state),
+                  meta={"step": step, "data_position": data_position, "seed": run.cfg.train.seed})
+  if stop:
+    log.warning("signal %s: checkpointed step %d, stopping", preemption.signum, step)
+  return stop
+
+
+# -- evaluation ----------------------------------------------------------------------
+def task_evaluator(run: Run, task) -> EvalFn | None:
+  """params -> the eval/* metrics of `task`'s held-out problems (config.eval); None when
+  config.eval.num_problems is 0. The sampling key is the same at every evaluation."""
+  cfg = run.cfg
+  if not cfg.eval.num_problems:
+    return None
+  examples = task.eval_examples(cfg.eval.num_problems)
+  key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1)  # no step reaches it
+  stop_ids = templates.stop_ids(run.tokenizer)
+  return lambda params: evaluate.evaluate(
+      run.graphdef, params, run.tokenizer, examples, template=cfg.task.template,
+      num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
+      max_new_tokens=cfg.rl.max_completion_length, key=key, stop_ids=stop_ids,
+      prompts_per_batch=cfg.eval.prompts_per_batch,
+      correct_fn=rewards.REWARD_FUNCTIONS[cfg.eval.reward])
+
+
+def combine_evaluators(*fns: EvalFn | None) -> EvalFn | None:
+  """One EvalFn running each of `fns` that is not None (None if none is left)."""
+  fns = tuple(f for f in fns if f is not None)
+  if not fns:
+    return None
+  return lambda params: {k: v for f in fns for k, v in f(params).items()}
+
+
+def eval_due(run: Run, eval_fn: EvalFn | None, step: int) -> bool:
+  """step = updates done (>= 1; step 0 is evaluated by `evaluate_first`)."""
+  every = run.cfg.train.eval_every
+  return eval_fn is not None and bool(step == run.steps or (every and step % every == 0))
+
+
+def _timed(eval_fn: EvalFn, params) -> dict:
+  t = time.perf_counter()
+  return dict(eval_fn(params), **{"time/eval_s": time.perf_counter() - t})
+
+
+def evaluate_if_due(run: Run, eval_fn: EvalFn | None, step: int, params) -> dict:
+  """The eval/* metrics after `step` updates when an evaluation is due, else {}."""
+  return _timed(eval_fn, params) if eval_due(run, eval_fn, step) else {}
+
+
+def evaluate_first(run: Run, log_: Log, eval_fn: EvalFn | None, params, start: int) -> None:
+  """A fresh run with an evaluation records one of the starting params as step 0."""
+  if start == 0 and eval_fn is not None:
+    log_.write(0, _timed(eval_fn, params))
+
+
+# -- outputs -------------------------------------------------------------------------
+class Log:
+  """The run's metric records: metrics.jsonl and TensorBoard, plots and the progress bar (all
+  written by process 0; the records are kept on every process)."""
+
+  def __init__(self, run: Run, start: int):
+    self.run = run
+    self.writer = metrics_io.MetricsWriter(run.workdir, resume_step=start) if run.is_main else None
+    self.progress = metrics_io.Progress(run.steps, initial=start) if run.is_main else None
+    self.records = metrics_io.read_metrics(run.workdir) if start and run.is_main else []
+
+  def write(self, step: int, rec: dict) -> bool:
+    """Records step `step` when due (every train.log_every steps, with an evaluation, at the
+    last step, and step 0) and rewrites the plots now and then; True if recorded."""
+    evaluated = any(k.startswith("eval/") for k in rec)
+    due = step % self.run.cfg.train.log_every == 0 or evaluated or step == self.run.steps
+    if not due:
+      return False
+    if self.writer is not None:
+      rec = self.writer.write(step, rec)
+      self.progress.update(step, rec)
+    self.records.append(dict(rec, step=step))
+    if self.run.is_main and (step % 5 == 0 or step == self.run.steps or evaluated):
+      metrics_io.write_plots(self.run.workdir, self.records)
+    return True
+
+
+def finish(run: Run, log_: Log) -> list[dict]:
+  """Waits for the last checkpoint, writes the final plots; returns the metric records."""
+  run.ckpt.wait()
+  run.ckpt.close()
+  if run.is_main:
+    metrics_io.write_plots(run.workdir, log_.records)
+    log_.writer.close()
+    log_.progress.close()
+  return log_.records
+
+
+# -- stopping on a signal ------------------------------------------------------------
+class Preemption:
+  """Within the block, SIGTERM or SIGINT asks the run to checkpoint and stop; `reached(step)`
+  says whether to do so after `step`, the same answer on every process.
+
+  One process: a flag set by the signal handlers, checked at step boundaries. Several
+  processes (jax.distributed): JAX's preemption service watches SIGTERM on every host and
+  agrees on a step at which all of them save (`multihost_utils.reached_preemption_sync_point`),
+  so a signal on one host stops all of them at the same step; SIGINT is passed on as SIGTERM to
+  reach it. A second SIGINT on one process raises KeyboardInterrupt (Ctrl-C twice stops a stuck
+  run). Must be entered from the main thread.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._flag = False
+    self._previous: dict[int, Any] = {}
+    self._synced = jax.process_count() > 1
+
+  def _handler(self, signum, frame):
+    if self.signum == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum, self._flag = signum, True
+    if self._synced:  # JAX's handler of SIGTERM tells the other hosts
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def __enter__(self) -> Preemption:
+    # With several processes SIGTERM stays JAX's (installed by jax.distributed.initialize).
+    signals = (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT)
+    self._previous = {s: signal.signal(s, self._handler) for s in signals}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+
+  def reached(self, step: int) -> bool:
+    """True when the run should checkpoint `step` and stop. With several processes, call it at
+    every step on every process: it is a collective."""
+    if not self._synced:
+      return self._flag
+    try:
+      stop = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # JAX's preemption service is off: agree on the local flags instead
+      stop = bool(np.any(multihost_utils.process_allgather(np.int32(self._flag))))
+    if stop and self.signum is None:
+      self.signum = signal.SIGTERM
+    return stop
