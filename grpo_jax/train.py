@@ -1,7 +1,7 @@
 """The GRPO training loop: `train_and_evaluate(config, workdir)`.
 
 Each step: B prompts from the task -> G completions each (sampling.py) ->
-rewards (host, rewards.py) -> group advantages -> `num_iterations` jitted,
+rewards (host, rewards/) -> group advantages -> `num_iterations` jitted,
 sharded updates (grpo.py) -> metrics.jsonl / TensorBoard / plots, and a
 checkpoint every `checkpoint_every` steps, at the end, and on SIGTERM/SIGINT.
 
