@@ -3,7 +3,7 @@
 One module per stage of a GRPO step:
     data/         tasks, templates, tokenisation
     sampling.py   G completions per prompt with a KV cache
-    rewards.py    reward functions (TRL signature) and their combination
+    rewards/      reward functions (TRL signature) and their combination
     advantages.py group-relative advantages
     losses.py     token log-probs, the GRPO / DAPO / Dr. GRPO / GSPO losses
     models/       Llama-family transformer in Flax NNX, checkpoint import/export

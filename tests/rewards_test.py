@@ -1,9 +1,7 @@
 """Tests for grpo_jax.rewards on hand-written (and malformed) completions."""
 
-import re
 import threading
 
-import jax
 import numpy as np
 import pytest
 
@@ -316,119 +314,6 @@ def test_get_reward_fns_resolves_config_names():
   assert set(metrics) == {"rewards/accuracy/mean", "rewards/format/mean"}
   with pytest.raises(ValueError, match="unknown reward 'acc'.*'accuracy'.*'tag_count'"):
     rewards.get_reward_fns([("acc", 1.0)])
-
-
-# ----------------------------------------------------------------------------
-# The jittable numeric reward.
-# ----------------------------------------------------------------------------
-
-VOCAB = (["<pad>", "<eos>"] + [str(d) for d in range(10)] + [f"Ġ{d}" for d in range(10)]
-         + ["-", "Ġ-", "+", "=", "Ġ", "x", "<answer>", "</answer>", "12"])
-ID = {token: i for i, token in enumerate(VOCAB)}
-FUZZ_TOKENS = VOCAB[1:-1]  # all but padding and the multi-digit token
-
-
-def decode(tokens):
-  return "".join(token.replace("Ġ", " ") for token in tokens if token != "<pad>")
-
-
-def regex_last_number(text):
-  """Independent reference: the value of the last -?digits in the text, or None."""
-  numbers = re.findall(r"-?\d+", text)
-  return int(numbers[-1]) if numbers else None
-
-
-def encode_batch(completions, t):
-  ids = np.zeros((len(completions), t), np.int32)
-  mask = np.zeros((len(completions), t), np.int32)
-  for i, tokens in enumerate(completions):
-    ids[i, :len(tokens)] = [ID[token] for token in tokens]
-    mask[i, :len(tokens)] = 1
-  return ids, mask
-
-
-def test_digit_table():
-  table = rewards.digit_table(VOCAB)
-  assert table.dtype == np.int32 and table.shape == (len(VOCAB),)
-  assert [table[ID[str(d)]] for d in range(10)] == list(range(10))
-  assert [table[ID[f"Ġ{d}"]] for d in range(10)] == list(range(10, 20))
-  assert table[ID["-"]] == table[ID["Ġ-"]] == rewards.MINUS_CODE
-  assert table[ID["x"]] == table[ID["Ġ"]] == table[ID["12"]] == table[ID["<eos>"]] == -1
-
-  class FakeTokenizer:  # transformers' interface: get_vocab() and len() (added tokens)
-    def get_vocab(self):
-      return {"▁7": 3, "a": 0}
-
-    def __len__(self):
-      return 6
-
-  np.testing.assert_array_equal(rewards.digit_table(FakeTokenizer()), [-1, -1, -1, 17, -1, -1])
-  np.testing.assert_array_equal(rewards.digit_table({"5": 1}, vocab_size=3), [-1, 5, -1])
-  with pytest.raises(ValueError, match="no single-digit tokens"):
-    rewards.digit_table(["a", "b"])
-
-
-HAND_CASES = [
-    ["2", "+", "3", "=", "5", "<eos>"],
-    ["1", "0", "0"],
-    ["Ġ1", "Ġ2"],                    # " 1 2": the last number is 2
-    ["-", "7"],
-    ["-", "Ġ7"],                     # "- 7": not a negative number
-    ["3", "-", "5"],
-    ["0", "0", "7"],
-    ["-", "0"],
-    ["x", "="],                      # no number
-    ["<answer>", "4", "2", "</answer>", "<eos>"],
-    ["9", "8", "7", "6", "5", "4", "3", "2", "1", "0", "1", "2"],  # 12 digits
-]
-
-
-def test_numeric_answer_reward_ids_matches_the_string_rewards():
-  t = 12
-  ids, mask = encode_batch(HAND_CASES, t)
-  values = [regex_last_number(decode(tokens)) for tokens in HAND_CASES]
-  assert values[:9] == [5, 100, 2, -7, 7, -5, 7, 0, None]
-  fn = jax.jit(rewards.numeric_answer_reward_ids)
-  table = rewards.digit_table(VOCAB)
-  for answers, want in [
-      ([0 if v is None else v for v in values[:10]] + [789012], [1.0] * 8 + [0.0, 1.0, 0.0]),
-      ([1 if v is None else v + 1 for v in values[:10]] + [-789012], [0.0] * 11),
-  ]:
-    got = fn(ids, mask, np.array(answers, np.int32), table)
-    np.testing.assert_array_equal(got, want)
-  # The <answer>-tagged completion agrees with the string accuracy reward.
-  assert call(rewards.accuracy_reward, [decode(HAND_CASES[9])], answer=[42]) == [1.0]
-
-
-def test_numeric_answer_reward_ids_ignores_masked_and_unknown_tokens():
-  table = rewards.digit_table(VOCAB)
-  ids = np.array([[ID["4"], ID["<eos>"], ID["9"], ID["9"]],          # digits after the mask
-                  [ID["5"], len(VOCAB) + 3, ID["6"], ID["<pad>"]]])  # an id beyond the table
-  mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
-  got = rewards.numeric_answer_reward_ids(ids, mask, np.array([4, 6]), table)
-  np.testing.assert_array_equal(got, [1.0, 1.0])
-
-
-def test_numeric_answer_reward_ids_needs_every_digit_of_a_long_answer():
-  # With T = 2 only two digits fit: 45 must not match 12345.
-  ids, mask = encode_batch([["4", "5"], ["4", "5"]], 2)
-  got = rewards.numeric_answer_reward_ids(ids, mask, np.array([12345, 45]), rewards.digit_table(VOCAB))
-  np.testing.assert_array_equal(got, [0.0, 1.0])
-
-
-def test_numeric_answer_reward_ids_fuzz_against_regex():
-  rng = np.random.default_rng(0)
-  n, t = 256, 8
-  completions = [list(rng.choice(FUZZ_TOKENS, size=rng.integers(0, t + 1))) for _ in range(n)]
-  values = [regex_last_number(decode(tokens)) for tokens in completions]
-  # Half the answers are the right number, half a near miss or a random one.
-  answers = np.array([(v if v is not None else 0) + (i % 2) * rng.integers(-3, 4) for i, v in enumerate(values)],
-                     np.int32)
-  ids, mask = encode_batch(completions, t)
-  got = jax.jit(rewards.numeric_answer_reward_ids)(ids, mask, answers, rewards.digit_table(VOCAB))
-  want = [float(v is not None and v == a) for v, a in zip(values, answers)]
-  assert 0.3 < np.mean(want) < 0.8  # both outcomes are well represented
-  np.testing.assert_array_equal(got, want)
 
 
 def test_lenient_accuracy_falls_back_to_the_last_number():

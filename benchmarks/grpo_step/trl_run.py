@@ -15,14 +15,12 @@ import json
 import os
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # grpo_jax.rewards imports jax.numpy; no device use
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-
-from grpo_jax import rewards  # noqa: E402
+from grpo_jax import rewards
 
 
 class TimedGRPOTrainer(GRPOTrainer):

@@ -25,6 +25,8 @@ import hashlib
 import logging
 import random
 
+from grpo_jax.rewards import extract_boxed
+
 SPLITS = ("train", "eval")
 OPERATORS = "+-*"
 
@@ -457,8 +459,6 @@ class Math(_TfdsTask):
         file_format="array_record")
 
   def _row(self, record):
-    from grpo_jax.rewards import extract_boxed  # here: rewards imports jax
-
     solution = _text(record["solution"])
     answer = extract_boxed(solution)
     if answer is None or not answer.strip():

@@ -1,0 +1,79 @@
+"""Language consistency: which scripts a completion's reasoning is written in.
+
+DeepSeek-R1 rewards reasoning that stays in one target language; without a
+language detector we count words per Unicode script (Latin, CJK, Cyrillic, ...).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from grpo_jax.rewards.parse import completion_text
+
+SCRIPTS = ("latin", "cjk", "cyrillic", "greek", "arabic", "hebrew", "devanagari", "thai")
+_SCRIPT_ALIASES = {"en": "latin", "english": "latin", "zh": "cjk", "chinese": "cjk",
+                   "ja": "cjk", "japanese": "cjk", "ko": "cjk", "korean": "cjk", "ru": "cyrillic"}
+_CJK_NAMES = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "BOPOMOFO")
+_TAG_RE = re.compile(r"</?(?:think|answer)>")
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def _char_script(ch: str) -> str | None:
+  """Script of a letter; "mark" for combining marks; None for anything else."""
+  if unicodedata.category(ch).startswith("M"):
+    return "mark"
+  if not ch.isalpha():
+    return None
+  name = unicodedata.name(ch, "").removeprefix("FULLWIDTH ")
+  if name.startswith("MATHEMATICAL"):  # italic x and friends: maths, not language
+    return None
+  if name.startswith(_CJK_NAMES):
+    return "cjk"
+  script = name.split(" ", 1)[0].lower()
+  return script if script in SCRIPTS else "other"
+
+
+def script_word_counts(text: str) -> dict[str, int]:
+  """Words per script: runs of letters of one script (combining marks join
+  the run), except that each CJK character is a word of its own."""
+  counts: dict[str, int] = {}
+  previous = None
+  for ch in text:
+    script = _char_script(ch)
+    if script == "mark":
+      continue
+    if script is not None and (script == "cjk" or script != previous):
+      counts[script] = counts.get(script, 0) + 1
+    previous = script
+  return counts
+
+
+def language_consistency_reward(prompts, completions, language=None, **unused_columns):
+  """Share of the reasoning's words written in the target script (DeepSeek-R1).
+
+  The reasoning is the content of the <think> blocks or, when there is none,
+  the whole completion; tags never count as words. A CJK character counts as
+  a word. Reasoning with no words at all (pure maths) cannot mix languages
+  and gets 1.0.
+
+  Args:
+    language: optional column (or one value for all rows) naming the target:
+      a script in SCRIPTS or an alias ("en", "zh", ...). Default "latin".
+  """
+  del prompts, unused_columns
+  if language is None or isinstance(language, str):
+    language = [language or "latin"] * len(completions)
+  rewards = []
+  for completion, target in zip(completions, language, strict=True):
+    target = (target or "latin").lower()
+    target = _SCRIPT_ALIASES.get(target, target)
+    if target not in SCRIPTS:
+      raise ValueError(f"unknown target language {target!r}; expected one of "
+                       f"{list(SCRIPTS)} or {sorted(_SCRIPT_ALIASES)}.")
+    text = completion_text(completion)
+    thoughts = _THINK_RE.findall(text)
+    counts = script_word_counts(_TAG_RE.sub(" ", " ".join(thoughts) if thoughts else text))
+    total = sum(counts.values())
+    rewards.append(counts.get(target, 0) / total if total else 1.0)
+  return rewards
