@@ -1,6 +1,6 @@
 """Sampling throughput: grpo_jax vs transformers `generate`, same model, same run.
 
-    .venv/bin/python benchmarks/sampling_bench.py [--rows 16,32] [--new_tokens 64] [--repeats 2]
+    .venv/bin/python benchmarks/sampling_bench.py [--rows=16,32] [--new_tokens=64] [--repeats=2]
 
 SmolLM2-135M-Instruct (the embedded GGUF, dequantised to fp32 for both), chat
 prompts with 8 samples each (16 rows = 2 prompts x 8), temperature 1, every
@@ -16,7 +16,6 @@ sampler built on that library's matmul kernel can decode faster than that,
 which turns into a ceiling in tokens/s (`matmul-only ceiling`).
 """
 
-import argparse
 import os
 import time
 
@@ -26,10 +25,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from grpo_jax import models, sampling  # noqa: E402
+from grpo_jax import cli, models, sampling  # noqa: E402
 from grpo_jax.data import batching  # noqa: E402
+
+_ROWS = flags.DEFINE_list("rows", ["16", "32"], "batch sizes (rows = prompts x generations)")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "tokens each row samples")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "timed calls after the warm-up; the best counts")
+_GENERATIONS = flags.DEFINE_integer("generations", 8, "samples per prompt")
 
 QUESTIONS = ["What is 17 * 23? Think step by step.", "Write a short poem about the sea.",
              "Explain what a prime number is.", "Name three colours and why you like them."]
@@ -113,13 +118,9 @@ def hf_generate(hf, ids, g, new_tokens, repeats):
   return best_of(run, repeats)[0]
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--rows", default="16,32")
-  ap.add_argument("--new_tokens", type=int, default=64)
-  ap.add_argument("--repeats", type=int, default=2)
-  ap.add_argument("--generations", type=int, default=8)
-  args = ap.parse_args()
+def main(argv):
+  cli.no_arguments(argv)
+  new_tokens, repeats = _NEW_TOKENS.value, _REPEATS.value
   torch.set_num_threads(os.cpu_count())
 
   model, tok = models.load("smollm2-135m-instruct")
@@ -138,8 +139,8 @@ def main():
   print("| rows | transformers tok/s | ours fp32 tok/s (x) | ours bf16 tok/s (x) | "
         "bf16 % of floor | compile s |")
   print("|---|---|---|---|---|---|")
-  for rows in [int(r) for r in args.rows.split(",")]:
-    g = args.generations
+  for rows in [int(r) for r in _ROWS.value]:
+    g = _GENERATIONS.value
     qs = QUESTIONS[:rows // g]
     ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
            for q in qs]
@@ -147,10 +148,10 @@ def main():
     prompts, mask = batching.left_pad(ids, tok.pad_token_id)
     hf_in = dict(input_ids=torch.tensor(prompts, dtype=torch.long),
                  attention_mask=torch.tensor(mask, dtype=torch.long))
-    new = rows * args.new_tokens
-    t_hf = hf_generate(hf, hf_in, g, args.new_tokens, args.repeats)
-    c32, t32 = ours(model, prompts, mask, g, args.new_tokens, args.repeats)
-    c16, t16 = ours(model_bf16, prompts, mask, g, args.new_tokens, args.repeats)
+    new = rows * new_tokens
+    t_hf = hf_generate(hf, hf_in, g, new_tokens, repeats)
+    c32, t32 = ours(model, prompts, mask, g, new_tokens, repeats)
+    c16, t16 = ours(model_bf16, prompts, mask, g, new_tokens, repeats)
     hf_tps, tps32, tps16 = new / t_hf, new / t32, new / t16
     print(f"| {rows} | {hf_tps:.0f} | {tps32:.0f} ({tps32 / hf_tps:.1f}x) | "
           f"{tps16:.0f} ({tps16 / hf_tps:.1f}x) | {100 * tps16 * flops_per_token / rate16:.0f}% | "
@@ -163,4 +164,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -11,19 +11,22 @@ tables between the results markers of experiments/README.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import matplotlib
+from absl import app, flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from grpo_jax import metrics_io, rewards  # noqa: E402
+from grpo_jax import cli, metrics_io, rewards  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- results: written by experiments/report.py -->", "<!-- /results -->"
+
+_ROOT = flags.DEFINE_string("root", os.path.join(os.path.dirname(HERE), "runs", "experiments"),
+                            "experiments/run.py's --root (holds results.json)")
 
 
 def format_share(eval_jsonl: str) -> float:
@@ -88,15 +91,14 @@ def plots(root: str, results: dict) -> None:
   plt.close(fig)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", default=os.path.join(os.path.dirname(HERE), "runs", "experiments"))
-  args = parser.parse_args()
-  with open(os.path.join(args.root, "results.json")) as f:
+def main(argv):
+  cli.no_arguments(argv)
+  root = _ROOT.value
+  with open(os.path.join(root, "results.json")) as f:
     results = json.load(f)
-  text = tables(args.root, results)
+  text = tables(root, results)
   print(text)
-  plots(args.root, results)
+  plots(root, results)
   readme = os.path.join(HERE, "README.md")
   with open(readme) as f:
     body = f.read()
@@ -108,4 +110,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -24,12 +24,13 @@ default experiment's task, chat template with the R1 system prompt).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+
+from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLD_START = os.path.join(REPO, "configs", "data", "arithmetic_sft.jsonl")
@@ -38,6 +39,11 @@ GRPO_CONFIG = os.path.join(REPO, "configs", "smollm2_arithmetic.py")
 SFT_CONFIG = os.path.join(REPO, "configs", "smollm2_sft.py")
 EVAL = dict(num_problems=48, num_samples=4, temperature=1.0, max_new_tokens=48,
             reward="accuracy_lenient")
+EXPERIMENTS = ("r1_zero", "r1", "distill")
+
+_ROOT = flags.DEFINE_string("root", os.path.join(REPO, "runs", "experiments"),
+                            "where the runs and results.json go")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
 
 
 def grpo(workdir, model, steps):
@@ -130,15 +136,13 @@ def run(name, root, dry_run=False):
       os.replace(results_path + ".tmp", results_path)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("experiments", nargs="+", choices=["r1_zero", "r1", "distill"])
-  parser.add_argument("--root", default=os.path.join(REPO, "runs", "experiments"))
-  parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-  args = parser.parse_args()
-  for name in args.experiments:
-    run(name, args.root, args.dry_run)
+def main(argv):
+  names = argv[1:]  # the experiments, as positional arguments
+  if not names or not set(names) <= set(EXPERIMENTS):
+    raise app.UsageError(f"name one or more experiments of {list(EXPERIMENTS)}; got {names}")
+  for name in names:
+    run(name, _ROOT.value, _DRY_RUN.value)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

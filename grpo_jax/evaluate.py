@@ -7,10 +7,16 @@ From the command line (one JSON object on stdout; progress on stderr):
     {"pass@1": 0.766, "maj@4": 0.771, "pass@4": 0.792, "num_problems": 48, "mean_length": 8.3, ...}
 
 --model takes what `models.load` takes: a known name, a Hugging Face folder, a
-.gguf file or a training workdir. --output writes one JSON line per problem
-(the prompt, the answer, the k completions, which were right, the answers that
-voted) to read what the model did. `python -m grpo_jax.evaluate --help` lists
-every flag.
+.gguf file or a training workdir. With a workdir, --task is optional: the
+flags not given among --task, --task_kwargs, --template and --max_new_tokens
+take the run's config.json values (task.name, task.kwargs, task.template,
+rl.max_completion_length); stderr and the summary's "from_workdir" say which.
+
+    python -m grpo_jax.evaluate --model=runs/smollm2_arithmetic --num_problems=48
+
+--output writes one JSON line per problem (the prompt, the answer, the k
+completions, which were right, the answers that voted) to read what the model
+did. `python -m grpo_jax.evaluate --help` lists every flag.
 
 From code (train.py evaluates this way):
 
@@ -19,15 +25,14 @@ From code (train.py evaluates this way):
                        stop_ids=templates.stop_ids(tokenizer))
 
 A completion is right when `correct_fn` (a TRL-signature reward) gives it full
-credit (>= 1). pass@1 is the mean accuracy over all k samples (GRPO.md); maj@k
-the accuracy of the most frequent answer among the k; pass@k the unbiased
+credit (>= 1). pass@1 is the mean accuracy over all k samples (docs/maths.md);
+maj@k the accuracy of the most frequent answer among the k; pass@k the unbiased
 estimator of the probability that at least one of k samples is right (with
 n = k samples drawn, it is the fraction of problems with any right sample).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import json
@@ -35,14 +40,15 @@ import math
 import os
 import sys
 import time
+import types
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from absl import app, flags
 
-from grpo_jax import rewards, sampling
-from grpo_jax.data import batching, templates
-from grpo_jax.data import TASKS, TEMPLATES, format_prompt, get_task
+from grpo_jax import cli, rewards, sampling
+from grpo_jax.data import TASKS, TEMPLATES, batching, format_prompt, templates
 
 # (prompts, k) -> (k completion texts per prompt, their token lengths [len(prompts), k]).
 Sampler = Callable[[Sequence[str], int], tuple[list[list[str]], np.ndarray]]
@@ -226,69 +232,75 @@ def _log(message: str):
   print(f"[evaluate] {message}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  """The CLI's flags (argparse, not absl: grpo_jax.generate defines absl flags of the same
-  names, and both modules are imported in one process by the tests)."""
-  p = argparse.ArgumentParser(
-      prog="python -m grpo_jax.evaluate",
-      description="pass@1, maj@k and pass@k of a model on a task's held-out problems; "
-                  "prints one JSON object on stdout.")
-  p.add_argument("--model", required=True,
-                 help="known name, Hugging Face folder, .gguf path, or training workdir")
-  p.add_argument("--task", required=True, help=f"one of {sorted(TASKS)}")
-  p.add_argument("--task_kwargs", default="{}",
-                 help='JSON object for data.get_task, e.g. \'{"min_digits": 1, "max_digits": 1}\'')
-  p.add_argument("--num_problems", type=int, default=64, help="the task's first N eval problems")
-  p.add_argument("--num_samples", type=int, default=4, help="k completions per problem")
-  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-  p.add_argument("--top_k", type=int, default=0, help="0 = off")
-  p.add_argument("--max_new_tokens", type=int, default=256, help="completion length limit")
-  p.add_argument("--template", choices=TEMPLATES, default=None,
-                 help="prompt template (default: a workdir's config.task.template; else chat "
-                      "when the tokenizer has a chat template, else r1_zero)")
-  p.add_argument("--reward", default=None,
-                 help="the reward (a rewards.REWARD_FUNCTIONS name) whose full credit means "
-                      "right (default: the task's default_reward, else accuracy)")
-  p.add_argument("--prompts_per_batch", type=int, default=16, help="prompts sampled at once")
-  p.add_argument("--seed", type=int, default=0, help="sampling seed")
-  p.add_argument("--dtype", default=None, help="matmul operand dtype: float32 or bfloat16 "
-                 "(default: a workdir's config.model.dtype, else float32)")
-  p.add_argument("--output", default=None,
-                 help="write one JSON line per problem (prompt, answer, completions, correct)")
-  args = p.parse_args(argv)
+# The flags are cli's shared ones (model, task, task_kwargs, template, sampling, num_problems,
+# num_samples, reward, prompts_per_batch, output); their defaults are evaluate's.
+for _name in ("model", "task", "task_kwargs", "template", "num_problems", "num_samples",
+              "temperature", "top_p", "top_k", "max_new_tokens", "reward", "prompts_per_batch",
+              "seed", "dtype", "output"):
+  flags.declare_key_flag(_name)
 
-  for name in ("num_problems", "num_samples", "max_new_tokens", "prompts_per_batch"):
-    if getattr(args, name) < 1:
-      p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
-  if args.temperature < 0:
-    p.error(f"--temperature must be >= 0; got {args.temperature}")
-  if args.task not in TASKS:
-    p.error(f"unknown task {args.task!r}; known tasks: {sorted(TASKS)}")
+# Settings a training workdir's config.json supplies when their flag is not given:
+# flag -> (section, key) in config.json.
+WORKDIR_DEFAULTS = {"task": ("task", "name"), "task_kwargs": ("task", "kwargs"),
+                    "template": ("task", "template"),
+                    "max_new_tokens": ("rl", "max_completion_length")}
+
+
+def run_config(workdir: str) -> dict:
+  """A training run's config.json (what train.py wrote), or {} when unreadable."""
   try:
-    args.task_kwargs = json.loads(args.task_kwargs)
-  except json.JSONDecodeError as e:
-    p.error(f"--task_kwargs is not valid JSON ({e}): {args.task_kwargs!r}")
-  if not isinstance(args.task_kwargs, dict):
-    p.error(f"--task_kwargs must be a JSON object; got {args.task_kwargs!r}")
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}
+  return config if isinstance(config, dict) else {}
+
+
+def _from_workdir(workdir: str) -> dict:
+  """{flag: value} of WORKDIR_DEFAULTS for the flags not given; the task's kwargs only go with
+  the run's own task."""
+  config = run_config(workdir)
+  found = {}
+  for name, (section, key) in WORKDIR_DEFAULTS.items():
+    value = (config.get(section) or {}).get(key)
+    if value is not None and not flags.FLAGS[name].present:
+      found[name] = value
+  if (config.get("task") or {}).get("name") != (cli.TASK.value or found.get("task")):
+    found.pop("task_kwargs", None)
+  if found.get("template") not in (None, *TEMPLATES):
+    del found["template"]
+  return found
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+  """The flags, checked (app.UsageError), as a namespace.
+
+  Args:
+    argv: flags to parse, without the program name (tests); None: app.run parsed them.
+  """
+  if argv is not None:
+    cli.parse(argv, program="python -m grpo_jax.evaluate")
+  cli.require(cli.MODEL)
+  cli.positive(cli.NUM_PROBLEMS, cli.NUM_SAMPLES, cli.PROMPTS_PER_BATCH)
+  cli.check_sampling()
+  args = types.SimpleNamespace(**{h.name: h.value for h in cli.SHARED})
+  args.model_kind = cli.model_kind(args.model)
+  # A training run knows its task, template and completion length: they become the defaults.
+  args.from_workdir = _from_workdir(args.model) if args.model_kind == "workdir" else {}
+  vars(args).update(args.from_workdir)
+  if args.task is None:
+    raise app.UsageError("--task is required (unless --model is a training workdir, whose "
+                         "config.json names it)")
+  if isinstance(args.task_kwargs, str):
+    args.task_kwargs = cli.parse_task_kwargs(args.task_kwargs)
+  args.task_obj = cli.make_task(args.task, args.task_kwargs)
   if args.reward is None:
     args.reward = getattr(TASKS[args.task], "default_reward", None) or "accuracy"
-  if args.reward not in rewards.REWARD_FUNCTIONS:
-    p.error(f"unknown reward {args.reward!r}; known rewards: {sorted(rewards.REWARD_FUNCTIONS)}")
-  try:
-    args.task_obj = get_task(args.task, **args.task_kwargs)
-  except (TypeError, ValueError) as e:
-    p.error(f"--task={args.task} --task_kwargs={json.dumps(args.task_kwargs)}: {e}")
-  from grpo_jax import models  # after the cheap checks: imports transformers
-
-  try:
-    args.model_kind = models.resolve(args.model)[0]
-  except (ValueError, FileNotFoundError) as e:
-    p.error(str(e))
+  cli.check_reward(args.reward)
   return args
 
 
-def load_sampler(args: argparse.Namespace, examples: Sequence[dict]):
+def load_sampler(args: types.SimpleNamespace, examples: Sequence[dict]):
   """(model `Sampler`, tokenizer) for the parsed flags; `main` takes a fake instead in tests."""
   from flax import nnx
 
@@ -310,23 +322,18 @@ def load_sampler(args: argparse.Namespace, examples: Sequence[dict]):
   return sampler, tokenizer
 
 
-def _default_template(args, tokenizer) -> str:
-  if args.model_kind == "workdir":
-    with open(os.path.join(args.model, "config.json")) as f:
-      template = (json.load(f).get("task") or {}).get("template")
-    if template in TEMPLATES:
-      return template
-  return "chat" if getattr(tokenizer, "chat_template", None) else "r1_zero"
-
-
 def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> dict:
   """Evaluates as the flags say; prints the summary as one JSON line on stdout and returns it.
 
   Args:
-    argv: the flags (default: sys.argv[1:]).
+    argv: the flags, without the program name (tests); None: flags app.run parsed.
     load: (parsed flags, examples) -> (Sampler, tokenizer); tests pass a fake model here.
   """
   args = parse_args(argv)
+  if args.from_workdir:
+    _log("from the run's config.json: " + ", ".join(
+        f"--{name}={value if isinstance(value, str) else json.dumps(value)}"
+        for name, value in args.from_workdir.items()))
   examples = args.task_obj.eval_examples(args.num_problems)
   repeats = len(examples) - len({ex["prompt"] for ex in examples})
   if repeats:
@@ -338,7 +345,8 @@ def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> di
   # Anything a library prints goes to stderr: stdout holds only the JSON.
   with contextlib.redirect_stdout(sys.stderr):
     sampler, tokenizer = load(args, examples)
-    template = args.template or _default_template(args, tokenizer)
+    template = args.template or ("chat" if getattr(tokenizer, "chat_template", None)
+                                 else "r1_zero")
     _log(f"{len(examples)} {args.task} problems x {args.num_samples} samples, template "
          f"{template}, reward {args.reward}, temperature {args.temperature}")
     prompts = [format_prompt(ex, template, tokenizer) for ex in examples]
@@ -364,10 +372,16 @@ def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> di
              "template": template, "reward": args.reward, "num_samples": k,
              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
              "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+             "from_workdir": sorted(args.from_workdir),
              "time_s": round(time.perf_counter() - t, 3)}
   print(json.dumps(summary), flush=True)
   return summary
 
 
+def _app_main(argv):
+  cli.no_arguments(argv)
+  main(None)  # returns the summary, which app.run would pass to sys.exit
+
+
 if __name__ == "__main__":
-  main()
+  cli.run(_app_main)

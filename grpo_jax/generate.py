@@ -1,31 +1,39 @@
 """Sample a completion from a model; prints only the completion text.
 
-    python -m grpo_jax.generate --model=smollm2-135m-instruct --prompt="What is 7*6?" --chat
-    python -m grpo_jax.generate --model=path/to/hf_folder --prompt="def f(x):" --temperature=0.7
-    python -m grpo_jax.generate --model=runs/smollm2 --prompt="What is 7*6?" --chat  # a trained run
+    python -m grpo_jax.generate --model=smollm2-135m-instruct --prompt="What is 7*6?"
+    python -m grpo_jax.generate --model=path/to/hf_folder --prompt="def f(x):" --nochat \\
+        --temperature=0.7
+    python -m grpo_jax.generate --model=runs/smollm2 --prompt="What is 7*6?"  # a trained run
 
 --model: a known name, a Hugging Face checkpoint folder, a .gguf file, or a
-training workdir (its latest checkpoint).
-Greedy with --temperature=0. Progress and warnings go to stderr.
+training workdir (its latest checkpoint). The prompt goes through the model's
+chat template when its tokenizer has one (--nochat: raw text; --chat insists).
+Greedy by default (--temperature=0), up to 128 new tokens. stdout carries the
+completion alone; progress, warnings and library logs go to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 
 from absl import app, flags
 
-_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct",
-                            "known name, Hugging Face folder, .gguf path, or training workdir")
-_PROMPT = flags.DEFINE_string("prompt", None, "the prompt text", required=True)
-_CHAT = flags.DEFINE_bool("chat", False, "wrap the prompt in the model's chat template")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "completion length limit")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off")
-_SEED = flags.DEFINE_integer("seed", 0, "random seed")
-_DTYPE = flags.DEFINE_string("dtype", None, "matmul operand dtype: float32 or bfloat16 "
-                             "(default: a workdir's config.model.dtype, else float32)")
+from grpo_jax import cli
+
+_PROMPT = flags.DEFINE_string("prompt", None, "the prompt text (required)")
+_CHAT = flags.DEFINE_bool("chat", None, "wrap the prompt in the model's chat template (default: "
+                          "when the tokenizer has one; --nochat for raw text)")
+for _name in ("model", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "dtype"):
+  flags.declare_key_flag(_name)
+
+# generate's own defaults for shared flags: a quick greedy look at a model.
+DEFAULTS = {"model": "smollm2-135m-instruct", "temperature": 0.0, "max_new_tokens": 128}
+
+
+def has_chat_template(tokenizer) -> bool:
+  return bool(getattr(tokenizer, "chat_template", None))
 
 
 def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, temperature=0.0,
@@ -53,15 +61,25 @@ def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, t
 
 
 def main(argv):
-  del argv
-  from grpo_jax import models
+  cli.no_arguments(argv)
+  cli.require(_PROMPT)
+  cli.check_sampling()
+  for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  # Libraries print while loading and compiling; only the completion may reach stdout.
+  with contextlib.redirect_stdout(sys.stderr):
+    from grpo_jax import models
 
-  print(f"[generate] loading {_MODEL.value}", file=sys.stderr)
-  model, tokenizer = models.load(_MODEL.value, dtype=_DTYPE.value)
-  print(generate(model, tokenizer, _PROMPT.value, chat=_CHAT.value, max_new_tokens=_MAX_NEW.value,
-                 temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                 seed=_SEED.value))
+    print(f"[generate] loading {cli.MODEL.value}")
+    model, tokenizer = models.load(cli.MODEL.value, dtype=cli.DTYPE.value)
+    chat = has_chat_template(tokenizer) if _CHAT.value is None else _CHAT.value
+    if chat and not has_chat_template(tokenizer):
+      raise app.UsageError(f"--chat: {cli.MODEL.value}'s tokenizer has no chat template")
+    text = generate(model, tokenizer, _PROMPT.value, chat=chat,
+                    max_new_tokens=cli.MAX_NEW_TOKENS.value, temperature=cli.TEMPERATURE.value,
+                    top_k=cli.TOP_K.value, top_p=cli.TOP_P.value, seed=cli.SEED.value)
+  print(text, flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, DEFAULTS)

@@ -6,7 +6,7 @@ r"""Rejection sampling: K answers per problem from a policy, the good ones as an
         --task_kwargs='{"path": "gsm8k_train.jsonl", "prompt_key": "question"}' \
         --num_problems=7000 --num_samples=4 --require_format --output=data/distill.jsonl
 
-Stage 3 of the R1 pipeline (GRPO.md): sample many answers from the RL policy,
+Stage 3 of the R1 pipeline (docs/maths.md): sample many answers from the RL policy,
 keep the correct and readable ones, SFT on them. Each sample goes through the
 filters in this order and is counted under the first one it fails
 (`stats["rejected"]`), so kept + sum(rejected) == samples:
@@ -57,8 +57,9 @@ import sys
 from typing import Callable, Sequence
 
 import numpy as np
+from absl import flags
 
-from grpo_jax import rewards
+from grpo_jax import cli, rewards
 
 # The filters, in the order a sample meets them; the first it fails is its rejection reason.
 REASONS = ("truncated", "unverifiable", "incorrect", "format", "language", "duplicate", "surplus")
@@ -254,61 +255,46 @@ def write_dataset(rows: Sequence[dict], stats: dict, output: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _define_flags() -> None:
-  """Flags, defined only when run as a program (importing the library defines none)."""
-  from absl import flags
+# Rejection sampling's own flags; the shared ones (model, task, sampling, num_problems, ...)
+# are grpo_jax.cli's, with the defaults in DEFAULTS.
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"],
+                           "problems to sample (eval problems should stay held out)")
+_START_INDEX = flags.DEFINE_integer("start_index", 0, "first problem of the split")
+_KEEP_PER_PROBLEM = flags.DEFINE_integer("keep_per_problem", 1, "most answers kept per problem")
+_PREFER = flags.DEFINE_enum("prefer", "first", list(PREFER),
+                            "which survivors a problem keeps first")
+_REQUIRE_FORMAT = flags.DEFINE_bool("require_format", False,
+                                    "also require --format_reward to give 1")
+_FORMAT_REWARD = flags.DEFINE_string("format_reward", "format", "the format check of "
+                                     "--require_format: format (strict R1 tags) or format_lenient")
+_MIN_LANGUAGE_SHARE = flags.DEFINE_float(
+    "min_language_share", 1.0,
+    "least share of the reasoning's words in the target script (0 = off)")
+for _name in ("model", "task", "task_kwargs", "num_problems", "num_samples", "output", "template",
+              "temperature", "top_p", "top_k", "max_new_tokens", "reward", "prompts_per_batch",
+              "seed", "dtype"):
+  flags.declare_key_flag(_name)
 
-  from grpo_jax.data import TEMPLATES
-
-  flags.DEFINE_string("model", None, "the policy or teacher: a known name, a Hugging Face folder, "
-                      "a .gguf path, or a training workdir", required=True)
-  flags.DEFINE_string("task", None, "a task name (data.TASKS)", required=True)
-  flags.DEFINE_string("task_kwargs", "{}",
-                      "the task's settings as JSON, e.g. '{\"max_digits\": 1}'")
-  flags.DEFINE_enum("split", "train", ["train", "eval"],
-                    "problems to sample (eval problems should stay held out)")
-  flags.DEFINE_integer("start_index", 0, "first problem of the split")
-  flags.DEFINE_integer("num_problems", 64, "problems to sample")
-  flags.DEFINE_integer("num_samples", 8, "answers sampled per problem (K)")
-  flags.DEFINE_string("output", None, "the JSON-lines file to write (stats go to FILE.stats.json)",
-                      required=True)
-  flags.DEFINE_enum("template", "chat", list(TEMPLATES), "prompt template the model sees")
-  flags.DEFINE_float("temperature", 1.0, "sampling temperature (0 = greedy)")
-  flags.DEFINE_float("top_p", 1.0, "1 = off")
-  flags.DEFINE_integer("top_k", 0, "0 = off")
-  flags.DEFINE_integer("max_new_tokens", 256, "answer length limit; longer answers are rejected")
-  flags.DEFINE_integer("keep_per_problem", 1, "most answers kept per problem")
-  flags.DEFINE_enum("prefer", "first", list(PREFER), "which survivors a problem keeps first")
-  flags.DEFINE_string("reward", "accuracy_lenient",
-                      "REWARD_FUNCTIONS name that must give 1 (a right answer); none = off")
-  flags.DEFINE_bool("require_format", False, "also require --format_reward to give 1")
-  flags.DEFINE_string("format_reward", "format", "the format check of --require_format: "
-                      "format (strict R1 tags) or format_lenient")
-  flags.DEFINE_float("min_language_share", 1.0,
-                     "least share of the reasoning's words in the target script (0 = off)")
-  flags.DEFINE_integer("prompts_per_batch", 16, "problems per sampler call")
-  flags.DEFINE_integer("seed", 0, "random seed")
-  flags.DEFINE_string("dtype", None, "matmul operand dtype: float32 or bfloat16 "
-                      "(default: a workdir's config.model.dtype, else float32)")
+# Rejection sampling's defaults for shared flags (--reward=none turns the correctness filter
+# off; answers longer than --max_new_tokens are rejected; the JSONL stats go to FILE.stats.json).
+DEFAULTS = {"num_samples": 8, "template": "chat", "reward": "accuracy_lenient"}
 
 
 def main(argv) -> None:
-  del argv
-  from absl import app, flags
+  cli.no_arguments(argv)
+  cli.require(cli.MODEL, cli.TASK, cli.OUTPUT)
+  cli.positive(cli.NUM_PROBLEMS, cli.NUM_SAMPLES, cli.PROMPTS_PER_BATCH, _KEEP_PER_PROBLEM)
+  cli.check_sampling()
+  f = flags.FLAGS
+  reward = None if f.reward.lower() == "none" else f.reward
+  cli.check_reward(reward)  # before the model loads
+  cli.check_reward(f.format_reward, "format_reward")
+  task_kwargs = cli.parse_task_kwargs(f.task_kwargs)
+  task = cli.make_task(f.task, task_kwargs)
   from flax import nnx
 
   from grpo_jax import models
-  from grpo_jax.data import get_task
 
-  f = flags.FLAGS
-  reward = None if f.reward.lower() == "none" else f.reward
-  try:  # before the model loads
-    _check_reward(reward)
-    _check_reward(f.format_reward)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  task_kwargs = json.loads(f.task_kwargs)
-  task = get_task(f.task, **task_kwargs)
   indices = range(f.start_index, f.start_index + f.num_problems)
   examples = [task.example(f.split, i) for i in indices]
   print(f"[rejection] loading {f.model}", file=sys.stderr)
@@ -335,7 +321,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-
-  _define_flags()
-  app.run(main)
+  cli.run(main, DEFAULTS)

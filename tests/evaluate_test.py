@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from absl import app
 
 from grpo_jax import evaluate
 from grpo_jax.data import tasks
@@ -196,15 +197,63 @@ def test_cli_template_defaults_to_a_workdirs(tmp_path, capsys):
 @pytest.mark.parametrize("flag,message", [
     ("--reward=nope", "unknown reward"), ("--task_kwargs={bad", "not valid JSON"),
     ("--task_kwargs={\"digits\": 3}", "digits"), ("--num_samples=0", "num_samples"),
-    ("--template=fancy", "invalid choice"), ("--model=/no/such/dir", "unknown model")])
-def test_cli_rejects_bad_flags_before_loading(flag, message, capsys):
+    ("--template=fancy", "value should be one of"), ("--model=/no/such/dir", "unknown model"),
+    ("--task=nope", "unknown task"), ("--temperature=-1", "temperature"),
+    ("--no_such_flag", "Unknown command line flag"), ("stray", "unexpected arguments")])
+def test_cli_rejects_bad_flags_before_loading(flag, message):
   def load(args, examples):
     raise AssertionError("loaded a model despite a bad flag")
 
-  with pytest.raises(SystemExit) as exit_info:
+  with pytest.raises(app.UsageError, match=message):
     evaluate.main([*CLI, flag], load=load)
-  assert exit_info.value.code == 2
-  assert message in capsys.readouterr().err
+
+
+def test_cli_needs_a_task_without_a_workdir():
+  with pytest.raises(app.UsageError, match="--task is required"):
+    evaluate.main(["--model=tiny-random"], load=fake_loader("right", {}))
+
+
+def write_workdir(path, **config):
+  """A training run directory as models.resolve recognises one: config.json and checkpoints/."""
+  (path / "checkpoints").mkdir()
+  (path / "config.json").write_text(json.dumps({"model": {"name": "tiny-random"}, **config}))
+  return path
+
+
+def test_cli_takes_task_template_and_length_from_a_workdir(tmp_path, capsys):
+  workdir = write_workdir(
+      tmp_path, task={"name": "arithmetic", "kwargs": {"max_digits": 1}, "template": "r1_zero"},
+      rl={"max_completion_length": 24})
+  seen = {}
+  summary = evaluate.main([f"--model={workdir}", "--num_problems=5", "--num_samples=4"],
+                          load=fake_loader("right", seen))
+  assert summary["task"] == "arithmetic" and summary["task_kwargs"] == {"max_digits": 1}
+  assert summary["template"] == "r1_zero" and summary["max_new_tokens"] == 24
+  assert summary["from_workdir"] == ["max_new_tokens", "task", "task_kwargs", "template"]
+  assert seen["examples"] == tasks.Arithmetic(max_digits=1).eval_examples(5)
+  assert seen["args"].max_new_tokens == 24 and summary["pass@1"] == 1.0
+  assert "from the run's config.json: --task=arithmetic" in capsys.readouterr().err
+  # Another task than the run's does not inherit the run's task kwargs.
+  args = evaluate.parse_args([f"--model={workdir}", "--task=countdown"])
+  assert args.task == "countdown" and args.task_kwargs == {}
+  assert sorted(args.from_workdir) == ["max_new_tokens", "template"]
+
+
+def test_cli_flags_given_win_over_a_workdirs(tmp_path, capsys):
+  workdir = write_workdir(
+      tmp_path, task={"name": "arithmetic", "kwargs": {"max_digits": 3}, "template": "r1_zero"},
+      rl={"max_completion_length": 24})
+  seen = {}
+  summary = evaluate.main([f"--model={workdir}", "--num_problems=5",
+                           "--task_kwargs={\"max_digits\": 1}", "--max_new_tokens=9",
+                           "--template=plain"], load=fake_loader("right", seen))
+  assert summary["task_kwargs"] == {"max_digits": 1} and summary["max_new_tokens"] == 9
+  assert summary["template"] == "plain" and summary["from_workdir"] == ["task"]
+  # Without the workdir, the next call is back to the defaults: nothing of this one lingers.
+  summary = evaluate.main(CLI, load=fake_loader("right", seen))
+  assert summary["max_new_tokens"] == 256 and summary["template"] == "chat"
+  assert summary["from_workdir"] == []
+  capsys.readouterr()
 
 
 # -- the CLI end to end, with a real (tiny, random) model --------------------------------

@@ -183,7 +183,8 @@ def test_load_workdir_gives_the_latest_checkpoint_params(short_run, tmp_path):
 def test_generate_cli_on_a_workdir_prints_the_trained_models_text(short_run, compile_cache):
   workdir, _ = short_run
   prompt = "What is 3 + 4?"
-  proc = run_cli([f"--model={workdir}", f"--prompt={prompt}", "--max_new_tokens=8"],
+  # --nochat: the run trained on the plain template (raw text); the CLI's default is chat.
+  proc = run_cli([f"--model={workdir}", f"--prompt={prompt}", "--max_new_tokens=8", "--nochat"],
                  subprocess_env(compile_cache), module="grpo_jax.generate")
   assert proc.returncode == 0, proc.stderr[-3000:]
   expected = generate(*models.load(workdir), prompt, max_new_tokens=8)  # greedy

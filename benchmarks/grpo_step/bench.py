@@ -1,7 +1,7 @@
 """One GRPO step, grpo_jax vs TRL's GRPOTrainer (PyTorch CPU), on the same workload.
 
-    .venv/bin/python benchmarks/grpo_step/bench.py [--steps 8] [--warmup 2] \\
-        [--only both|ours|trl] [--threads 2] [--json out.json] [--workdir DIR]
+    .venv/bin/python benchmarks/grpo_step/bench.py [--steps=8] [--warmup=2] \\
+        [--only=both|ours|trl] [--threads=2] [--json=out.json] [--workdir=DIR]
 
 The workload is benchmarks/grpo_step/config.py: SmolLM2-135M-Instruct (the
 embedded GGUF, dequantised to fp32; TRL gets the same weights exported as a
@@ -14,7 +14,6 @@ token (the fair unit: the two sides sample different completions), peak RSS,
 and the share of the compute floor (see `step_flops`).
 """
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -25,10 +24,24 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+
+from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CONFIG = os.path.join(HERE, "config.py")
+
+_STEPS = flags.DEFINE_integer("steps", 8, "timed steps per system", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation)", lower_bound=0)
+_ONLY = flags.DEFINE_enum("only", "both", ["both", "ours", "trl"], "which systems to run")
+_THREADS = flags.DEFINE_integer("threads", 2, "CPUs for each side (and torch threads)")
+_TRL_GRADIENT_CHECKPOINTING = flags.DEFINE_bool(
+    "trl_gradient_checkpointing", False,
+    "TRL's default (recomputes the forward in the backward); off by default")
+_JSON = flags.DEFINE_string("json", None, "also write the results here")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "keep run folders and logs here (else a temp dir, removed at the end)")
 
 
 def load_config():
@@ -215,20 +228,12 @@ def cpu_name():
     return platform.processor()
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--steps", type=int, default=8, help="timed steps per system")
-  ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
-  ap.add_argument("--only", choices=["both", "ours", "trl"], default="both")
-  ap.add_argument("--threads", type=int, default=2, help="CPUs for each side (and torch threads)")
-  ap.add_argument("--trl_gradient_checkpointing", action="store_true",
-                  help="TRL's default (recomputes the forward in the backward); off by default")
-  ap.add_argument("--json", default=None, help="also write the results here")
-  ap.add_argument("--workdir", default=None,
-                  help="keep run folders and logs here (else a temp dir, removed at the end)")
-  args = ap.parse_args()
-  if args.steps < 1 or args.warmup < 0:
-    ap.error("need --steps >= 1 and --warmup >= 0")
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # The flags as a namespace: one record of them goes into the JSON results.
+  args = types.SimpleNamespace(**{h.name: h.value for h in (
+      _STEPS, _WARMUP, _ONLY, _THREADS, _TRL_GRADIENT_CHECKPOINTING, _JSON, _WORKDIR)})
   cpus = pin_threads(args.threads)  # before JAX starts its thread pool
   total = args.warmup + args.steps
   workdir = args.workdir or tempfile.mkdtemp(prefix="grpo_step_")
@@ -268,4 +273,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

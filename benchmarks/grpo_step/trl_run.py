@@ -10,17 +10,28 @@ the shared settings. Writes per-step times (step, and the generate call
 inside it) and completion lengths to RESULT.json.
 """
 
-import argparse
 import json
 import os
 import time
 
 import torch
+from absl import app, flags
 from datasets import Dataset
 from transformers import AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from grpo_jax import rewards
+
+
+flags.DEFINE_string("model", None, "HF folder (fp32 SmolLM2 exported by grpo_jax)")
+flags.DEFINE_string("data", None, "prompts and settings written by bench.py")
+flags.DEFINE_integer("steps", None, "optimizer steps", lower_bound=1)
+flags.DEFINE_string("out", None, "the JSON result file")
+flags.DEFINE_integer("threads", 2, "torch threads")
+flags.DEFINE_string("output_dir", None, "TRL's output_dir (nothing is saved)")
+flags.DEFINE_bool("gradient_checkpointing", False,
+                  "TRL's default; off here as grpo_jax does not recompute activations")
+flags.mark_flags_as_required(["model", "data", "steps", "out"])
 
 
 class TimedGRPOTrainer(GRPOTrainer):
@@ -54,17 +65,10 @@ class StepTimer(TrainerCallback):
       self.logs.append(dict(logs))
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--model", required=True, help="HF folder (fp32 SmolLM2 exported by grpo_jax)")
-  ap.add_argument("--data", required=True, help="prompts and settings written by bench.py")
-  ap.add_argument("--steps", type=int, required=True)
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--threads", type=int, default=2)
-  ap.add_argument("--output_dir", default=None, help="TRL's output_dir (nothing is saved)")
-  ap.add_argument("--gradient_checkpointing", action="store_true",
-                  help="TRL's default; off here as grpo_jax does not recompute activations")
-  args = ap.parse_args()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
   torch.set_num_threads(args.threads)
   with open(args.data) as f:
     data = json.load(f)
@@ -119,4 +123,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -16,9 +16,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from grpo_jax import grpo, optim, models  # noqa: E402
+from grpo_jax import cli, grpo, models, optim  # noqa: E402
 
 B, G, P, T = 2, 8, 64, 64
 
@@ -33,7 +34,8 @@ def best_of(f, *args, reps=3):
   return min(times)
 
 
-def main():
+def main(argv):
+  cli.no_arguments(argv)
   model, _ = models.load("smollm2-135m-instruct")
   graphdef, params = nnx.split(model)
   rng = np.random.default_rng(0)
@@ -70,4 +72,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
