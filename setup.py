@@ -35,7 +35,7 @@ setuptools.setup(
     extras_require={
         "test": ["torch==2.13.0", "accelerate", "pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         # GSM8K / MATH tasks: ArrayRecord data sources, no TensorFlow needed. MATH from the
-        # Hugging Face Hub also needs `datasets` (see grpo_jax.data.tasks.Math).
+        # Hugging Face Hub also needs `datasets` (see grpo_jax.data.tfds_tasks.Math).
         "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8", "importlib-resources"],
     },
 )

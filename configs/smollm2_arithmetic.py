@@ -5,7 +5,7 @@
 R1 style: the chat template's system prompt asks for <think> reasoning and an
 <answer>; rewards are accuracy (the answer in the tags, else the last number of
 the completion: the 135M model does not use the tags at first) plus the R1
-format reward. Held-out pass@1 (k samples at temperature 1, GRPO.md's
+format reward. Held-out pass@1 (k samples at temperature 1, docs/maths.md's
 definition) is evaluated before the first step, midway and after the last.
 Expected on a 2-core CPU: about 15 minutes; see README.md for the measured curve.
 """

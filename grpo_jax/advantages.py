@@ -1,4 +1,4 @@
-"""Group-relative advantages: each answer's reward against its own group's (GRPO.md).
+"""Group-relative advantages: each answer's reward against its own group's (docs/maths.md).
 
 Layout is prompt-major: rewards[i * G + j] is answer j to prompt i, so a
 reshape to [B, G] gives one row per group. NaN in rewards means "no reward"

@@ -22,6 +22,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 
+def is_multi_process() -> bool:
+  return jax.process_count() > 1
+
+
 def is_main() -> bool:
   """Process 0 writes the run's files (metrics, plots, samples)."""
   return jax.process_index() == 0

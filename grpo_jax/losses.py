@@ -1,6 +1,6 @@
 """Token log-probs and the GRPO family of policy losses (GRPO, DAPO, Dr. GRPO, GSPO).
 
-Shapes: N sequences (prompt-major, see GRPO.md), T completion positions,
+Shapes: N sequences (prompt-major, see docs/maths.md), T completion positions,
 V vocabulary entries, D hidden features. Everything is computed in fp32
 whatever the input dtype; string options are static Python values, so every
 function here can be jitted with them closed over (or as static args).
@@ -69,14 +69,17 @@ def grpo_loss(
 ):
   """Clipped surrogate policy loss of GRPO and its variants (minimised; -J).
 
+  One function on purpose, longer than most here: every variant is a branch of the same
+  formula, and a reader checks the whole objective against docs/maths.md in one place.
+
   Per token, with r = pi_theta / pi_old and A the sequence's advantage:
       l = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * KL
-  then aggregated over the masked tokens by `loss_type` (GRPO.md):
+  then aggregated over the masked tokens by `loss_type` (docs/maths.md):
       grpo:        mean_n( sum_t(l m) / max(sum_t m, 1) )
       bnpo, dapo:  sum(l m) / max(sum(m), 1)
       dr_grpo:     sum(l m) / (N * max_completion_length)
 
-  Where this differs from the papers (GRPO.md is authoritative):
+  Where this differs from the papers (docs/maths.md says which we follow):
     - bnpo and dapo are the same token mean over the tokens passed in. (TRL's
       dapo normalises by the token count of the whole global batch across
       gradient-accumulation steps; a caller that accumulates must weight the

@@ -91,6 +91,9 @@ def filter_samples(examples: Sequence[dict], texts: Sequence[Sequence[str]], len
                    keep_per_problem: int = 1, prefer: str = "first") -> tuple[list, dict]:
   """Applies the filters (module docstring) to K samples per problem.
 
+  The filters run in one function, in the documented order, because each sample is counted
+  under the first one it fails: the order is the contract.
+
   Args:
     examples: P task examples ({"prompt", "answer", ...}).
     texts: texts[i] are the K completions of examples[i].
@@ -205,7 +208,7 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
   import jax
   import tqdm
 
-  from grpo_jax import evaluate, sampling
+  from grpo_jax import evaluate
   from grpo_jax.data import batching, format_prompt, templates
 
   if not examples:

@@ -243,7 +243,7 @@ class Preemption:
     self.signum: int | None = None
     self._flag = False
     self._previous: dict[int, Any] = {}
-    self._synced = jax.process_count() > 1
+    self._synced = distributed.is_multi_process()
 
   def _handler(self, signum, frame):
     if self.signum == signal.SIGINT and signum == signal.SIGINT:

@@ -64,8 +64,47 @@ def reward_functions(cfg, run: runner.Run, params_fn):
   return reward_fns, weights
 
 
+def score(cfg, tokenizer, reward_fns, weights, examples, prompt_texts, out, rows: slice):
+  """Rewards on the host that holds the text: this process's completions decoded and scored,
+  then only numbers all-gathered, so the whole batch's rewards give its advantages and metrics.
+
+  Returns (this process's completion texts, the whole batch's {"lengths", "truncated"},
+  the weighted reward [N], the reward metrics).
+  """
+  g = cfg.rl.num_generations
+  texts = [tokenizer.decode(out.tokens[i, :out.lengths[i]], skip_special_tokens=True)
+           for i in range(len(out.lengths))]
+  columns = {k: [ex[k] for ex in examples for _ in range(g)] for k in examples[0] if k != "prompt"}
+  scores = rewards.score_rewards(reward_fns, [t for t in prompt_texts for _ in range(g)], texts,
+                                 completion_lengths=out.lengths.tolist(), **columns)
+  whole = distributed.gather_rows({"scores": scores.rewards_NxF, "lengths": out.lengths,
+                                   "truncated": out.truncated, "errors": scores.errors_F[None]},
+                                  rows)
+  scores = rewards.Scores(scores.names, whole["scores"], whole["errors"].sum(0), scores.on_error)
+  reward, reward_info = rewards.weigh_scores(scores, weights)
+  return texts, whole, reward, reward_info
+
+
+def update_batch(rl, out, lengths, adv_local, prompts, prompt_mask, batch_sh) -> grpo.Batch:
+  """The update's batch from this process's sampled rows: completions trimmed to the bucket of
+  the whole batch's longest one (no padding beyond it), as global arrays."""
+  t_eff = min(batching.bucket_length(int(lengths.max()), batching.COMPLETION_BUCKETS),
+              rl.max_completion_length)
+  mask = out.mask[:, :t_eff]
+  if rl.mask_truncated_completions:
+    mask = mask * (~out.truncated)[:, None]
+  completions, completion_mask, old_logps, adv = distributed.to_global(
+      (out.tokens[:, :t_eff], mask, out.logps[:, :t_eff], adv_local), batch_sh)
+  return grpo.Batch(prompts=prompts, prompt_mask=prompt_mask, completions=completions,
+                    completion_mask=completion_mask, old_logps=old_logps, advantages=adv)
+
+
 def train_and_evaluate(cfg, workdir: str) -> list[dict]:
-  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records."""
+  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records.
+
+  The step is written out stage by stage (prompts, sampling, rewards, advantages, update,
+  metrics, checkpoint) so that it reads top to bottom; each stage is a call.
+  """
   # ---------------------------------------------------------------- set-up --
   config_lib.validate(cfg)
   rl, train = cfg.rl, cfg.train
@@ -116,39 +155,16 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
       out = distributed.to_local(out, batch_sh)
       t_sample = time.perf_counter() - t_step
 
-      # Rewards on the host that holds the text: strings in, one float per completion out.
-      n_local = len(out.lengths)
-      texts = [tokenizer.decode(out.tokens[i, :out.lengths[i]], skip_special_tokens=True)
-               for i in range(n_local)]
-      columns = {k: [ex[k] for ex in examples for _ in range(g)] for k in examples[0]
-                 if k != "prompt"}
-      scores = rewards.score_rewards(reward_fns, [t for t in prompt_texts for _ in range(g)], texts,
-                                     completion_lengths=out.lengths.tolist(), **columns)
-      # Only numbers cross hosts: the whole batch's scores give its advantages and metrics.
-      whole = distributed.gather_rows({"scores": scores.rewards_NxF, "lengths": out.lengths,
-                                       "truncated": out.truncated,
-                                       "errors": scores.errors_F[None]}, rows)
-      scores = rewards.Scores(scores.names, whole["scores"], whole["errors"].sum(0),
-                              scores.on_error)
-      reward, reward_info = rewards.weigh_scores(scores, weights)
+      texts, whole, reward, reward_info = score(cfg, tokenizer, reward_fns, weights, examples,
+                                                prompt_texts, out, rows)
       adv = np.asarray(advantages.group_advantages(jnp.asarray(reward), g,
                                                    scale=rl.scale_rewards))
-
-      # Trim to the bucket of the longest completion: no padding beyond it.
-      t_eff = min(batching.bucket_length(int(whole["lengths"].max()),
-                                         batching.COMPLETION_BUCKETS), rl.max_completion_length)
+      batch = update_batch(rl, out, whole["lengths"], adv[rows], prompts, prompt_mask, batch_sh)
+      t_eff = batch.completions.shape[1]
       if t_eff not in buckets_seen and step > start:
         log.info("step %d compiles the update for a new completion bucket (%d tokens)",
                  step + 1, t_eff)
       buckets_seen.add(t_eff)
-      mask = out.mask[:, :t_eff]
-      if rl.mask_truncated_completions:
-        mask = mask * (~out.truncated)[:, None]
-      completions, completion_mask, old_logps, adv_rows = distributed.to_global(
-          (out.tokens[:, :t_eff], mask, out.logps[:, :t_eff], adv[rows]), batch_sh)
-      batch = grpo.Batch(prompts=prompts, prompt_mask=prompt_mask, completions=completions,
-                         completion_mask=completion_mask, old_logps=old_logps,
-                         advantages=adv_rows)
       t_update = time.perf_counter()
       params, opt_state = state.params, state.opt_state
       for _ in range(rl.num_iterations):

@@ -12,7 +12,7 @@ NAN = np.nan
 
 
 def np_group_advantages(rewards, g, scale, eps=1e-4):
-  """GRPO.md's advantage, group by group; NaN rewards are missing."""
+  """docs/maths.md's advantage, group by group; NaN rewards are missing."""
   r = np.asarray(rewards, np.float64).reshape(-1, g)
   batch_std = np.nanstd(r, ddof=1)
   out = np.zeros_like(r)

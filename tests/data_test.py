@@ -9,7 +9,7 @@ import types
 import pytest
 
 from grpo_jax import data
-from grpo_jax.data import tasks
+from grpo_jax.data import tasks, tfds_tasks
 
 
 def _operands_and_ops(expression):
@@ -371,7 +371,7 @@ def test_math_task_defaults_to_hugging_face_through_tfds(tfds, tmp_path, monkeyp
   monkeypatch.setattr(tfds.dataset_builders, "HuggingfaceDatasetBuilder", fake_hf_builder)
   monkeypatch.setitem(sys.modules, "datasets", types.ModuleType("datasets"))
   task = data.get_task("math", data_dir=str(tmp_path))
-  assert calls == [dict(hf_repo_id=tasks.MATH_HF_REPO, hf_config=None, data_dir=str(tmp_path),
+  assert calls == [dict(hf_repo_id=tfds_tasks.MATH_HF_REPO, hf_config=None, data_dir=str(tmp_path),
                         file_format="array_record")]
   assert len({e["prompt"] for e in task.train_batch(0, 10)}) == 10
   monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails

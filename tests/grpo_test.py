@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax import grpo, optim, models, sampling
+from grpo_jax import grpo, models, optim
 from grpo_jax.data import batching
 from grpo_jax.models.transformer import ModelConfig
 

@@ -1,4 +1,4 @@
-"""Tests for grpo_jax.losses against a float64 NumPy transcription of GRPO.md."""
+"""Tests for grpo_jax.losses against a float64 NumPy transcription of docs/maths.md."""
 
 import functools
 import itertools
@@ -17,7 +17,7 @@ EPS, EPS_HIGH, MAX_LEN = 0.2, 0.28, 8
 
 
 def np_grpo_loss(logps, old, ref, adv, mask, loss_type, eps, eps_high, beta, kl_estimator, level, max_len):
-  """GRPO.md's loss, float64, written independently of the JAX code."""
+  """docs/maths.md's loss, float64, written independently of the JAX code."""
   m = mask.astype(np.float64)
   log_ratio = logps - old
   if level == "sequence":

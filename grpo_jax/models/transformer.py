@@ -261,6 +261,10 @@ class Transformer(nnx.Module):
                     new_cache_len: int | None = None):
     """Final-norm hidden states [B, L, D] (fp32), and the updated cache if given.
 
+    Long because the layer (attention with its cache update, MLP) is the body of one
+    `lax.scan` over the stacked layers: splitting it would spread one layer over several
+    functions that only this scan calls.
+
     Args:
       tokens_BxL: int token ids.
       positions_BxL: RoPE positions; default: count of real tokens before each
