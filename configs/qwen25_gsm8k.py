@@ -3,6 +3,10 @@
     python -m grpo_jax.main --config=configs/qwen25_gsm8k.py:/ckpt/Qwen2.5-1.5B-Instruct \\
         --config.task.kwargs.path=/data/gsm8k_train.jsonl \\
         --config.task.kwargs.eval_path=/data/gsm8k_test.jsonl --workdir=runs/qwen25_gsm8k
+    python -m grpo_jax.aot --config=configs/qwen25_gsm8k.py --topology=v5e:2x4   # memory, cost
+
+Without the argument the model is the shape preset "qwen2.5-1.5b": enough for
+`grpo_jax.aot` (shapes only), while training needs the checkpoint folder.
 
 The argument after ":" is the Hugging Face checkpoint folder (config.json +
 safetensors; nothing is downloaded). GSM8K as JSON lines with "question" and
@@ -19,10 +23,8 @@ from grpo_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  if not arg:
-    raise ValueError("give the checkpoint folder: --config=configs/qwen25_gsm8k.py:/path/to/model")
   c = config_lib.defaults()
-  c.model.name = arg
+  c.model.name = arg or "qwen2.5-1.5b"
   c.model.dtype = "bfloat16"
   c.task.name = "jsonl"
   c.task.template = "chat"

@@ -134,8 +134,12 @@ def _check(ok: bool, message: str):
     raise ConfigError(message)
 
 
-def validate(cfg) -> None:
-  """Raises ConfigError on unknown keys or values that cannot run. Needs no model."""
+def validate(cfg, *, data: bool = True) -> None:
+  """Raises ConfigError on unknown keys or values that cannot run. Needs no model.
+
+  data=False skips what needs the run's data (the task's and SFT's files): for
+  ahead-of-time compilation, which needs only shapes.
+  """
   known = _flat_keys(defaults())
   for key in sorted(_flat_keys(cfg) - known):
     close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -143,7 +147,7 @@ def validate(cfg) -> None:
     raise ConfigError(f"unknown config key config.{key}{hint}")
   rl, train = cfg.rl, cfg.train
   _check(cfg.mode in MODES, f"config.mode={cfg.mode!r}; expected one of {list(MODES)}")
-  if cfg.mode == "sft":
+  if cfg.mode == "sft" and data:
     _validate_sft(cfg.sft)
   _check(rl.num_generations >= 2,
          f"config.rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per "
@@ -178,7 +182,8 @@ def validate(cfg) -> None:
   _check(cfg.task.name in TASKS, f"config.task.name={cfg.task.name!r}: unknown task; known "
          f"tasks: {sorted(TASKS)}")
   try:
-    TASKS[cfg.task.name](**cfg.task.kwargs.to_dict())
+    if data:
+      TASKS[cfg.task.name](**cfg.task.kwargs.to_dict())
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.task.kwargs for task {cfg.task.name!r}: {e}") from None
   except ImportError as e:  # a task whose data needs an optional package (tfds)

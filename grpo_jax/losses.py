@@ -14,6 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from grpo_jax import flop_count
+
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -241,8 +243,9 @@ def token_logps_and_entropy(
   # their gradient.
   head, head_consts = jax.closure_convert(head_fn, hidden_KxNxCxD[0])
   one_chunk = _logps_entropy_fn(head)
-  logps_KxNxC, entropy_KxNxC = jax.lax.map(
-      lambda args: one_chunk(*args, *head_consts), (hidden_KxNxCxD, targets_KxNxC))
+  _, (logps_KxNxC, entropy_KxNxC) = jax.lax.scan(
+      lambda _, args: (None, one_chunk(*args, *head_consts)), None,
+      (hidden_KxNxCxD, targets_KxNxC), unroll=flop_count.SCAN_UNROLL.get())
 
   def unchunk(x_KxNxC):
     return x_KxNxC.transpose(1, 0, 2).reshape(n, k * c)[:, :t]

@@ -31,6 +31,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it ha
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "folder of JAX's persistent compilation cache, so a resumed or "
+    "repeated run does not compile again ('' = off; default $GRPO_JAX_COMPILATION_CACHE, else "
+    "~/.cache/grpo_jax/xla)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -67,7 +71,9 @@ def main(argv):
   for noisy in ("absl", "tensorboardX", "jax._src.xla_bridge"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   initialize_distributed()
-  from grpo_jax import config as config_lib, sft_train, train
+  from grpo_jax import compilation, config as config_lib, sft_train, train
+
+  compilation.enable_cache(_COMPILATION_CACHE.value)
 
   try:
     config_lib.validate(_CONFIG.value)

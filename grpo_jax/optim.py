@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from grpo_jax import flop_count
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -67,7 +69,7 @@ def accumulate(grad_fn, params, micro_batches, weight_fn):
     return jax.tree.map(lambda a, g: a + w * g, acc, grads), (metrics, w)
 
   grads, (metrics, weights) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params),
-                                           micro_batches)
+                                           micro_batches, unroll=flop_count.SCAN_UNROLL.get())
   return grads, metrics, weights
 
 

@@ -139,6 +139,17 @@ def select_tokens(logits_NxV, keys_N, temperature, top_k, top_p):
 
 
 # -- the sampler --------------------------------------------------------------------
+def start_decoding(model, prompts_BxP, prompt_mask_BxP, num_generations: int, max_new_tokens: int):
+  """What the decode loop starts from: the first tokens' logits [B*G, V] and the cache.
+
+  Each prompt is prefilled once; its G rows share that cache as their prefix.
+  """
+  hidden, prefix = model.prefill(prompts_BxP, prompt_mask_BxP)
+  logits = jnp.repeat(model.logits(hidden[:, -1]), num_generations, axis=0)
+  cache = model.init_cache(prompts_BxP.shape[0] * num_generations, max_new_tokens, prefix=prefix)
+  return logits, cache
+
+
 def sample(graphdef: nnx.GraphDef, params: Any, prompts_BxP: jax.Array, prompt_mask_BxP: jax.Array,
            key: jax.Array, *, num_generations: int, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, temperature=1.0, top_k=0, top_p=1.0,
@@ -162,10 +173,7 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts_BxP: jax.Array, prompt_m
   top_p = jnp.asarray(top_p, jnp.float32)
   row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_offset + jnp.arange(n))
 
-  # Prefill each prompt once; its G rows share that cache as their prefix.
-  hidden, prefix = model.prefill(prompts_BxP, prompt_mask_BxP)
-  logits = jnp.repeat(model.logits(hidden[:, -1]), g, axis=0)
-  cache = model.init_cache(n, t_max, prefix=prefix)
+  logits, cache = start_decoding(model, prompts_BxP, prompt_mask_BxP, g, t_max)
 
   def cond(s: _LoopState):
     return (s.step < t_max) & ~jnp.all(s.done)

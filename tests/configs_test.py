@@ -50,9 +50,16 @@ def write_rows(path, prompt_key, n=60):
   return str(path)
 
 
-def test_real_scale_config_needs_its_checkpoint_folder():
+def test_real_scale_config_without_a_folder_has_shapes_but_no_weights():
+  """Without its argument the config names a shape preset: enough for grpo_jax.aot, while
+  loading it for training says which folder to give."""
+  from grpo_jax import models
+  from grpo_jax.models import presets
+
+  cfg = load_config("qwen25_gsm8k.py")
+  assert presets.shapes(cfg.model.name).num_layers == 28
   with pytest.raises(ValueError, match="checkpoint folder"):
-    load_config("qwen25_gsm8k.py")
+    models.load(cfg.model.name)
 
 
 def test_real_scale_config_runs_a_step_on_a_tiny_qwen2(tmp_path):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax.models import checkpoints, tiny
+from grpo_jax.models import checkpoints, presets, tiny
 from grpo_jax.models.transformer import ModelConfig, Transformer, init_model, model_from_params
 
 __all__ = ["load", "export", "ModelConfig", "Transformer", "init_model", "model_from_params",
@@ -81,6 +81,10 @@ def resolve(name_or_path: str) -> tuple[str, str]:
     return "tiny", ""
   if name_or_path in EMBEDDED_GGUF:
     return "gguf", embedded_gguf_path(name_or_path)
+  if name_or_path in presets.PRESETS:
+    raise ValueError(f"{name_or_path!r} is a shape preset (for python -m grpo_jax.aot), not a "
+                     "model with weights; give its Hugging Face checkpoint folder instead "
+                     "(config.json + *.safetensors), e.g. --config=configs/FILE.py:/path/to/model")
   if name_or_path.endswith(".gguf"):
     if not os.path.isfile(name_or_path):
       raise FileNotFoundError(f"GGUF file not found: {name_or_path}")

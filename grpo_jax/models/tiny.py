@@ -20,11 +20,19 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+def _characters() -> list[str]:
+  return [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+
+
+def vocab_size() -> int:
+  return len(SPECIAL) + len(TAGS) + len(_characters())
+
+
 def tokenizer():
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
 
-  chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+  chars = _characters()
   vocab = {tok: i for i, tok in enumerate(SPECIAL + TAGS + chars)}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax import flop_count
+
 Array = jax.Array
 Cache = dict[str, Array]
 
@@ -355,7 +357,8 @@ class Transformer(nnx.Module):
     x = self.embed[...][tokens_BxL].astype(jnp.float32)
     caches = (None, None) if cache is None else (cache["k"], cache["v"])
     prefixes = (None, None) if prefix is None else (prefix["k"], prefix["v"])
-    x, new_kv = jax.lax.scan(layer, x, (self._layer_params(), *caches, *prefixes))
+    x, new_kv = jax.lax.scan(layer, x, (self._layer_params(), *caches, *prefixes),
+                             unroll=flop_count.SCAN_UNROLL.get())
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     if not keep_kv:
       return x
