@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import inspect
 import os
+import typing
 
 import ml_collections
 
@@ -21,83 +23,113 @@ from grpo_jax.data import TASKS, TEMPLATES
 MODES = ("grpo", "sft")
 
 
-def defaults() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.mode = "grpo"  # "grpo" (train.py) | "sft": supervised fine-tuning on config.sft (sft.py)
+def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
+  """The defaults and each key's one-line meaning, set side by side.
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "smollm2-135m-instruct"  # known name, HF folder, or .gguf path
-  c.model.dtype = "float32"  # matmul operand dtype ("bfloat16" on accelerators)
+  The meanings are data, not comments, so `--print_config` and the docs test read them from
+  here: a key cannot be added without saying what it does.
+  """
+  c, meaning = ml_collections.ConfigDict(), {}
 
-  c.task = ml_collections.ConfigDict()
-  c.task.name = "arithmetic"
-  c.task.template = "chat"  # "chat" | "r1_zero" | "plain"
-  c.task.kwargs = ml_collections.ConfigDict()  # task difficulty knobs and seed
+  def key(path: str, value, text: str):
+    *sections, leaf = path.split(".")
+    node = c
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    node[leaf] = value
+    meaning[path] = text
 
-  c.rl = ml_collections.ConfigDict()
-  c.rl.num_generations = 8  # G, completions per prompt
-  c.rl.beta = 0.04  # KL coefficient (0: no reference model)
-  c.rl.epsilon = 0.2
-  c.rl.epsilon_high = ml_collections.FieldReference(None, field_type=float)
-  c.rl.loss_type = "grpo"  # grpo | bnpo | dapo | dr_grpo
-  c.rl.kl_estimator = "k3"
-  c.rl.scale_rewards = "group"  # group | batch | none
-  c.rl.num_iterations = 1  # updates per rollout (mu)
-  c.rl.importance_sampling_level = "token"  # token | sequence (GSPO)
-  c.rl.max_prompt_length = 128
-  c.rl.max_completion_length = 128
-  c.rl.temperature = 1.0
-  c.rl.top_p = 1.0
-  c.rl.top_k = 0
-  c.rl.mask_truncated_completions = False  # DAPO: no loss on completions cut at the limit
+  key("mode", "grpo", '"grpo": RL training (train.py); "sft": supervised fine-tuning on config.sft')
+  key("rewards", [("accuracy", 1.0), ("format", 0.5)],
+      "reward functions and weights: (name, weight) pairs in a file, "
+      '"name:weight,name:weight" on the command line')
 
-  c.rewards = [("accuracy", 1.0), ("format", 0.5)]
+  key("model.name", "smollm2-135m-instruct",
+      "what to load: a known name, a Hugging Face folder, a .gguf file or a training workdir")
+  key("model.dtype", "float32", 'matmul operand dtype, fp32 accumulation ("bfloat16" on '
+      "accelerators); params stay fp32")
+
+  key("task.name", "arithmetic", f"the prompt source, one of {sorted(TASKS)}")
+  key("task.template", "chat", 'how a question becomes a prompt: "chat" | "r1_zero" | "plain"')
+  key("task.kwargs", ml_collections.ConfigDict(),
+      "the task's own settings (difficulty, files, seed), passed to its constructor")
+
+  key("rl.num_generations", 8, "G, completions sampled per prompt (at least 2)")
+  key("rl.beta", 0.04, "KL coefficient; 0 drops the KL term and the reference model")
+  key("rl.epsilon", 0.2, "lower clip range (and the upper one when epsilon_high is unset)")
+  key("rl.epsilon_high", ml_collections.FieldReference(None, field_type=float),
+      "upper clip range; None = epsilon (DAPO's clip-higher: 0.28)")
+  key("rl.loss_type", "grpo", f"token aggregation, one of {list(losses.LOSS_TYPES)}")
+  key("rl.kl_estimator", "k3", f"KL estimator, one of {list(losses.KL_ESTIMATORS)}")
+  key("rl.scale_rewards", "group",
+      "advantage scaling: group std | batch std | none (mean only, Dr. GRPO)")
+  key("rl.num_iterations", 1, "mu, optimizer updates per rollout")
+  key("rl.importance_sampling_level", "token", 'importance ratios: "token" (GRPO) | '
+      '"sequence" (GSPO)')
+  key("rl.max_prompt_length", 128, "prompt tokens kept (longer prompts keep their end)")
+  key("rl.max_completion_length", 128,
+      "completion limit in tokens (also dr_grpo's normaliser and the evaluation's limit)")
+  key("rl.temperature", 1.0, "sampling temperature (0 = greedy); the loss's log-probs use it too")
+  key("rl.top_p", 1.0, "nucleus sampling mass (1 = off)")
+  key("rl.top_k", 0, "top-k sampling (0 = off)")
+  key("rl.mask_truncated_completions", False,
+      "DAPO: no loss on completions cut at the length limit without a stop token")
 
   # LLM-as-judge reward ("judge" in config.rewards): a model ranks each group's G answers.
-  c.judge = ml_collections.ConfigDict()
-  c.judge.model = "policy"  # "policy" (the current params) or anything models.load reads
-  c.judge.template = "chat"  # how the judging prompt is written: "chat" | "plain"
+  key("judge.model", "policy",
+      '"policy" (the current params) or anything model.name accepts; used by the "judge" reward')
+  key("judge.template", "chat", 'how the judging prompt is written: "chat" | "plain"')
 
   # Supervised fine-tuning (mode "sft"; cold start, distillation). Batches of
   # train.prompts_per_step rows; prompts under task.template; the task's eval as in GRPO.
-  c.sft = ml_collections.ConfigDict()
-  c.sft.path = ""  # JSONL: {"prompt", "completion"} or {"messages": [..., assistant turn]} a line
-  c.sft.eval_path = ""  # optional held-out JSONL of the same form: eval/loss at evaluations
-  c.sft.epochs = 0.0  # > 0: this many passes over the data (instead of train.steps)
-  c.sft.max_length = 1024  # tokens of prompt + completion (+ EOS); longer rows are cut at the end
+  key("sft.path", "", 'training JSONL: {"prompt", "completion"} or {"messages": [...]} a line '
+      "(required in SFT mode)")
+  key("sft.eval_path", "", "optional held-out JSONL of the same form: eval/loss at evaluations")
+  key("sft.epochs", 0.0, "> 0: this many passes over the data (instead of train.steps)")
+  key("sft.max_length", 1024,
+      "tokens of prompt + completion (+ end of turn); longer rows are cut at the end")
 
-  c.opt = ml_collections.ConfigDict()
-  c.opt.learning_rate = 1e-6
-  c.opt.warmup_steps = 0
-  c.opt.weight_decay = 0.0
-  c.opt.max_grad_norm = 1.0
-  c.opt.schedule = "constant"  # constant | cosine
+  key("opt.learning_rate", 1e-6, "peak learning rate (AdamW, after a linear warmup from 0)")
+  key("opt.warmup_steps", 0, "optimizer updates of linear warmup")
+  key("opt.weight_decay", 0.0, "AdamW's decoupled weight decay")
+  key("opt.max_grad_norm", 1.0, "global gradient-norm clip (0 = off)")
+  key("opt.schedule", "constant", 'after warmup: "constant" | "cosine" (decay to 0)')
 
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 100
-  c.train.prompts_per_step = 4  # B; N = B * G completions per step
-  c.train.grad_accum_steps = 1
-  c.train.seed = 0
-  c.train.log_every = 1
-  c.train.eval_every = 0  # 0: evaluate only before the first and after the last step
-  c.train.checkpoint_every = 50
-  c.train.keep_checkpoints = 3
-  # Memory of one device for the start-up check; 0: what the device reports (GPU/TPU;
-  # a CPU reports none, so no check there unless set).
-  c.train.device_memory_gb = 0.0
+  key("train.steps", 100, "training steps (a rollout plus num_iterations updates each, in GRPO)")
+  key("train.prompts_per_step", 4, "B, prompts per step (N = B * G completions); SFT: rows")
+  key("train.grad_accum_steps", 1, "micro-batches per update (must divide prompts_per_step)")
+  key("train.seed", 0, "seed of sampling, of evaluation samples and of SFT's data order")
+  key("train.log_every", 1, "write metrics every this many steps (and at evaluations, the end)")
+  key("train.eval_every", 0, "evaluate every this many steps; 0 = only before and after training")
+  key("train.checkpoint_every", 50, "checkpoint every this many steps (and at the end, on "
+      "SIGTERM/SIGINT)")
+  key("train.keep_checkpoints", 3, "how many of the newest checkpoints to keep")
+  key("train.device_memory_gb", 0.0, "one device's memory for the start-up check; 0 = what "
+      "the device reports (a CPU reports none: no check)")
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  key("mesh.data", -1, "data-parallel axis: batch split, params replicated (-1 = the rest)")
+  key("mesh.fsdp", 1, "FSDP axis: batch, params and optimizer state split")
+  key("mesh.tensor", 1, "tensor-parallel axis: heads, MLP width and vocabulary split")
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_problems = 64
-  c.eval.num_samples = 1  # k: pass@1 is the mean over k samples, maj@k when k > 1
-  c.eval.temperature = 0.0  # 0: greedy
-  c.eval.prompts_per_batch = 16
-  c.eval.reward = "accuracy"  # the reward (a REWARD_FUNCTIONS name) that says an answer is right
-  return c
+  key("eval.num_problems", 64, "held-out problems of the task (0 = no evaluation)")
+  key("eval.num_samples", 1, "k completions per problem: pass@1 is their mean; maj@k, pass@k")
+  key("eval.temperature", 0.0, "sampling temperature of the evaluation (0 = greedy)")
+  key("eval.prompts_per_batch", 16, "prompts sampled at once")
+  key("eval.reward", "accuracy", "the reward (a REWARD_FUNCTIONS name) whose full credit means "
+      "right")
+  return c, meaning
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every key with its default value: the base of every experiment file."""
+  return _schema()[0]
+
+
+def meanings() -> dict[str, str]:
+  """{key: one-line meaning} for every key of `defaults()`, in the schema's order."""
+  return _schema()[1]
 
 
 def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -113,6 +145,106 @@ def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def task_parameters(name: str) -> dict[str, tuple[typing.Any, typing.Any]]:
+  """{setting: (type, default)} of task `name`'s constructor, the keys config.task.kwargs takes
+  (read from its signature, so a new task needs no list here). A required setting's default
+  is inspect.Parameter.empty."""
+  cls = TASKS[name]
+  hints = typing.get_type_hints(cls.__init__)
+  return {p.name: (hints.get(p.name, str), p.default)
+          for p in inspect.signature(cls).parameters.values()
+          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def task_setting_type(task: str, setting: str):
+  """The type task `task` declares for `setting`; ConfigError naming the closest setting it
+  has when it has no such one."""
+  params = task_parameters(task)
+  if setting not in params:
+    close = difflib.get_close_matches(setting, list(params), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"config.task.kwargs.{setting}: task {task!r} has no setting {setting!r}; "
+                      f"{hint}its settings: {', '.join(params)}")
+  return params[setting][0]
+
+
+def parse_task_setting(task: str, setting: str, text: str):
+  """The command line's text for config.task.kwargs.`setting` as the value task `task` takes
+  (its constructor's annotation: int, float, bool, str, or one of them or None)."""
+  hint = task_setting_type(task, setting)
+  types = typing.get_args(hint) or (hint,)
+  if type(None) in types and text.lower() in ("none", "null"):
+    return None
+  for t in types:
+    try:
+      if t is bool:
+        if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+          return text.lower() in ("true", "1", "yes")
+      elif t in (int, float, str):
+        return t(text)
+    except ValueError:
+      pass
+  names = " or ".join(getattr(t, "__name__", str(t)) for t in types)
+  raise ConfigError(f"config.task.kwargs.{setting}={text!r}: task {task!r} takes {names} there")
+
+
+def _show(key: str, value) -> str:
+  """A value as --print_config shows it; config.rewards in its command-line form."""
+  if key == "rewards":
+    try:
+      value = rewards.format_rewards(value)
+    except (TypeError, ValueError):  # validate reports it; show what is there
+      pass
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return repr(value)
+
+
+def _task_rows(task: str, kwargs: dict) -> list[tuple[str, str, str, str]]:
+  """describe's rows of config.task.kwargs: every setting of the task's constructor."""
+  cls, unset = TASKS[task], inspect.Parameter.empty
+  params = task_parameters(task)
+  meaning = f"a setting of task {task!r} ({cls.__module__}.{cls.__name__})"
+  rows = []
+  for setting, (_, default) in params.items():
+    value = kwargs.get(setting, default)
+    rows.append((f"task.kwargs.{setting}", "(unset)" if value is unset else repr(value),
+                 "(required)" if default is unset else repr(default), meaning))
+  return rows + [(f"task.kwargs.{k}", repr(v), "-", f"not a setting of task {task!r}")
+                 for k, v in kwargs.items() if k not in params]
+
+
+def describe(cfg, source: str = "") -> str:
+  """Every key of `cfg` with its value, its default and what it means, one a line, in the
+  schema's order; config.task.kwargs as the settings of cfg.task.name's constructor. What
+  `python -m grpo_jax.main --config=FILE --print_config` prints."""
+  base = defaults()
+
+  def get(c, key):
+    for part in key.split("."):
+      if not isinstance(c, ml_collections.ConfigDict) or part not in c:
+        return "(unset)"
+      c = c[part]
+    return _show(key, c)
+
+  rows = []
+  for key, meaning in meanings().items():
+    if key == "task.kwargs" and cfg.task.name in TASKS:
+      rows += _task_rows(cfg.task.name, cfg.task.kwargs.to_dict())
+    else:
+      rows.append((key, get(cfg, key), get(base, key), meaning))
+  rows += [(key, get(cfg, key), "-", "not in the schema: validation rejects it")
+           for key in sorted(_flat_keys(cfg) - set(meanings()))]
+  left = [f"config.{key} = {value}" for key, value, _, _ in rows]
+  width = min(max(map(len, left)), 64)
+  default_width = min(max(len(default) for _, _, default, _ in rows), 24)
+  lines = [f"# {source or 'the config'}, with its command-line overrides: set a key with "
+           "--config.KEY=VALUE"]
+  lines += [f"{text.ljust(width)}  default {default.ljust(default_width)}  {meaning}"
+            for text, (_, _, default, meaning) in zip(left, rows)]
+  return "\n".join(lines)
 
 
 def _flat_keys(cfg, prefix="") -> set[str]:
@@ -191,7 +323,7 @@ def validate(cfg, *, data: bool = True) -> None:
   _check(cfg.judge.template in ("chat", "plain"),
          f"config.judge.template={cfg.judge.template!r}; expected 'chat' or 'plain'")
   try:
-    rewards.get_reward_fns(list(cfg.rewards))
+    rewards.get_reward_fns(cfg.rewards)
   except (KeyError, ValueError, TypeError) as e:
     raise ConfigError(f"config.rewards: {e}") from None
 

@@ -5,6 +5,11 @@ config.
     python -m grpo_jax.main --config=configs/tiny_arithmetic.py --workdir=/tmp/tiny \\
         --config.train.steps=20 --config.rl.beta=0
     python -m grpo_jax.main --config=configs/tiny_sft.py --workdir=/tmp/tiny_sft   # SFT
+    python -m grpo_jax.main --config=configs/tiny_arithmetic.py --print_config  # every key
+
+Every config key can be set with --config.KEY=VALUE, config.rewards as
+--config.rewards=accuracy:1,format:0.5 and the task's settings as
+--config.task.kwargs.KEY=VALUE (grpo_jax/config_cli.py; docs/config.md).
 
 Writes WORKDIR/metrics.jsonl, WORKDIR/tb (TensorBoard), WORKDIR/*.png plots,
 WORKDIR/samples.jsonl and WORKDIR/checkpoints; the same command on an existing
@@ -26,8 +31,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file (FILE.py or FILE.py:ARG); override any key with "
+    "--config.KEY=VALUE; --print_config lists them", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it has checkpoints)")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "print every config key with its value, default and meaning, then "
+    "exit (no --workdir needed, no model loaded)")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -35,7 +45,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "folder of JAX's persistent compilation cache, so a resumed or "
     "repeated run does not compile again ('' = off; default $GRPO_JAX_COMPILATION_CACHE, else "
     "~/.cache/grpo_jax/xla)")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])  # and --workdir, unless --print_config: _parse_flags
 
 
 def _cluster_detected(env) -> bool:
@@ -63,6 +73,14 @@ def initialize_distributed():
   jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
 
 
+def _parse_flags(argv):
+  """absl's parse, with one-line errors for config overrides and the overrides it lacks
+  (config_cli), before main()."""
+  from grpo_jax import config_cli
+
+  return config_cli.parse_flags(argv, _CONFIG, _PRINT_CONFIG, required=[_WORKDIR])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -87,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -36,6 +37,17 @@ def test_sft_configs_train_the_model_and_task_of_their_grpo_run(sft, grpo):
   s, g = load_config(sft), load_config(grpo)
   assert (s.mode, g.mode) == ("sft", "grpo")
   assert s.task.to_dict() == g.task.to_dict() and s.model.to_dict() == g.model.to_dict()
+
+
+def test_every_key_has_a_meaning_and_a_row_in_docs_config_md():
+  """--print_config's meanings and docs/config.md's tables cover exactly the schema's keys."""
+  keys = config_lib._flat_keys(config_lib.defaults())
+  meanings = config_lib.meanings()
+  assert set(meanings) == keys
+  assert all(m.strip() and "\n" not in m for m in meanings.values())
+  with open(os.path.join(ROOT, "docs", "config.md")) as f:
+    documented = re.findall(r"^\| `([a-z_.]+)` \|", f.read(), re.MULTILINE)
+  assert sorted(documented) == sorted(keys)  # each once, none stale
 
 
 def test_from_file_needs_a_python_config():

@@ -316,6 +316,24 @@ def test_get_reward_fns_resolves_config_names():
     rewards.get_reward_fns([("acc", 1.0)])
 
 
+def test_rewards_string_form_of_the_command_line():
+  """"name:weight,name:weight" (a bare name weighs 1) resolves as the list of pairs does, and
+  format_rewards writes it back."""
+  assert rewards.parse_rewards(" accuracy:1, format:0.5,rouge1 ") == [
+      ("accuracy", 1.0), ("format", 0.5), ("rouge1", 1.0)]
+  assert (rewards.get_reward_fns("accuracy:2,judge:-1e-1") ==
+          ([("accuracy", rewards.accuracy_reward), ("judge", None)], [2.0, -0.1]))
+  assert rewards.format_rewards([("accuracy", 1.0), (second, 0.25)]) == "accuracy:1,second:0.25"
+  assert rewards.parse_rewards(rewards.format_rewards("format:0.5,tag_count:3")) == [
+      ("format", 0.5), ("tag_count", 3.0)]
+  for text, message in (("accuracy:1,,format", "expected name:weight pairs"), ("", "expected"),
+                        ("accuracy:one", "the weight of 'accuracy' is 'one', not a number")):
+    with pytest.raises(ValueError, match=message):
+      rewards.parse_rewards(text)
+  with pytest.raises(ValueError, match="unknown reward 'acc'"):
+    rewards.get_reward_fns("acc:1")  # not the characters 'a', 'c', 'c' as names
+
+
 def test_lenient_accuracy_falls_back_to_the_last_number():
   completions = ["4 + 4 = 8", "so it is -3.", "<answer>7</answer> then 9", "no number",
                  "about 1,234 apples", "\\boxed{12} and 13", "3/4"]

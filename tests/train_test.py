@@ -317,7 +317,7 @@ def test_batch_not_divisible_by_the_batch_shards(tmp_path, compile_cache):
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.rl.num_generations=1", "num_generations=1: GRPO needs at least 2 completions"),
-    ("--config.rl.betta=0.1", 'Did you mean "beta"'),
+    ("--config.rl.betta=0.1", "unknown config key config.rl.betta; did you mean config.rl.beta?"),
 ])
 def test_cli_rejects_a_bad_config_before_loading_a_model(flag, message, tmp_path, compile_cache):
   proc = run_cli([f"--config={TINY}", f"--workdir={tmp_path / 'run'}", flag],

@@ -280,13 +280,15 @@ class Jsonl(_RowsTask):
 
   _shuffle_name = "jsonl"  # the seed string of earlier runs: their resumes stay exact
 
-  def __init__(self, path: str, eval_path: str | None = None, eval_fraction: float = 0.05,
+  # path defaults to "" only so that leaving it out gets the message below, not a TypeError.
+  def __init__(self, path: str = "", eval_path: str | None = None, eval_fraction: float = 0.05,
                prompt_key: str = "prompt", answer_key: str = "answer", seed: int = 0):
     import os
 
     if not path:
-      raise ValueError("task 'jsonl' needs the path of a JSON-lines file: "
-                       "--config.task.kwargs.path=FILE.jsonl")
+      raise ValueError("task 'jsonl' needs the path of a JSON-lines file: in training "
+                       "--config.task.kwargs.path=FILE.jsonl, in evaluate and rejection "
+                       "--task_kwargs='{\"path\": \"FILE.jsonl\"}'")
 
     def check(row, where):
       if prompt_key not in row or answer_key not in row:

@@ -12,8 +12,9 @@ TRL-side scripts can import it cheaply.
 """
 
 from grpo_jax.rewards.combine import (REWARD_FUNCTIONS, RUNTIME_REWARDS, RewardError, Scores,
-                                      combine_rewards, get_reward_fns, reward_fn_name,
-                                      score_rewards, weigh_scores)
+                                      combine_rewards, format_rewards, get_reward_fns,
+                                      parse_rewards, reward_fn_name, score_rewards,
+                                      weigh_scores)
 from grpo_jax.rewards.countdown import countdown_equation, countdown_reward, countdown_value
 from grpo_jax.rewards.functions import (RewardFn, accuracy_reward, exact_match_reward,
                                         format_reward, lenient_accuracy_reward,
@@ -25,7 +26,8 @@ from grpo_jax.rewards.parse import (TAGS, completion_text, extract_answer, extra
 
 __all__ = [
     "REWARD_FUNCTIONS", "RUNTIME_REWARDS", "RewardError", "Scores", "combine_rewards",
-    "get_reward_fns", "reward_fn_name", "score_rewards", "weigh_scores",
+    "format_rewards", "get_reward_fns", "parse_rewards", "reward_fn_name", "score_rewards",
+    "weigh_scores",
     "countdown_equation", "countdown_reward", "countdown_value",
     "RewardFn", "accuracy_reward", "exact_match_reward", "format_reward",
     "lenient_accuracy_reward", "lenient_format_reward", "math_accuracy_reward", "rouge1_reward",

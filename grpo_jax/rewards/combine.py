@@ -53,18 +53,47 @@ def reward_fn_name(fn) -> str:
 RUNTIME_REWARDS = ("judge",)  # judge.py: a model ranks each group's answers (config.judge)
 
 
+def parse_rewards(text: str) -> list[tuple[str, float]]:
+  """`config.rewards` as the command line writes it: "name:weight,name:weight" ("name" alone
+  weighs 1), e.g. "accuracy:1,format:0.5" -> [("accuracy", 1.0), ("format", 0.5)].
+
+  Only the syntax is checked here; `get_reward_fns` checks the names.
+  """
+  specs = []
+  for item in text.split(","):
+    name, sep, weight = item.strip().partition(":")
+    name = name.strip()
+    if not name:
+      raise ValueError(f"{text!r}: expected name:weight pairs separated by commas, e.g. "
+                       '"accuracy:1,format:0.5"')
+    try:
+      specs.append((name, float(weight) if sep else 1.0))
+    except ValueError:
+      raise ValueError(f"{text!r}: the weight of {name!r} is {weight!r}, not a number") from None
+  return specs
+
+
+def format_rewards(specs) -> str:
+  """The "name:weight,..." form of (name_or_fn, weight) pairs, as `parse_rewards` reads it."""
+  named, weights = get_reward_fns(specs)
+  return ",".join(f"{name}:{weight:g}" for (name, _), weight in zip(named, weights))
+
+
 def get_reward_fns(specs) -> tuple[list[tuple[str, RewardFn]], list[float]]:
   """Resolves `config.rewards` into (named reward functions, weights).
 
   Args:
     specs: sequence of (name_or_fn, weight), or bare names / functions
-      (weight 1). Names are keys of REWARD_FUNCTIONS or RUNTIME_REWARDS; a
-      RUNTIME_REWARDS name comes back with None as its function, for the
+      (weight 1), or the command line's string "name:weight,name:weight"
+      (`parse_rewards`). Names are keys of REWARD_FUNCTIONS or RUNTIME_REWARDS;
+      a RUNTIME_REWARDS name comes back with None as its function, for the
       caller that has the model to build it.
 
   Returns:
     ([(name, fn)], [weight]), ready for `combine_rewards(*get_reward_fns(...), ...)`.
   """
+  if isinstance(specs, str):  # else iterating it would take each character for a name
+    specs = parse_rewards(specs)
   named, weights = [], []
   for spec in specs:
     fn, weight = (spec, 1.0) if isinstance(spec, str) or callable(spec) else spec
