@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from grpo_jax import advantages, losses, rewards
+from grpo_jax import advantages, losses, metrics_io, rewards
 from grpo_jax.data import TASKS, TEMPLATES
 
 
@@ -97,6 +97,14 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval.temperature = 0.0  # 0: greedy
   c.eval.prompts_per_batch = 16
   c.eval.reward = "accuracy"  # the reward (a REWARD_FUNCTIONS name) that says an answer is right
+
+  # Experiment trackers besides metrics.jsonl and TensorBoard (process 0 logs).
+  c.logging = ml_collections.ConfigDict()
+  c.logging.wandb = ml_collections.ConfigDict()
+  c.logging.wandb.project = ""  # "": no Weights & Biases; needs `pip install -e .[wandb]`
+  c.logging.wandb.mode = "offline"  # offline (files in WORKDIR/wandb; `wandb sync`) | online
+  c.logging.wandb.name = ""  # "": the workdir's name
+  c.logging.wandb.entity = ""  # "": the account's default
   return c
 
 
@@ -189,6 +197,10 @@ def validate(cfg) -> None:
     rewards.get_reward_fns(list(cfg.rewards))
   except (KeyError, ValueError, TypeError) as e:
     raise ConfigError(f"config.rewards: {e}") from None
+  try:  # a tracker that cannot start fails here, not after the model has loaded
+    metrics_io.check_wandb_config(cfg.logging.wandb)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _validate_sft(sft) -> None:
