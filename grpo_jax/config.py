@@ -16,7 +16,7 @@ import typing
 
 import ml_collections
 
-from grpo_jax import advantages, losses, rewards
+from grpo_jax import advantages, losses, metrics_io, rewards
 from grpo_jax.data import TASKS, TEMPLATES
 
 
@@ -119,6 +119,13 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("eval.prompts_per_batch", 16, "prompts sampled at once")
   key("eval.reward", "accuracy", "the reward (a REWARD_FUNCTIONS name) whose full credit means "
       "right")
+
+  # Experiment trackers besides metrics.jsonl and TensorBoard (process 0 logs).
+  key("logging.wandb.project", "", 'Weights & Biases project; "" = off (needs the wandb extra)')
+  key("logging.wandb.mode", "offline", '"offline" (files in WORKDIR/wandb; `wandb sync`) | '
+      '"online"')
+  key("logging.wandb.name", "", 'the W&B run name; "" = the workdir\'s name')
+  key("logging.wandb.entity", "", 'the W&B entity; "" = the account\'s default')
   return c, meaning
 
 
@@ -326,6 +333,10 @@ def validate(cfg, *, data: bool = True) -> None:
     rewards.get_reward_fns(cfg.rewards)
   except (KeyError, ValueError, TypeError) as e:
     raise ConfigError(f"config.rewards: {e}") from None
+  try:  # a tracker that cannot start fails here, not after the model has loaded
+    metrics_io.check_wandb_config(cfg.logging.wandb)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _validate_sft(sft) -> None:

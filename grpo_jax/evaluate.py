@@ -29,6 +29,8 @@ credit (>= 1). pass@1 is the mean accuracy over all k samples (docs/maths.md);
 maj@k the accuracy of the most frequent answer among the k; pass@k the unbiased
 estimator of the probability that at least one of k samples is right (with
 n = k samples drawn, it is the fraction of problems with any right sample).
+The command line's keys are those of metrics.jsonl without "eval/" (eval/pass@1
+there is pass@1 here).
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def _metrics(judged: Sequence[dict], completions: Sequence[Sequence[str]], lengt
     raise ValueError(f"every problem needs the same number of completions; got "
                      f"{sorted({len(texts) for texts in completions})}")
   metrics = {
-      "eval/accuracy": float(np.mean([np.mean(j["correct"]) for j in judged])),
+      "eval/pass@1": float(np.mean([np.mean(j["correct"]) for j in judged])),
       f"eval/maj@{k}": float(np.mean([j["majority_correct"] for j in judged])),
       f"eval/pass@{k}": float(np.mean([pass_at_k(k, sum(j["correct"]), k) for j in judged])),
       "eval/num_problems": len(judged),
@@ -128,8 +130,8 @@ def score(examples: Sequence[dict], completions: Sequence[Sequence[str]],
     lengths: optional token lengths [len(examples), k]; adds "eval/mean_length".
 
   Returns:
-    {"eval/accuracy" (pass@1), "eval/maj@k", "eval/pass@k", "eval/num_problems",
-     "eval/mean_length_chars"[, "eval/mean_length"]}.
+    {"eval/pass@1", "eval/maj@k", "eval/pass@k", "eval/num_problems",
+     "eval/mean_length_chars"[, "eval/mean_length"]} (one key for pass@k when k = 1).
   """
   judged = [score_problem(ex, texts, correct_fn)
             for ex, texts in zip(examples, completions, strict=True)]
@@ -364,7 +366,7 @@ def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> di
         f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
     _log(f"wrote {len(records)} records to {args.output}")
   k = args.num_samples
-  summary = {"pass@1": metrics["eval/accuracy"], f"maj@{k}": metrics[f"eval/maj@{k}"],
+  summary = {"pass@1": metrics["eval/pass@1"], f"maj@{k}": metrics[f"eval/maj@{k}"],
              f"pass@{k}": metrics[f"eval/pass@{k}"], "num_problems": metrics["eval/num_problems"],
              "mean_length": metrics["eval/mean_length"],
              "mean_length_chars": metrics["eval/mean_length_chars"],

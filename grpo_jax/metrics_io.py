@@ -1,6 +1,6 @@
-"""Metrics out of a run: WORKDIR/metrics.jsonl, TensorBoard, PNG plots, a progress line.
+"""Metrics out of a run: WORKDIR/metrics.jsonl, TensorBoard, W&B, PNG plots, a progress line.
 
-    writer = MetricsWriter(workdir, resume_step=restored_step)   # None: fresh run
+    writer = MetricsWriter(workdir, resume_step=restored_step)   # None: keep what is there
     writer.write(step, {"loss": ..., "reward": ...})             # one JSON line, flushed
     write_plots(workdir, read_metrics(workdir))                  # reward.png, kl.png, ...
     progress = Progress(total_steps); progress.update(step, metrics)
@@ -11,30 +11,60 @@ sys.path (running one of its files as a script).
 
 metrics.jsonl holds one object per logged step, {"step": int, name: float, ...};
 NaN and Infinity are written as JSON's common extensions (Python's json reads
-them). A run resumed from a checkpoint at step S first drops the lines after S
-(logged, then lost with the preemption), so the file of a resumed run equals
-that of an uninterrupted one.
+them). A run resumed from a checkpoint at step S first drops what it logged
+after S (lost with the preemption) from every per-step output: metrics.jsonl,
+samples.jsonl and the TensorBoard event files. So each of them equals that of
+an uninterrupted run; TensorBoard's own purge marker is not enough, since some
+of its readers ignore it. S = 0 (no checkpoint yet) drops everything, step 0's
+evaluation included, since the run redoes it.
+
+One name per quantity: metrics.jsonl, TensorBoard tags (written as is, '@'
+included, where tensorboardX would rename eval/maj@4 to eval/maj_4), W&B and
+the plots use the same keys. DEPRECATED_ALIASES are extra copies under old
+names, in metrics.jsonl only.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
+import math
 import numbers
 import os
+import socket
+import struct
 import sys
-from typing import Any, Iterable, TextIO
+import time
+from typing import Any, Iterable, NamedTuple, TextIO
 
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+# Files of one JSON object per logged step, each with its "step"; cut back on resume.
+STEP_FILES = (METRICS_FILE, "samples.jsonl")
+TB_DIR = "tb"
+# Old name -> its current name. Written to metrics.jsonl only (not TensorBoard, W&B, plots)
+# so that scripts reading the old name keep working; to be removed in the release after 0.1.
+DEPRECATED_ALIASES = {"eval/accuracy": "eval/pass@1"}
 
-# file name -> (title, y label, key patterns)
+
+class Plot(NamedTuple):
+  title: str
+  ylabel: str
+  patterns: tuple[str, ...]  # keys, fnmatch patterns; the first one's line is drawn on top
+  ylim: tuple[float, float] | None = None  # fixed y range (fractions)
+  exp_axis: str | None = None  # a key logged as exp(y) (perplexity): if present, a right axis
+
+
 PLOTS = {
-    "reward.png": ("Reward", "mean reward", ("reward", "rewards/*/mean")),
-    "accuracy.png": ("Evaluation", "accuracy", ("eval/accuracy", "eval/maj@*")),
-    "length.png": ("Completion length", "tokens", ("completions/mean_length",)),
-    "kl.png": ("KL to the reference policy", "kl", ("kl",)),
+    "reward.png": Plot("Reward", "mean reward", ("reward", "rewards/*/mean")),
+    "accuracy.png": Plot("Held-out evaluation", "fraction of problems",
+                         ("eval/pass@1", "eval/maj@*", "eval/pass@*"), ylim=(0.0, 1.0)),
+    # GRPO: the policy loss. SFT: the training and held-out NLL, perplexity on the right.
+    "loss.png": Plot("Loss", "loss", ("loss", "eval/loss"), exp_axis="perplexity"),
+    "length.png": Plot("Completion length", "tokens", ("completions/mean_length",)),
+    "kl.png": Plot("KL to the reference policy", "kl", ("kl",)),
 }
 
 
@@ -75,56 +105,205 @@ def _write_records(path: str, records: Iterable[dict]) -> None:
     f.writelines(json.dumps(r) + "\n" for r in records)
 
 
+# -- resume: cut every per-step output back to the checkpoint --------------------------
+def _read_tfrecords(data: bytes) -> tuple[list[bytes], int]:
+  """The records of a TFRecord file (TensorBoard's event files) and the bytes they span; a
+  torn tail (a kill during a write) is left out."""
+  out, pos = [], 0
+  while pos + 12 <= len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    if pos + 12 + n + 4 > len(data):
+      break
+    out.append(data[pos + 12:pos + 12 + n])
+    pos += 12 + n + 4
+  return out, pos
+
+
+def _tfrecord(data: bytes) -> bytes:
+  from tensorboardX.record_writer import masked_crc32c
+
+  header = struct.pack("<Q", len(data))
+  return (header + struct.pack("<I", masked_crc32c(header)) + data
+          + struct.pack("<I", masked_crc32c(data)))
+
+
+def _write_tfrecords(path: str, records: Iterable[bytes]) -> None:
+  with open(path, "wb") as f:
+    f.writelines(_tfrecord(r) for r in records)
+
+
+class _EventFile:
+  """A TensorBoard event file in TB_DIR, written and flushed at each step like metrics.jsonl.
+
+  Not tensorboardX's writers: they queue events for a thread, whose flush() does not wait for
+  the queue, so a kill loses steps already in metrics.jsonl; and add_scalar rewrites tags
+  ('@' -> '_').
+  """
+
+  def __init__(self, tb_dir: str):
+    from tensorboardX.proto import event_pb2, summary_pb2
+
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    os.makedirs(tb_dir, exist_ok=True)
+    # TensorBoard reads files in name order: the time first; the count keeps two files opened
+    # within one second apart.
+    n = len(glob.glob(os.path.join(tb_dir, "*tfevents*")))
+    self.path = os.path.join(tb_dir, f"events.out.tfevents.{int(time.time()):010d}."
+                                     f"{socket.gethostname()}.{os.getpid()}.{n:03d}")
+    self._file = open(self.path, "ab")
+    self._write(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _write(self, event) -> None:
+    self._file.write(_tfrecord(event.SerializeToString()))
+    self._file.flush()
+
+  def add_scalars(self, step: int, values: dict[str, float]) -> None:
+    summary = self._summary_pb2.Summary(value=[
+        self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def _truncate_events(tb_dir: str, keep) -> None:
+  """Rewrites each event file with only its scalars of steps `keep` accepts (and its version
+  header), without a torn tail; a file left without scalars is removed. Wall times are kept."""
+  from tensorboardX.proto.event_pb2 import Event
+
+  for path in sorted(glob.glob(os.path.join(tb_dir, "*tfevents*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    records, end = _read_tfrecords(data)
+    kept, scalars = [], 0
+    for record in records:
+      event = Event.FromString(record)
+      what = event.WhichOneof("what")
+      # Other events go too (tensorboardX's purge markers: they would hide the new steps).
+      if what == "file_version" or (what == "summary" and keep(event.step)):
+        kept.append(record)
+        scalars += what == "summary"
+    if not scalars:
+      os.remove(path)
+    elif len(kept) < len(records) or end < len(data):
+      _atomic_write(path, lambda p: _write_tfrecords(p, kept))
+
+
+def truncate_outputs(workdir: str, resume_step: int) -> None:
+  """Drops from metrics.jsonl, samples.jsonl and WORKDIR/tb what was logged after step
+  `resume_step` (all of it when 0: a run without a checkpoint starts over), and torn lines."""
+  def keep(step):
+    return 0 < resume_step and step <= resume_step
+
+  for name in STEP_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [r for r in _parse_lines(f.read()) if keep(r["step"])]
+      _atomic_write(path, lambda p: _write_records(p, kept))
+  if os.path.isdir(os.path.join(workdir, TB_DIR)):
+    _truncate_events(os.path.join(workdir, TB_DIR), keep)
+
+
+# -- writing -------------------------------------------------------------------------
 class MetricsWriter:
-  """Appends metrics to WORKDIR/metrics.jsonl and to TensorBoard (WORKDIR/tb).
+  """Appends metrics to WORKDIR/metrics.jsonl, TensorBoard (WORKDIR/tb) and, when configured,
+  Weights & Biases.
 
   Multi-host: create it on process 0 only.
   """
 
-  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = True,
+               wandb_cfg=None, run_config: dict | None = None):
     """Args:
       workdir: run directory (created if missing).
-      resume_step: the step of the checkpoint this run resumes from; records
-        with a larger step are dropped. None keeps every complete record.
+      resume_step: the step of the checkpoint this run resumes from (0: none, a fresh start);
+        what was logged after it is dropped from every output (`truncate_outputs`). None keeps
+        every complete record.
       tensorboard: also write TensorBoard scalars.
+      wandb_cfg: config.logging.wandb; a non-empty .project also logs to W&B.
+      run_config: the run's config as a dict, shown by W&B.
     """
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(self.path):  # rewritten also to drop a torn last line
-      kept = [r for r in read_metrics(workdir) if resume_step is None or r["step"] <= resume_step]
+    if resume_step is not None:
+      truncate_outputs(workdir, resume_step)
+    elif os.path.exists(self.path):  # rewritten to drop a torn last line
+      kept = read_metrics(workdir)
       _atomic_write(self.path, lambda p: _write_records(p, kept))
     self._file = open(self.path, "a")
-    self._tb = None
-    if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      # purge_step hides the lost steps' events that the killed run wrote.
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"),
-                               purge_step=None if resume_step is None else resume_step + 1)
+    self._tb = _EventFile(os.path.join(workdir, TB_DIR)) if tensorboard else None
+    self._wandb = None
+    if wandb_cfg is not None and wandb_cfg.project:
+      self._wandb = _wandb_init(wandb_cfg, workdir, resume_step, run_config)
 
   def write(self, step: int, metrics: dict[str, Any]) -> dict:
-    """Appends {"step": step, **metrics} (flushed) and returns the record."""
+    """Appends {"step": step, **metrics} (flushed) and returns the record as written to
+    metrics.jsonl (with the DEPRECATED_ALIASES)."""
     record = {"step": int(step)}
     record.update({k: _value(k, v) for k, v in metrics.items() if k != "step"})
+    current = dict(record)  # what TensorBoard and W&B get: no deprecated names
+    for alias, name in DEPRECATED_ALIASES.items():
+      if name in record and alias not in record:
+        record[alias] = record[name]
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, float):
-          self._tb.add_scalar(k, v, global_step=record["step"])
-      self._tb.flush()
+      scalars = {k: v for k, v in current.items() if k != "step" and isinstance(v, float)}
+      if scalars:
+        self._tb.add_scalars(record["step"], scalars)
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in current.items() if k != "step"}, step=record["step"])
     return record
 
   def close(self) -> None:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
 
   def __enter__(self) -> MetricsWriter:
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# -- Weights & Biases ----------------------------------------------------------------
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_wandb_config(wandb_cfg) -> None:
+  """Raises ValueError when W&B logging is asked for (a .project) but cannot run: a bad mode,
+  or the wandb package missing. Called by config.validate, before any work."""
+  if not wandb_cfg.project:
+    return
+  if wandb_cfg.mode not in WANDB_MODES:
+    raise ValueError(f"config.logging.wandb.mode={wandb_cfg.mode!r}; expected one of "
+                     f"{list(WANDB_MODES)}")
+  import importlib.util
+
+  if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+    raise ValueError(f"config.logging.wandb.project={wandb_cfg.project!r} asks for Weights & "
+                     "Biases logging, but the wandb package is not installed: "
+                     "pip install -e '.[wandb]' (or leave config.logging.wandb.project empty)")
+
+
+def _wandb_init(wandb_cfg, workdir: str, resume_step: int | None, run_config: dict | None):
+  """A W&B run logging to WORKDIR/wandb (offline by default: no network, `wandb sync` later).
+
+  W&B cannot take back steps it has logged, so a run resumed from step S > 0 is a new W&B run,
+  named NAME-from-S, in the group NAME; the steps after S that the first one logged stay there.
+  """
+  import wandb
+
+  name = wandb_cfg.name or run_name(workdir)
+  resumed = bool(resume_step)
+  return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity or None,
+                    mode=wandb_cfg.mode, dir=workdir, group=name,
+                    name=f"{name}-from-{resume_step}" if resumed else name,
+                    config=run_config)
 
 
 def _is_number(v) -> bool:
@@ -138,32 +317,85 @@ def _series(records: list[dict], patterns: Iterable[str]) -> dict[str, tuple[lis
   for pattern in patterns:
     for key in sorted(fnmatch.filter(keys, pattern)):
       pts = [(r["step"], r[key]) for r in records if _is_number(r.get(key))]
-      if pts:
+      if pts and key not in out:
         out[key] = tuple(map(list, zip(*pts)))
   return out
 
 
+def run_name(workdir: str) -> str:
+  """The run's name on plots and in W&B: the workdir's last component."""
+  return os.path.basename(os.path.normpath(os.path.abspath(workdir)))
+
+
+def _draw(ax, plot: Plot, series: dict) -> None:
+  # Identical series (maj@1 = pass@1 when k = 1) are one line with both names.
+  groups = []  # [keys, (steps, values)]
+  for key, data in series.items():
+    same = next((g for g in groups if g[1] == data), None)
+    if same is None:
+      groups.append([[key], data])
+    else:
+      same[0].append(key)
+  main = groups[0][0][0] == plot.patterns[0]  # the plot's headline (the total reward) is logged
+  handles = []
+  for i, (keys, (steps, values)) in enumerate(groups):
+    top = main and i == 0
+    # The headline is drawn last (on top of its components: rewards/tag_count/mean can equal
+    # it), thicker, and black when it has company; first in the legend.
+    handles.append(ax.plot(steps, values, marker="." if len(steps) < 50 else None,
+                           color="black" if top and len(groups) > 1 else f"C{i}",
+                           linewidth=2.5 if top else 1.5, zorder=3 if top else 2,
+                           clip_on=plot.ylim is None)[0])
+  if len(series) > 1:
+    ax.legend(handles, [" = ".join(keys) for keys, _ in groups], fontsize="small")
+
+
+def _exp_axis(ax, label: str) -> None:
+  """A right axis reading the left one's y as exp(y), ticked at round values."""
+  right = ax.secondary_yaxis("right", functions=(np.exp, lambda p: np.log(np.clip(p, 1e-9, None))))
+  lo, hi = ax.get_ylim()
+  round_values = [m * 10.0**e for e in range(-1, 6) for m in (1, 1.5, 2, 3, 5)]
+  ticks = [v for v in round_values if lo <= math.log(v) <= hi]
+  right.set_yticks(ticks, labels=[f"{v:g}" for v in ticks])
+  right.set_ylabel(label)
+
+
+def figure(name: str, plot: Plot, records: list[dict], *, size=(6.4, 4.0), dpi: int = 100):
+  """The matplotlib Figure of `plot` over `records`, titled with the run's name and its last
+  step; None when no record has its keys."""
+  from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+  series = _series(records, plot.patterns)
+  if not series:
+    return None
+  fig = Figure(figsize=size, dpi=dpi)
+  ax = fig.add_subplot()
+  _draw(ax, plot, series)
+  last = max(s for steps, _ in series.values() for s in steps)
+  ax.set_title(plot.title, loc="left")
+  ax.set_title(f"{name}, step {last}", loc="right", fontsize="small", color="0.3")
+  ax.set(xlabel="step", ylabel=plot.ylabel)
+  if plot.ylim is not None:  # a fraction: 0 and 1 in view, a flat 0 not blown up to +-0.04
+    ax.set_ylim(*plot.ylim)
+  if plot.exp_axis and any(plot.exp_axis in r for r in records):
+    _exp_axis(ax, plot.exp_axis)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
 def write_plots(workdir: str, records: list[dict], *, size=(6.4, 4.0), dpi: int = 100) -> list[str]:
-  """Writes reward.png, accuracy.png, length.png, kl.png (those with data) in WORKDIR.
+  """Writes reward.png, accuracy.png, loss.png, length.png, kl.png (those with data) in
+  WORKDIR (`figure` of each PLOTS entry, named after the workdir).
 
   Returns the paths written. Each PNG is `size` inches at `dpi`
   (640 x 400 pixels by default); ~0.1 s a plot.
   """
-  from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
   written = []
-  for filename, (title, ylabel, patterns) in PLOTS.items():
-    series = _series(records, patterns)
-    if not series:
+  for filename, plot in PLOTS.items():
+    fig = figure(run_name(workdir), plot, records, size=size, dpi=dpi)
+    if fig is None:
       continue
-    fig = Figure(figsize=size, dpi=dpi)
-    ax = fig.add_subplot()
-    for key, (steps, values) in series.items():
-      ax.plot(steps, values, label=key, marker="." if len(steps) < 50 else None)
-    ax.set(title=title, xlabel="step", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-      ax.legend(fontsize="small")
     path = os.path.join(workdir, filename)
     _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
     written.append(path)
@@ -171,7 +403,8 @@ def write_plots(workdir: str, records: list[dict], *, size=(6.4, 4.0), dpi: int 
 
 
 class Progress:
-  """A tqdm bar over the run's steps (stderr) with the last reward / loss and eval accuracy.
+  """A tqdm bar over the run's steps (stderr) with the last reward (GRPO) or loss (SFT) and the
+  last held-out pass@1.
 
   tqdm's rate is a moving average, so the first step's compilation soon stops weighing on the
   ETA; the loops say in the log when a step compiles.
@@ -180,17 +413,16 @@ class Progress:
   def __init__(self, total_steps: int, initial: int = 0, stream: TextIO | None = None):
     import tqdm
 
-    self._eval_accuracy = None
+    self._eval = {}
     self._bar = tqdm.tqdm(total=total_steps, initial=initial, unit="step", smoothing=0.3,
                           file=sys.stderr if stream is None else stream, dynamic_ncols=True,
                           desc="train")
 
   def postfix(self, metrics: dict[str, Any]) -> str:
-    if "eval/accuracy" in metrics:
-      self._eval_accuracy = float(metrics["eval/accuracy"])
+    # Evaluations are rarer than steps: their last values stay on the line until the next.
+    self._eval.update({k: float(metrics[k]) for k in ("eval/pass@1", "eval/loss") if k in metrics})
     parts = [f"{k} {float(metrics[k]):.3f}" for k in ("reward", "loss") if k in metrics]
-    if self._eval_accuracy is not None:
-      parts.append(f"eval acc {self._eval_accuracy:.3f}")
+    parts += [f"{k} {v:.3f}" for k, v in self._eval.items()]
     return " | ".join(parts)
 
   def update(self, step: int, metrics: dict[str, Any]) -> str:

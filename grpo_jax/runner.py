@@ -21,6 +21,7 @@ free function of them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -195,7 +196,9 @@ class Log:
 
   def __init__(self, run: Run, start: int):
     self.run = run
-    self.writer = metrics_io.MetricsWriter(run.workdir, resume_step=start) if run.is_main else None
+    self.writer = metrics_io.MetricsWriter(
+        run.workdir, resume_step=start, wandb_cfg=run.cfg.logging.wandb,
+        run_config=json.loads(run.cfg.to_json_best_effort())) if run.is_main else None
     self.progress = metrics_io.Progress(run.steps, initial=start) if run.is_main else None
     self.records = metrics_io.read_metrics(run.workdir) if start and run.is_main else []
 

@@ -9,7 +9,7 @@ harness GRPO uses too (runner.py): mesh and shardings, the optimizer
 (config.opt), orbax checkpoints in WORKDIR/checkpoints, config.json (so
 `models.load(WORKDIR)` and `config.model.name = WORKDIR` work), metrics.jsonl,
 TensorBoard, plots, the progress bar, and the task's evaluation (config.eval,
-eval/accuracy) before the first step, every train.eval_every steps and after
+eval/pass@1) before the first step, every train.eval_every steps and after
 the last; with config.sft.eval_path also the held-out loss eval/loss.
 
 Steps: train.steps, or ceil(sft.epochs * rows / B) when sft.epochs > 0, of
@@ -59,7 +59,7 @@ def train_sft(cfg, workdir: str) -> list[dict]:
   state, start = runner.restore_or_init(run, params)
   del params
   eval_fn = runner.combine_evaluators(
-      runner.task_evaluator(run, task),  # eval/accuracy etc. (None: eval.num_problems = 0)
+      runner.task_evaluator(run, task),  # eval/pass@1 etc. (None: eval.num_problems = 0)
       _loss_evaluator(run, [enc(r) for r in eval_rows], local) if eval_rows else None)
   update = sft.make_update_step(run.graphdef, run.optimizer,
                                 grad_accum_steps=cfg.train.grad_accum_steps,

@@ -103,4 +103,4 @@ def test_real_scale_config_runs_a_step_on_a_tiny_qwen2(tmp_path):
   assert [r["step"] for r in steps] == [1, 2]
   assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in steps)
   assert steps[-1]["kl"] > 0  # beta = 0.04: the reference forward ran and the policy moved
-  assert "eval/accuracy" in records[-1]
+  assert "eval/pass@1" in records[-1]

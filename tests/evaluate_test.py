@@ -26,19 +26,19 @@ def answers(texts_per_problem):
 
 def test_always_right():
   m = evaluate.score(EXAMPLES, answers([[ex["answer"]] * 4 for ex in EXAMPLES]))
-  assert m["eval/accuracy"] == m["eval/maj@4"] == m["eval/pass@4"] == 1.0
+  assert m["eval/pass@1"] == m["eval/maj@4"] == m["eval/pass@4"] == 1.0
 
 
 def test_always_wrong():
   m = evaluate.score(EXAMPLES, answers([["-1"] * 4 for _ in EXAMPLES]))
-  assert m["eval/accuracy"] == m["eval/maj@4"] == m["eval/pass@4"] == 0.0
+  assert m["eval/pass@1"] == m["eval/maj@4"] == m["eval/pass@4"] == 0.0
 
 
 def test_right_one_time_in_k():
   k = 4
   outs = [[ex["answer"]] + [str(100 + j) for j in range(k - 1)] for ex in EXAMPLES]
   m = evaluate.score(EXAMPLES, answers(outs))
-  assert m["eval/accuracy"] == pytest.approx(1 / k)
+  assert m["eval/pass@1"] == pytest.approx(1 / k)
   assert m["eval/pass@4"] == 1.0
   # Four different answers: the vote's tie goes to the first seen, here the right one.
   assert m["eval/maj@4"] == 1.0
@@ -50,7 +50,7 @@ def test_right_one_time_in_k():
 def test_majority_right_though_not_all():
   outs = [[ex["answer"], ex["answer"], "0", "no answer"] for ex in EXAMPLES]
   m = evaluate.score(EXAMPLES, answers(outs))
-  assert m["eval/maj@4"] == 1.0 and m["eval/accuracy"] == 0.5
+  assert m["eval/maj@4"] == 1.0 and m["eval/pass@1"] == 0.5
 
 
 def test_lengths_and_partial_credit():
@@ -63,7 +63,7 @@ def test_lengths_and_partial_credit():
     return [0.1] * len(completions)
 
   m = evaluate.score(EXAMPLES, outs, partial)
-  assert m["eval/accuracy"] == m["eval/maj@2"] == m["eval/pass@2"] == 0.0
+  assert m["eval/pass@1"] == m["eval/maj@2"] == m["eval/pass@2"] == 0.0
 
 
 def test_vote_key_numbers_and_strings():
@@ -85,9 +85,9 @@ def test_majority_vote_on_non_numeric_answers():
 
   right, wrong = "(1 + 2) * 3", "3 * 3"
   m = evaluate.score(examples, answers([[wrong, right, f" {right} ", "no"]]), same_equation)
-  assert m["eval/maj@4"] == 1.0 and m["eval/accuracy"] == 0.5
+  assert m["eval/maj@4"] == 1.0 and m["eval/pass@1"] == 0.5
   m = evaluate.score(examples, answers([[right, wrong, wrong, ""]]), same_equation)
-  assert m["eval/maj@4"] == 0.0 and m["eval/accuracy"] == 0.25
+  assert m["eval/maj@4"] == 0.0 and m["eval/pass@1"] == 0.25
   record = evaluate.score_problem(examples[0], answers([[right, wrong, wrong, ""]])[0],
                                   same_equation)
   assert record["votes"] == [right, wrong, wrong, None] and record["majority"] == wrong

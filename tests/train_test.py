@@ -156,7 +156,7 @@ def test_metrics_jsonl_has_every_key_finite_and_consistent(short_run):
   # The reference is the initial policy: no KL at the first step, some after an update.
   assert abs(first["kl"]) < 1e-6 and second["kl"] > 1e-7
   for step in (0, 2):  # before the first step and after the last
-    assert 0 <= on_disk[step]["eval/accuracy"] <= 1 and "eval/maj@2" in on_disk[step]
+    assert 0 <= on_disk[step]["eval/pass@1"] <= 1 and "eval/maj@2" in on_disk[step]
     assert on_disk[step]["eval/num_problems"] == 4
 
 
@@ -365,7 +365,7 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume(tmp_pa
   one = metrics_io.read_metrics(str(tmp_path / "one"))
   two = metrics_io.read_metrics(str(tmp_path / "two"))
   assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2]
-  assert "eval/accuracy" in one[0] and "eval/accuracy" in one[2] and "reward" in one[1]
+  assert "eval/pass@1" in one[0] and "eval/pass@1" in one[2] and "reward" in one[1]
   for a, b in zip(one, two):
     for key, value in a.items():  # step 1 of the stopped run also has an eval: not compared
       if not key.startswith("time/"):
