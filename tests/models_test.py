@@ -45,9 +45,15 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_torch):
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_torch):
+  """Ours is built from the GGUF without torch (checkpoints.read_gguf_tokenizer); the reference
+  is AutoTokenizer's, which needs torch."""
   tokenizer, ref = smollm2[1], smollm2_torch[1]
   for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
-    assert tokenizer(text)["input_ids"] == ref(text)["input_ids"]
+    ids = tokenizer(text)["input_ids"]
+    assert ids == ref(text)["input_ids"]
+    assert tokenizer.decode(ids) == ref.decode(ids)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+  assert tokenizer.all_special_ids == ref.all_special_ids and len(tokenizer) == len(ref)
   chat = [{"role": "user", "content": "What is 2+2?"}]
   ours = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
   assert ours == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)

@@ -58,8 +58,12 @@ def embedded_gguf_path(name: str) -> str:
 def _tokenizer(folder: str, gguf_file: str | None = None):
   from transformers import AutoTokenizer
 
-  tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else \
-      AutoTokenizer.from_pretrained(folder)
+  if gguf_file:
+    tok = checkpoints.read_gguf_tokenizer(os.path.join(folder, gguf_file))
+    if tok is None:
+      tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+  else:
+    tok = AutoTokenizer.from_pretrained(folder)
   if tok.pad_token is None:
     tok.pad_token = tok.eos_token
   return tok
@@ -149,9 +153,11 @@ def params_dict(model: Transformer) -> dict[str, Any]:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def export(model: Transformer, tokenizer, path: str) -> str:
-  """Writes a Hugging Face folder (config.json, model.safetensors, tokenizer) at `path`."""
-  checkpoints.write_hf_folder(path, model.cfg, params_dict(model), tokenizer)
+def export(model: Transformer, tokenizer, path: str, dtype: str = "float32") -> str:
+  """Writes a Hugging Face folder at `path`: config.json, model.safetensors (tensors in `dtype`,
+  "float32" or "bfloat16"), the tokenizer with its chat template, generation_config.json with
+  the stop tokens. `python -m grpo_jax.export` does this from the command line."""
+  checkpoints.write_hf_folder(path, model.cfg, params_dict(model), tokenizer, dtype=dtype)
   return path
 
 

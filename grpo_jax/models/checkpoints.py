@@ -196,22 +196,51 @@ def read_hf_folder(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
   return cfg, params_from_hf(tensors, cfg)
 
 
-def write_hf_folder(path: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None) -> None:
-  """Writes config.json, model.safetensors and the tokenizer files."""
+EXPORT_DTYPES = ("float32", "bfloat16")
+
+
+def write_hf_folder(path: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None,
+                    dtype: str = "float32") -> None:
+  """Writes config.json, model.safetensors and, with a tokenizer, its files (chat template
+  included) and generation_config.json.
+
+  Args:
+    dtype: the stored tensors' dtype, one of EXPORT_DTYPES ("bfloat16" halves the folder;
+      config.json's torch_dtype says which).
+  """
   from safetensors.numpy import save_file
 
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"export dtype must be one of {EXPORT_DTYPES}; got {dtype!r}")
   os.makedirs(path, exist_ok=True)
   extra = {}
   if tokenizer is not None:
     extra = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                  pad_token_id=tokenizer.pad_token_id)
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg, **extra), f, indent=2)
+    json.dump(config_to_hf(cfg, torch_dtype=dtype, **extra), f, indent=2)
+  tensors = params_to_hf(params, cfg)
+  if dtype == "bfloat16":
+    import ml_dtypes  # a JAX dependency; numpy has no bfloat16 of its own
+
+    tensors = {name: t.astype(ml_dtypes.bfloat16) for name, t in tensors.items()}
   tmp = os.path.join(path, "model.safetensors.tmp")
-  save_file(params_to_hf(params, cfg), tmp, metadata={"format": "pt"})
+  save_file(tensors, tmp, metadata={"format": "pt"})
   os.replace(tmp, os.path.join(path, "model.safetensors"))
   if tokenizer is not None:
     tokenizer.save_pretrained(path)
+    write_generation_config(path, tokenizer)
+
+
+def write_generation_config(path: str, tokenizer) -> None:
+  """generation_config.json with our stop tokens (EOS and the chat template's end of turn), so
+  transformers' and vLLM's generate stop where our sampler stops."""
+  from transformers import GenerationConfig
+
+  from grpo_jax.data.templates import stop_ids
+
+  GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=list(stop_ids(tokenizer)),
+                   pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
 
 
 # -- GGUF ------------------------------------------------------------------------
@@ -245,6 +274,36 @@ def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _gguf_field(reader, key, default=None):
   field = reader.fields.get(key)
   return default if field is None else field.contents()
+
+
+def read_gguf_tokenizer(path: str):
+  """The tokenizer of a GGUF file (a transformers fast tokenizer with its chat template), built
+  without PyTorch.
+
+  transformers 5 reads a GGUF's metadata with a reader that imports torch; the run does not
+  need torch otherwise, so we read the metadata with the gguf package and hand it to the same
+  conversion transformers uses (tests/models_test.py checks the ids against AutoTokenizer).
+  Returns None when this transformers has no such conversion (callers use AutoTokenizer).
+  """
+  import gguf
+
+  try:
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+  except ImportError:
+    return None
+  reader = gguf.GGUFReader(path)
+  meta = {key: field.contents() for key, field in reader.fields.items()
+          if key.startswith("tokenizer.") or key == "general.architecture"}
+  grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                     if f"tokenizer.{key}" in meta}
+             for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+  for name, key in mapping._SPECIAL_TOKENS.items():  # bos_token: its text, from its id
+    token_id = meta.get(f"tokenizer.ggml.{key}")
+    config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+  backend, extra = mapping.convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
 def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
