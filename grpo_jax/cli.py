@@ -29,7 +29,7 @@ from absl import app, flags
 from grpo_jax.data import TASKS, TEMPLATES
 
 # Every `python -m grpo_jax.NAME` program; `python -m grpo_jax` lists them with their summaries.
-ENTRY_POINTS = ("main", "generate", "evaluate", "rejection", "export")
+ENTRY_POINTS = ("main", "generate", "evaluate", "rejection", "export", "aot")
 
 FLAGS = flags.FLAGS
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from grpo_jax import aot, config as config_lib
+from grpo_jax import compiled, config as config_lib
 from grpo_jax.models import presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +95,8 @@ def test_update_flops_count_every_layer_and_micro_batch(overrides):
     section, leaf = key.split(".")
     cfg[section][leaf] = value
   m = presets.shapes(cfg.model.name)
-  fn, args, _ = aot.programs(cfg, m, None)["update"]
-  measured = aot.total_cost("update", fn, args, 0, cfg, m)["flops"]
+  fn, args, _ = compiled.programs(cfg, m, None)["update"]
+  measured = compiled.total_cost("update", fn, args, 0, cfg, m)["flops"]
   assert measured == pytest.approx(_analytic_update_flops(cfg, m), rel=0.05)
 
 
@@ -107,7 +107,7 @@ def test_collectives_are_counted_from_hlo_text():
   %ar = f32[4] all-reduce(f32[4] %x), to_apply=%add
   ROOT %rs = f32[1] reduce-scatter(f32[8] %y), dimensions={0}
   """
-  counts = aot.collectives(hlo)
+  counts = compiled.collectives(hlo)
   assert counts["all-gather"] == 1 and counts["all-reduce"] == 1
   assert counts["reduce-scatter"] == 1 and counts["all-to-all"] == 0
 
