@@ -31,6 +31,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resumes if it ha
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "resume a workdir whose checkpoints were trained with another "
+    "config (the changes are recorded in WORKDIR/config.json's history)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -75,9 +78,12 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   run = sft_train.train_sft if _CONFIG.value.mode == "sft" else train.train_and_evaluate
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    records = run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except config_lib.ConfigError as e:  # raised at start-up, before any step
     raise app.UsageError(str(e)) from None
+  # Stopped by a signal after checkpointing: exit as a shell reports a process it killed
+  # (130 for SIGINT, 143 for SIGTERM), so schedulers and scripts see the run did not finish.
+  return 128 + records.signum if records.signum else 0
 
 
 if __name__ == "__main__":
