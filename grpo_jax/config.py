@@ -312,7 +312,15 @@ def validate(cfg, *, data: bool = True) -> None:
   _check(cfg.opt.schedule in ("constant", "cosine"),
          f"config.opt.schedule={cfg.opt.schedule!r}; expected 'constant' or 'cosine'")
   _check(cfg.opt.learning_rate > 0, "config.opt.learning_rate must be > 0")
-  _check(cfg.eval.num_samples >= 1, "config.eval.num_samples must be >= 1")
+  _validate_schedule(train)
+  ev = cfg.eval
+  _check(ev.num_problems >= 0, f"config.eval.num_problems={ev.num_problems} must be >= 0 "
+         "(0: no evaluation)")
+  _check(ev.num_samples >= 1, f"config.eval.num_samples={ev.num_samples} must be >= 1")
+  _check(ev.prompts_per_batch >= 1, f"config.eval.prompts_per_batch={ev.prompts_per_batch} must "
+         "be >= 1 (prompts the evaluation samples at once; e.g. 16)")
+  _check(ev.temperature >= 0, f"config.eval.temperature={ev.temperature} must be >= 0 "
+         "(0: greedy)")
   _check(cfg.eval.reward in rewards.REWARD_FUNCTIONS,
          f"config.eval.reward={cfg.eval.reward!r}: unknown reward; known rewards: "
          f"{sorted(rewards.REWARD_FUNCTIONS)}")
@@ -337,6 +345,21 @@ def validate(cfg, *, data: bool = True) -> None:
     metrics_io.check_wandb_config(cfg.logging.wandb)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def _validate_schedule(train) -> None:
+  """The loop's counts: each is a divisor or a length, so 0 or less would fail mid-run."""
+  _check(train.steps >= 1, f"config.train.steps={train.steps} must be >= 1")
+  _check(train.log_every >= 1, f"config.train.log_every={train.log_every} must be >= 1 "
+         "(1: every step)")
+  for key, zero in (("eval_every", "evaluate only before the first and after the last step"),
+                    ("checkpoint_every", "checkpoint only at the last step and on a signal")):
+    _check(train[key] >= 0, f"config.train.{key}={train[key]} must be >= 0 (0: {zero})")
+  _check(train.keep_checkpoints >= 1,
+         f"config.train.keep_checkpoints={train.keep_checkpoints} must be >= 1 (the newest "
+         "checkpoint is the one a run resumes from)")
+  _check(train.device_memory_gb >= 0, f"config.train.device_memory_gb={train.device_memory_gb} "
+         "must be >= 0 (0: what the device reports)")
 
 
 def _validate_sft(sft) -> None:

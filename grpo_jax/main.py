@@ -45,6 +45,9 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "folder of JAX's persistent compilation cache, so a resumed or "
     "repeated run does not compile again ('' = off; default $GRPO_JAX_COMPILATION_CACHE, else "
     "~/.cache/grpo_jax/xla)")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "resume a workdir whose checkpoints were trained with another "
+    "config (the changes are recorded in WORKDIR/config.json's history)")
 flags.mark_flags_as_required(["config"])  # and --workdir, unless --print_config: _parse_flags
 
 
@@ -81,6 +84,12 @@ def _parse_flags(argv):
   return config_cli.parse_flags(argv, _CONFIG, _PRINT_CONFIG, required=[_WORKDIR])
 
 
+def _error(e: Exception) -> int:
+  """A config that cannot run: its message (one line, or a line and a breakdown) and exit 2."""
+  print(f"error: {e}", file=sys.stderr)
+  return 2
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -96,12 +105,15 @@ def main(argv):
   try:
     config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from None
+    return _error(e)
   run = sft_train.train_sft if _CONFIG.value.mode == "sft" else train.train_and_evaluate
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    records = run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except config_lib.ConfigError as e:  # raised at start-up, before any step
-    raise app.UsageError(str(e)) from None
+    return _error(e)
+  # Stopped by a signal after checkpointing: exit as a shell reports a process it killed
+  # (130 for SIGINT, 143 for SIGTERM), so schedulers and scripts see the run did not finish.
+  return 128 + records.signum if records.signum else 0
 
 
 if __name__ == "__main__":

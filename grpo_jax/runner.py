@@ -1,8 +1,11 @@
 """The run harness both training loops share (GRPO in train.py, SFT in sft_train.py).
 
-    run, params = runner.setup(cfg, workdir, steps=S)        # mesh, model, memory check, optimizer
+    resume = runner.check_workdir(cfg, workdir, steps=S)     # config diff; a finished run?
+    if resume.complete:
+      return runner.Records(metrics_io.read_metrics(workdir))  # nothing loaded, nothing to do
+    run, params = runner.setup(cfg, workdir, steps=S, history=resume.history)  # mesh, model, ...
     state, start = runner.restore_or_init(run, params)       # TrainState; resumes the workdir
-    log = runner.Log(run, start)                             # metrics.jsonl, TensorBoard, plots, bar
+    log = runner.Log(run, start)                             # metrics, samples, plots, bar
     runner.evaluate_first(run, log, eval_fn, state.params, start)
     with runner.Preemption() as preemption:
       for step in range(start, S):
@@ -11,7 +14,7 @@
         log.write(step + 1, rec)
         if runner.checkpoint_or_stop(run, step + 1, state, preemption, data_position=...):
           break
-    return runner.finish(run, log)
+    return runner.finish(run, log, preemption)             # Records; .signum: a signal stopped it
 
 `Run` holds what does not change during a run; `TrainState` is the pytree that
 does (params and optimizer state, donated to each update). Everything else is a
@@ -21,6 +24,7 @@ free function of them.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -70,10 +74,131 @@ class Run:
     return distributed.is_main()
 
 
+# -- before anything is loaded: what the workdir holds ----------------------------------
+CONFIG_FILE = "config.json"
+SAMPLES_FILE = "samples.jsonl"
+
+# Keys a resumed run may change without --allow_config_change: how long to train, how often to
+# log, evaluate and save, how the evaluation samples, and how the run is laid out on the devices
+# (the same update on any mesh and any number of micro-batches). Every other key changes what is
+# trained. docs/config.md lists them too.
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "sft.epochs", "train.log_every", "train.eval_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.device_memory_gb",
+    "train.grad_accum_steps", "mesh.data", "mesh.fsdp", "mesh.tensor",
+    "eval.num_problems", "eval.num_samples", "eval.temperature", "eval.prompts_per_batch",
+})
+_ABSENT = "<absent>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+  """What a workdir holds before the run loads anything."""
+  step: int  # the latest checkpoint's step; 0: nothing to resume
+  complete: bool  # the checkpoint is at (or past) the run's last step: nothing to train
+  history: list  # config.json's "history", with this start's changes appended
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):  # an empty section (task.kwargs {}) has no keys
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _config_json(cfg) -> dict:
+  return json.loads(cfg.to_json_best_effort())
+
+
+def config_changes(old: dict, cfg) -> dict[str, tuple]:
+  """{key: (old, new)} where `cfg` differs from a run's config.json `old`. A key the old file
+  lacks (written before the key existed) counts as its default."""
+  before = _flat(_config_json(config_lib.defaults()))
+  before.update(_flat({k: v for k, v in old.items() if k != "history"}))
+  after = _flat(_config_json(cfg))
+  return {k: (before.get(k, _ABSENT), after.get(k, _ABSENT))
+          for k in sorted(before.keys() | after.keys())
+          if before.get(k, _ABSENT) != after.get(k, _ABSENT)}
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  """The finished checkpoints' steps, from the directory names alone (orbax writes a step under
+  a temporary name and renames it when complete), so no checkpoint manager is started."""
+  path = os.path.join(workdir, checkpointing.RUN_DIR)
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path)
+                if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+
+
+def _check_model_names(cfg) -> None:
+  """The policy (and a judge model) resolve to something loadable; the files are read later."""
+  names = [("model.name", cfg.model.name)]
+  if any(name == "judge" for name, _ in cfg.rewards) and cfg.judge.model != "policy":
+    names.append(("judge.model", cfg.judge.model))
+  for key, name in names:
+    try:
+      models.resolve(name)
+    except (ValueError, FileNotFoundError) as e:
+      raise config_lib.ConfigError(f"config.{key}={name!r}: {e}") from None
+
+
+def check_workdir(cfg, workdir: str, *, steps: int,
+                  allow_config_change: bool = False) -> Resume:
+  """Start-up checks of the workdir and the model names, before anything is loaded or written.
+
+  A workdir with checkpoints is resumed only with the config it was trained with, up to
+  RESUMABLE_KEYS (changes of those are logged); other changes raise ConfigError with a diff
+  unless `allow_config_change`. Either way they go into config.json's "history" once the run
+  starts (`setup` writes it).
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory; pass a new "
+                                 "directory, or a run's directory to resume it")
+  _check_model_names(cfg)
+  done = _checkpoint_steps(workdir)
+  step = done[-1] if done else 0
+  history = []
+  old_path = os.path.join(workdir, CONFIG_FILE)
+  if step and os.path.isfile(old_path):
+    with open(old_path) as f:
+      old = json.load(f)
+    history = list(old.get("history", []))
+    changes = config_changes(old, cfg)
+    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
+    diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    if refused and not allow_config_change:
+      shown = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items()]
+      more = f"; and {len(shown) - 8} more" if len(shown) > 8 else ""
+      raise config_lib.ConfigError(
+          f"--workdir={workdir} holds checkpoints of another config ({'; '.join(shown[:8])}"
+          f"{more}); use a new --workdir, or pass --allow_config_change to resume with the new "
+          f"values (recorded under \"history\" in {CONFIG_FILE})")
+    if changes:
+      (log.warning if refused else log.info)(
+          "resuming step %d with config changes%s: %s", step,
+          " (--allow_config_change)" if refused else "", diff)
+      history.append({"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                      "step": step, "changes": {k: list(v) for k, v in changes.items()},
+                      "forced": sorted(refused)})
+  complete = bool(step) and step >= steps
+  if complete:
+    extend = (f"a larger --config.sft.epochs (now {cfg.sft.epochs:g})"
+              if cfg.mode == "sft" and cfg.sft.epochs else f"--config.train.steps={step + steps}")
+    where = f"step {step} of {steps}" if step == steps else f"step {step}, past its {steps} steps"
+    log.info("the run in %s is complete (%s); nothing to train. To train further, run the same "
+             "command with %s", workdir, where, extend)
+  return Resume(step, complete, history)
+
+
 def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
-          memory_cfg=None) -> tuple[Run, Any]:
-  """The mesh, the model (params placed on it), the device memory check, WORKDIR/config.json
-  (which makes the workdir loadable by `models.load`), the optimizer and the checkpointer.
+          memory_cfg=None, history: list = ()) -> tuple[Run, Any]:
+  """The mesh, the model (params placed on it), the device memory check, then the workdir with
+  its config.json (which makes the workdir loadable by `models.load`), the optimizer and the
+  checkpointer. Nothing is written before every start-up check has passed.
 
   Args:
     cfg: the validated experiment config.
@@ -81,17 +206,17 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
     steps: the run's number of steps (logging, evaluation and checkpoint schedule).
     optimizer_steps: updates over the run, for the learning-rate schedule (default `steps`).
     memory_cfg: the config whose shapes the memory estimate reads (default `cfg`).
+    history: config.json's "history" list (`check_workdir`'s).
   Returns:
     (run, params): params are the model's as loaded, sharded by name over the mesh.
   """
   mesh = config_lib.make_mesh(cfg)
   log.info("loading model %s", cfg.model.name)
-  model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
+  try:
+    model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
+  except (ValueError, FileNotFoundError) as e:  # a file that is not a model, a missing file
+    raise config_lib.ConfigError(f"config.model.name={cfg.model.name!r}: {e}") from None
   config_lib.validate_with_model(cfg, model.cfg)
-  os.makedirs(workdir, exist_ok=True)
-  if distributed.is_main():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
 
   model_cfg = model.cfg
   graphdef, params = nnx.split(model)
@@ -105,6 +230,11 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
   log.info("memory per device (estimate):\n%s", est.table())
   memory.check(est, memory.device_memory_limit(cfg))
 
+  os.makedirs(workdir, exist_ok=True)
+  if distributed.is_main():
+    saved = dict(json.loads(cfg.to_json_best_effort()), **({"history": history} if history else {}))
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      json.dump(saved, f, indent=2)
   optimizer, lr_schedule = optim.optimizer_from_config(cfg.opt, optimizer_steps or steps)
   opt_sh = sharding.param_shardings(mesh, jax.eval_shape(optimizer.init, params))
   ckpt = checkpointing.run_checkpointer(workdir, cfg.train.keep_checkpoints)
@@ -130,14 +260,17 @@ def restore_or_init(run: Run, params) -> tuple[TrainState, int]:
 
 def checkpoint_or_stop(run: Run, step: int, state: TrainState, preemption: Preemption, *,
                        data_position: int) -> bool:
-  """Saves step `step` every train.checkpoint_every steps, at the last step, and when a signal
-  asks the run to stop; True when it should stop now (every process agrees)."""
+  """Saves step `step` every train.checkpoint_every steps (0: never in between), at the last
+  step, and when a signal asks the run to stop; True when it should stop now (every process
+  agrees)."""
   stop = preemption.reached(step)
-  if step % run.cfg.train.checkpoint_every == 0 or step == run.steps or stop:
+  every = run.cfg.train.checkpoint_every
+  if (every and step % every == 0) or step == run.steps or stop:
     run.ckpt.save(step, checkpointing.run_state(state),
                   meta={"step": step, "data_position": data_position, "seed": run.cfg.train.seed})
   if stop:
-    log.warning("signal %s: checkpointed step %d, stopping", preemption.signum, step)
+    log.warning("%s: checkpointed step %d, stopping; the same command resumes the run",
+                signal.Signals(preemption.signum).name, step)
   return stop
 
 
@@ -196,11 +329,14 @@ class Log:
 
   def __init__(self, run: Run, start: int):
     self.run = run
+    # MetricsWriter cuts metrics.jsonl, samples.jsonl and TensorBoard back to the restored step
+    # (a run without a checkpoint starts over: none of an earlier attempt's records are kept).
     self.writer = metrics_io.MetricsWriter(
         run.workdir, resume_step=start, wandb_cfg=run.cfg.logging.wandb,
         run_config=json.loads(run.cfg.to_json_best_effort())) if run.is_main else None
     self.progress = metrics_io.Progress(run.steps, initial=start) if run.is_main else None
     self.records = metrics_io.read_metrics(run.workdir) if start and run.is_main else []
+    self._samples = os.path.join(run.workdir, SAMPLES_FILE)
 
   def write(self, step: int, rec: dict) -> bool:
     """Records step `step` when due (every train.log_every steps, with an evaluation, at the
@@ -217,16 +353,31 @@ class Log:
       metrics_io.write_plots(self.run.workdir, self.records)
     return True
 
+  def write_samples(self, step: int, sample: dict) -> None:
+    """Appends {"step": step, **sample} to samples.jsonl (process 0)."""
+    if self.run.is_main:
+      with open(self._samples, "a") as f:
+        f.write(json.dumps({"step": step, **sample}) + "\n")
 
-def finish(run: Run, log_: Log) -> list[dict]:
-  """Waits for the last checkpoint, writes the final plots; returns the metric records."""
+
+class Records(list):
+  """A loop's metric records; `signum` is the signal that stopped the run early (None: it ran
+  to its last step)."""
+  signum: int | None = None
+
+
+def finish(run: Run, log_: Log, preemption: Preemption | None = None) -> Records:
+  """Waits for the last checkpoint, writes the final plots; returns the metric records, with
+  the signal that stopped the run (main.py exits with 128 + it, as a shell does)."""
   run.ckpt.wait()
   run.ckpt.close()
   if run.is_main:
     metrics_io.write_plots(run.workdir, log_.records)
     log_.writer.close()
     log_.progress.close()
-  return log_.records
+  records = Records(log_.records)
+  records.signum = preemption.signum if preemption is not None and preemption.stopped else None
+  return records
 
 
 # -- stopping on a signal ------------------------------------------------------------
@@ -244,6 +395,7 @@ class Preemption:
 
   def __init__(self):
     self.signum: int | None = None
+    self.stopped = False  # `reached` said to stop
     self._flag = False
     self._previous: dict[int, Any] = {}
     self._synced = distributed.is_multi_process()
@@ -269,6 +421,7 @@ class Preemption:
     """True when the run should checkpoint `step` and stop. With several processes, call it at
     every step on every process: it is a collective."""
     if not self._synced:
+      self.stopped = self._flag
       return self._flag
     try:
       stop = multihost_utils.reached_preemption_sync_point(step)
@@ -276,4 +429,5 @@ class Preemption:
       stop = bool(np.any(multihost_utils.process_allgather(np.int32(self._flag))))
     if stop and self.signum is None:
       self.signum = signal.SIGTERM
-    return stop
+    self.stopped = bool(stop)
+    return self.stopped

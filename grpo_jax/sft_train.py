@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from grpo_jax import config as config_lib, distributed, runner, sft
+from grpo_jax import config as config_lib, distributed, metrics_io, runner, sft
 from grpo_jax.config import ConfigError
 from grpo_jax.data import batching, get_task, templates
 from grpo_jax.data.tasks import shuffled_index
@@ -38,8 +38,10 @@ from grpo_jax.data.tasks import shuffled_index
 log = logging.getLogger("grpo_jax")
 
 
-def train_sft(cfg, workdir: str) -> list[dict]:
-  """Runs (or resumes) the SFT experiment of `cfg` in `workdir`; returns its metric records."""
+def train_sft(cfg, workdir: str, *, allow_config_change: bool = False) -> runner.Records:
+  """Runs (or resumes) the SFT experiment of `cfg` in `workdir`; returns its metric records
+  (`.signum`: the signal that stopped it early). Resuming checks the config as
+  `train.train_and_evaluate` does."""
   # ---------------------------------------------------------------- set-up --
   config_lib.validate(cfg)
   cfg_sft, b = cfg.sft, cfg.train.prompts_per_step
@@ -50,7 +52,11 @@ def train_sft(cfg, workdir: str) -> list[dict]:
                       f"template renders them), not {cfg.task.template!r}")
   steps = math.ceil(cfg_sft.epochs * len(rows) / b) if cfg_sft.epochs else cfg.train.steps
   task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-  run, params = runner.setup(cfg, workdir, steps=steps, memory_cfg=sft.memory_config(cfg))
+  resume = runner.check_workdir(cfg, workdir, steps=steps, allow_config_change=allow_config_change)
+  if resume.complete:  # nothing is loaded
+    return runner.Records(metrics_io.read_metrics(workdir))
+  run, params = runner.setup(cfg, workdir, steps=steps, memory_cfg=sft.memory_config(cfg),
+                             history=resume.history)
   tokenizer, pad_id = run.tokenizer, run.tokenizer.pad_token_id
   stop_id = templates.end_of_turn_id(tokenizer, cfg.task.template)
   enc = functools.partial(sft.encode, tokenizer=tokenizer, template=cfg.task.template,
@@ -108,7 +114,7 @@ def train_sft(cfg, workdir: str) -> list[dict]:
       metrics_log.write(done, rec)
       if runner.checkpoint_or_stop(run, done, state, preemption, data_position=done * b):
         break
-  return runner.finish(run, metrics_log)
+  return runner.finish(run, metrics_log, preemption)
 
 
 def _loss_evaluator(run: runner.Run, encoded: list, local: slice):

@@ -19,17 +19,15 @@ metrics are those of the whole batch. Only process 0 writes files.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import (advantages, config as config_lib, distributed, grpo, rewards, runner,
-                      sampling)
+from grpo_jax import (advantages, config as config_lib, distributed, grpo, metrics_io, rewards,
+                      runner, sampling)
 from grpo_jax.data import batching, format_prompt, get_task, templates
 
 log = logging.getLogger("grpo_jax")
@@ -99,19 +97,28 @@ def update_batch(rl, out, lengths, adv_local, prompts, prompt_mask, batch_sh) ->
                     completion_mask=completion_mask, old_logps=old_logps, advantages=adv)
 
 
-def train_and_evaluate(cfg, workdir: str) -> list[dict]:
-  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records.
+def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
+                       ) -> runner.Records:
+  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records
+  (`.signum`: the signal that stopped it early, if one did).
 
-  The step is written out stage by stage (prompts, sampling, rewards, advantages, update,
-  metrics, checkpoint) so that it reads top to bottom; each stage is a call.
+  A workdir with checkpoints resumes only with the same config, but for
+  runner.RESUMABLE_KEYS, unless `allow_config_change` (ConfigError otherwise). The step is
+  written out stage by stage (prompts, sampling, rewards, advantages, update, metrics,
+  checkpoint) so that it reads top to bottom; each stage is a call.
   """
   # ---------------------------------------------------------------- set-up --
   config_lib.validate(cfg)
   rl, train = cfg.rl, cfg.train
   b, g = train.prompts_per_step, rl.num_generations
   task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
+  resume = runner.check_workdir(cfg, workdir, steps=train.steps,
+                                allow_config_change=allow_config_change)
+  if resume.complete:  # nothing is loaded
+    return runner.Records(metrics_io.read_metrics(workdir))
   run, params = runner.setup(cfg, workdir, steps=train.steps,
-                             optimizer_steps=train.steps * rl.num_iterations)
+                             optimizer_steps=train.steps * rl.num_iterations,
+                             history=resume.history)
   tokenizer, batch_sh = run.tokenizer, run.batch_sh
   # The reference is the initial policy; a copy, since the policy's buffers are donated.
   ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.param_sh)(params)
@@ -186,16 +193,9 @@ def train_and_evaluate(cfg, workdir: str) -> list[dict]:
           "time/step_s": time.perf_counter() - t_step,
       })
       rec.update(runner.evaluate_if_due(run, eval_fn, done, state.params))
-      if metrics_log.write(done, rec) and run.is_main:
-        _write_samples(workdir, done, prompt_texts[0], texts[:g], reward[rows][:g])
+      if metrics_log.write(done, rec):  # a group of completions per logged step
+        metrics_log.write_samples(done, {"prompt": prompt_texts[0], "completions": [
+            {"text": t, "reward": float(r)} for t, r in zip(texts[:g], reward[rows][:g])]})
       if runner.checkpoint_or_stop(run, done, state, preemption, data_position=done * b):
         break
-  return runner.finish(run, metrics_log)
-
-
-def _write_samples(workdir, step, prompt, texts, reward):
-  """A group of completions per logged step in samples.jsonl: what the policy writes."""
-  with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
-    f.write(json.dumps({"step": step, "prompt": prompt,
-                        "completions": [{"text": t, "reward": float(r)}
-                                        for t, r in zip(texts, reward)]}) + "\n")
+  return runner.finish(run, metrics_log, preemption)

@@ -302,6 +302,14 @@ def test_unsupported_hf_architecture_is_named(tmp_path):
     models.load(str(tmp_path))
 
 
+@pytest.mark.parametrize("content", [b"", b"GGU", b"not a gguf file, but long enough to read"])
+def test_corrupt_gguf_is_a_value_error_naming_the_file(content, tmp_path):
+  path = tmp_path / "cut.gguf"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=f"{path} is not a readable GGUF file"):
+    models.load(str(path))
+
+
 def test_unsupported_gguf_architecture_is_named(tmp_path):
   import gguf
 

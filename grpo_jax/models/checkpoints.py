@@ -312,7 +312,11 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
-  reader = gguf.GGUFReader(path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, TypeError) as e:  # gguf's parser has no error class
+    raise ValueError(f"{path} is not a readable GGUF file ({e}); check that the download is "
+                     "complete, or point at another file") from None
   arch = _gguf_field(reader, "general.architecture")
   if arch not in GGUF_ARCHITECTURES:
     raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {GGUF_ARCHITECTURES}")
