@@ -38,8 +38,8 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
-from grpo_jax import (checkpointing, config as config_lib, distributed, evaluate, memory,
-                      metrics_io, models, optim, rewards, sharding)
+from grpo_jax import (checkpointing, compiled, config as config_lib, distributed, evaluate,
+                      memory, metrics_io, models, optim, rewards, sharding)
 from grpo_jax.data import templates
 
 log = logging.getLogger("grpo_jax")
@@ -228,7 +228,17 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
                                         for x, sh in zip(jax.tree.leaves(params),
                                                          jax.tree.leaves(param_sh))))
   log.info("memory per device (estimate):\n%s", est.table())
-  memory.check(est, memory.device_memory_limit(cfg))
+  limit = memory.device_memory_limit(cfg)
+  if limit is not None:  # XLA's analysis of the programs the run will execute, when it has one
+    log.info("compiling the run's programs to check their memory (the first step reuses them "
+             "through the compilation cache)")
+    peaks = compiled.compiled_peaks(cfg, model_cfg, mesh)
+    if peaks:
+      log.info("memory per device (compiled): %s", ", ".join(
+          f"{name} {p['peak_bytes'] / 2**30:.2f} GiB" for name, p in peaks.items()))
+      compiled.check_compiled(peaks, limit)
+    else:
+      memory.check(est, limit)
 
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_main():

@@ -416,8 +416,10 @@ def test_cli_stops_at_start_up_when_the_run_cannot_fit_in_device_memory(tmp_path
   proc = run_cli(cli_args(tmp_path / "run", {"train.device_memory_gb": 0.001}),
                  subprocess_env(compile_cache))
   assert proc.returncode != 0
-  assert "MiB per device, more than the 1.02 MiB a device has" in proc.stderr, proc.stderr[-3000:]
-  assert "optimizer state" in proc.stderr and "config.train.grad_accum_steps" in proc.stderr
+  # XLA's memory analysis of the compiled programs (CPU has one), not the estimate, decides.
+  assert "XLA's memory analysis of the compiled program), more than the 0.00 GiB a device has" \
+      in proc.stderr, proc.stderr[-3000:]
+  assert "temporaries" in proc.stderr and "config.train.grad_accum_steps" in proc.stderr
   assert not os.path.exists(tmp_path / "run")  # nothing is written before the checks pass
 
 
