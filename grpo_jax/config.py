@@ -27,7 +27,8 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   """The defaults and each key's one-line meaning, set side by side.
 
   The meanings are data, not comments, so `--print_config` and the docs test read them from
-  here: a key cannot be added without saying what it does.
+  here: a key cannot be added without saying what it does. Long because it is the table of
+  every key, one entry each, in one place.
   """
   c, meaning = ml_collections.ConfigDict(), {}
 

@@ -1,6 +1,6 @@
 """The run harness both training loops share (GRPO in train.py, SFT in sft_train.py).
 
-    resume = runner.check_workdir(cfg, workdir, steps=S)     # config diff; a finished run?
+    resume = run_dir.check(cfg, workdir, steps=S)            # config diff; a finished run?
     if resume.complete:
       return runner.Records(metrics_io.read_metrics(workdir))  # nothing loaded, nothing to do
     run, params = runner.setup(cfg, workdir, steps=S, history=resume.history)  # mesh, model, ...
@@ -24,7 +24,6 @@ free function of them.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -39,7 +38,8 @@ from flax import nnx, struct
 from jax.experimental import multihost_utils
 
 from grpo_jax import (checkpointing, compiled, config as config_lib, distributed, evaluate,
-                      memory, metrics_io, models, optim, rewards, sharding)
+                      memory, metrics_io, models, optim, plots, rewards, sharding)
+from grpo_jax.run_dir import CONFIG_FILE
 from grpo_jax.data import templates
 
 log = logging.getLogger("grpo_jax")
@@ -74,126 +74,6 @@ class Run:
     return distributed.is_main()
 
 
-# -- before anything is loaded: what the workdir holds ----------------------------------
-CONFIG_FILE = "config.json"
-SAMPLES_FILE = "samples.jsonl"
-
-# Keys a resumed run may change without --allow_config_change: how long to train, how often to
-# log, evaluate and save, how the evaluation samples, and how the run is laid out on the devices
-# (the same update on any mesh and any number of micro-batches). Every other key changes what is
-# trained. docs/config.md lists them too.
-RESUMABLE_KEYS = frozenset({
-    "train.steps", "sft.epochs", "train.log_every", "train.eval_every",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.device_memory_gb",
-    "train.grad_accum_steps", "mesh.data", "mesh.fsdp", "mesh.tensor",
-    "eval.num_problems", "eval.num_samples", "eval.temperature", "eval.prompts_per_batch",
-})
-_ABSENT = "<absent>"
-
-
-@dataclasses.dataclass(frozen=True)
-class Resume:
-  """What a workdir holds before the run loads anything."""
-  step: int  # the latest checkpoint's step; 0: nothing to resume
-  complete: bool  # the checkpoint is at (or past) the run's last step: nothing to train
-  history: list  # config.json's "history", with this start's changes appended
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):  # an empty section (task.kwargs {}) has no keys
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def _config_json(cfg) -> dict:
-  return json.loads(cfg.to_json_best_effort())
-
-
-def config_changes(old: dict, cfg) -> dict[str, tuple]:
-  """{key: (old, new)} where `cfg` differs from a run's config.json `old`. A key the old file
-  lacks (written before the key existed) counts as its default."""
-  before = _flat(_config_json(config_lib.defaults()))
-  before.update(_flat({k: v for k, v in old.items() if k != "history"}))
-  after = _flat(_config_json(cfg))
-  return {k: (before.get(k, _ABSENT), after.get(k, _ABSENT))
-          for k in sorted(before.keys() | after.keys())
-          if before.get(k, _ABSENT) != after.get(k, _ABSENT)}
-
-
-def _checkpoint_steps(workdir: str) -> list[int]:
-  """The finished checkpoints' steps, from the directory names alone (orbax writes a step under
-  a temporary name and renames it when complete), so no checkpoint manager is started."""
-  path = os.path.join(workdir, checkpointing.RUN_DIR)
-  if not os.path.isdir(path):
-    return []
-  return sorted(int(n) for n in os.listdir(path)
-                if n.isdigit() and os.path.isdir(os.path.join(path, n)))
-
-
-def _check_model_names(cfg) -> None:
-  """The policy (and a judge model) resolve to something loadable; the files are read later."""
-  names = [("model.name", cfg.model.name)]
-  if any(name == "judge" for name, _ in cfg.rewards) and cfg.judge.model != "policy":
-    names.append(("judge.model", cfg.judge.model))
-  for key, name in names:
-    try:
-      models.resolve(name)
-    except (ValueError, FileNotFoundError) as e:
-      raise config_lib.ConfigError(f"config.{key}={name!r}: {e}") from None
-
-
-def check_workdir(cfg, workdir: str, *, steps: int,
-                  allow_config_change: bool = False) -> Resume:
-  """Start-up checks of the workdir and the model names, before anything is loaded or written.
-
-  A workdir with checkpoints is resumed only with the config it was trained with, up to
-  RESUMABLE_KEYS (changes of those are logged); other changes raise ConfigError with a diff
-  unless `allow_config_change`. Either way they go into config.json's "history" once the run
-  starts (`setup` writes it).
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory; pass a new "
-                                 "directory, or a run's directory to resume it")
-  _check_model_names(cfg)
-  done = _checkpoint_steps(workdir)
-  step = done[-1] if done else 0
-  history = []
-  old_path = os.path.join(workdir, CONFIG_FILE)
-  if step and os.path.isfile(old_path):
-    with open(old_path) as f:
-      old = json.load(f)
-    history = list(old.get("history", []))
-    changes = config_changes(old, cfg)
-    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
-    diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-    if refused and not allow_config_change:
-      shown = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items()]
-      more = f"; and {len(shown) - 8} more" if len(shown) > 8 else ""
-      raise config_lib.ConfigError(
-          f"--workdir={workdir} holds checkpoints of another config ({'; '.join(shown[:8])}"
-          f"{more}); use a new --workdir, or pass --allow_config_change to resume with the new "
-          f"values (recorded under \"history\" in {CONFIG_FILE})")
-    if changes:
-      (log.warning if refused else log.info)(
-          "resuming step %d with config changes%s: %s", step,
-          " (--allow_config_change)" if refused else "", diff)
-      history.append({"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                      "step": step, "changes": {k: list(v) for k, v in changes.items()},
-                      "forced": sorted(refused)})
-  complete = bool(step) and step >= steps
-  if complete:
-    extend = (f"a larger --config.sft.epochs (now {cfg.sft.epochs:g})"
-              if cfg.mode == "sft" and cfg.sft.epochs else f"--config.train.steps={step + steps}")
-    where = f"step {step} of {steps}" if step == steps else f"step {step}, past its {steps} steps"
-    log.info("the run in %s is complete (%s); nothing to train. To train further, run the same "
-             "command with %s", workdir, where, extend)
-  return Resume(step, complete, history)
-
-
 def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
           memory_cfg=None, history: list = ()) -> tuple[Run, Any]:
   """The mesh, the model (params placed on it), the device memory check, then the workdir with
@@ -206,7 +86,7 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
     steps: the run's number of steps (logging, evaluation and checkpoint schedule).
     optimizer_steps: updates over the run, for the learning-rate schedule (default `steps`).
     memory_cfg: the config whose shapes the memory estimate reads (default `cfg`).
-    history: config.json's "history" list (`check_workdir`'s).
+    history: config.json's "history" list (`run_dir.check`'s).
   Returns:
     (run, params): params are the model's as loaded, sharded by name over the mesh.
   """
@@ -346,7 +226,7 @@ class Log:
         run_config=json.loads(run.cfg.to_json_best_effort())) if run.is_main else None
     self.progress = metrics_io.Progress(run.steps, initial=start) if run.is_main else None
     self.records = metrics_io.read_metrics(run.workdir) if start and run.is_main else []
-    self._samples = os.path.join(run.workdir, SAMPLES_FILE)
+    self._samples = os.path.join(run.workdir, metrics_io.SAMPLES_FILE)
 
   def write(self, step: int, rec: dict) -> bool:
     """Records step `step` when due (every train.log_every steps, with an evaluation, at the
@@ -360,7 +240,7 @@ class Log:
       self.progress.update(step, rec)
     self.records.append(dict(rec, step=step))
     if self.run.is_main and (step % 5 == 0 or step == self.run.steps or evaluated):
-      metrics_io.write_plots(self.run.workdir, self.records)
+      plots.write_plots(self.run.workdir, self.records)
     return True
 
   def write_samples(self, step: int, sample: dict) -> None:
@@ -382,7 +262,7 @@ def finish(run: Run, log_: Log, preemption: Preemption | None = None) -> Records
   run.ckpt.wait()
   run.ckpt.close()
   if run.is_main:
-    metrics_io.write_plots(run.workdir, log_.records)
+    plots.write_plots(run.workdir, log_.records)
     log_.writer.close()
     log_.progress.close()
   records = Records(log_.records)

@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from grpo_jax import config as config_lib, distributed, metrics_io, runner, sft
+from grpo_jax import config as config_lib, distributed, metrics_io, run_dir, runner, sft
 from grpo_jax.config import ConfigError
 from grpo_jax.data import batching, get_task, templates
 from grpo_jax.data.tasks import shuffled_index
@@ -52,7 +52,7 @@ def train_sft(cfg, workdir: str, *, allow_config_change: bool = False) -> runner
                       f"template renders them), not {cfg.task.template!r}")
   steps = math.ceil(cfg_sft.epochs * len(rows) / b) if cfg_sft.epochs else cfg.train.steps
   task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-  resume = runner.check_workdir(cfg, workdir, steps=steps, allow_config_change=allow_config_change)
+  resume = run_dir.check(cfg, workdir, steps=steps, allow_config_change=allow_config_change)
   if resume.complete:  # nothing is loaded
     return runner.Records(metrics_io.read_metrics(workdir))
   run, params = runner.setup(cfg, workdir, steps=steps, memory_cfg=sft.memory_config(cfg),

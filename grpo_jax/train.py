@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import (advantages, config as config_lib, distributed, grpo, metrics_io, rewards,
-                      runner, sampling)
+                      run_dir, runner, sampling)
 from grpo_jax.data import batching, format_prompt, get_task, templates
 
 log = logging.getLogger("grpo_jax")
@@ -103,7 +103,7 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   (`.signum`: the signal that stopped it early, if one did).
 
   A workdir with checkpoints resumes only with the same config, but for
-  runner.RESUMABLE_KEYS, unless `allow_config_change` (ConfigError otherwise). The step is
+  run_dir.RESUMABLE_KEYS, unless `allow_config_change` (ConfigError otherwise). The step is
   written out stage by stage (prompts, sampling, rewards, advantages, update, metrics,
   checkpoint) so that it reads top to bottom; each stage is a call.
   """
@@ -112,8 +112,7 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   rl, train = cfg.rl, cfg.train
   b, g = train.prompts_per_step, rl.num_generations
   task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-  resume = runner.check_workdir(cfg, workdir, steps=train.steps,
-                                allow_config_change=allow_config_change)
+  resume = run_dir.check(cfg, workdir, steps=train.steps, allow_config_change=allow_config_change)
   if resume.complete:  # nothing is loaded
     return runner.Records(metrics_io.read_metrics(workdir))
   run, params = runner.setup(cfg, workdir, steps=train.steps,

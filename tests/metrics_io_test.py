@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from grpo_jax import config as config_lib, metrics_io
+from grpo_jax import config as config_lib, metrics_io, plots
 
 
 def _records(steps):
@@ -104,7 +104,7 @@ def test_plots_are_valid_pngs_of_the_requested_size(tmp_path):
   records = [dict(step=s, **r) for s, r in zip(range(1, 21), _records(range(1, 21)))]
   records[9].update({"eval/pass@1": 0.3, "eval/maj@8": 0.4})
   records[19].update({"eval/pass@1": 0.5, "eval/maj@8": 0.6})
-  written = metrics_io.write_plots(str(tmp_path), records, size=(5, 3), dpi=80)
+  written = plots.write_plots(str(tmp_path), records, size=(5, 3), dpi=80)
   names = sorted(os.path.basename(p) for p in written)
   assert names == ["accuracy.png", "kl.png", "length.png", "loss.png", "reward.png"]
   for path in written:
@@ -115,7 +115,7 @@ def test_plots_are_valid_pngs_of_the_requested_size(tmp_path):
 
 
 def test_plots_skip_absent_keys(tmp_path):
-  written = metrics_io.write_plots(str(tmp_path), [{"step": 1, "grad_norm": 1.0, "kl": 0.1},
+  written = plots.write_plots(str(tmp_path), [{"step": 1, "grad_norm": 1.0, "kl": 0.1},
                                                    {"step": 2, "grad_norm": 0.5, "kl": 0.2}])
   assert [os.path.basename(p) for p in written] == ["kl.png"]
   assert sorted(os.listdir(tmp_path)) == ["kl.png"]
@@ -123,7 +123,7 @@ def test_plots_skip_absent_keys(tmp_path):
 
 def test_series_matches_reward_components_in_order():
   records = [dict(step=s, **r) for s, r in zip([1, 2], _records([1, 2]))]
-  series = metrics_io._series(records, metrics_io.PLOTS["reward.png"].patterns)
+  series = plots._series(records, plots.PLOTS["reward.png"].patterns)
   assert list(series) == ["reward", "rewards/accuracy/mean", "rewards/format/mean"]
   assert series["reward"] == ([1, 2], [0.1, 0.2])
 
@@ -233,7 +233,7 @@ def _lines(ax):
 def test_reward_plot_draws_the_total_on_top_of_an_equal_component_and_names_the_run():
   records = [{"step": s, "reward": 0.1 * s, "rewards/accuracy/mean": 0.0,
               "rewards/tag_count/mean": 0.1 * s} for s in range(1, 8)]
-  fig = metrics_io.figure("my_run", metrics_io.PLOTS["reward.png"], records)
+  fig = plots.figure("my_run", plots.PLOTS["reward.png"], records)
   ax = fig.axes[0]
   legend = [t.get_text() for t in ax.get_legend().get_texts()]
   # The component equal to the total shares its line (it would hide it otherwise).
@@ -246,7 +246,7 @@ def test_reward_plot_draws_the_total_on_top_of_an_equal_component_and_names_the_
 def test_accuracy_plot_spans_0_to_1_even_when_accuracy_is_0():
   records = [{"step": s, "eval/pass@1": 0.0, "eval/maj@1": 0.0, "eval/accuracy": 0.0}
              for s in (0, 10, 20)]
-  ax = metrics_io.figure("r", metrics_io.PLOTS["accuracy.png"], records).axes[0]
+  ax = plots.figure("r", plots.PLOTS["accuracy.png"], records).axes[0]
   assert ax.get_ylim() == (0.0, 1.0)
   assert [t.get_text() for t in ax.get_legend().get_texts()] == ["eval/pass@1 = eval/maj@1"]
 
@@ -256,14 +256,14 @@ def test_sft_loss_plot_has_the_held_out_loss_and_a_perplexity_axis(tmp_path):
   workdir.mkdir()
   records = [{"step": s, "loss": 4.0 / s, "perplexity": math.exp(4.0 / s)} for s in range(1, 9)]
   records[-1]["eval/loss"] = 1.0
-  assert "loss.png" in [os.path.basename(p) for p in metrics_io.write_plots(str(workdir), records)]
-  ax = metrics_io.figure("sft_run", metrics_io.PLOTS["loss.png"], records).axes[0]
+  assert "loss.png" in [os.path.basename(p) for p in plots.write_plots(str(workdir), records)]
+  ax = plots.figure("sft_run", plots.PLOTS["loss.png"], records).axes[0]
   assert ax.get_title(loc="right") == "sft_run, step 8"
   right = ax.child_axes[0]  # perplexity = exp(loss), ticked at round values
   assert right.get_ylabel() == "perplexity"
   assert {"2", "5", "50"} <= {t.get_text() for t in right.get_yticklabels()}
   # A GRPO loss is not a log-likelihood: no perplexity axis.
-  grpo = metrics_io.figure("g", metrics_io.PLOTS["loss.png"], [{"step": 1, "loss": -0.1}])
+  grpo = plots.figure("g", plots.PLOTS["loss.png"], [{"step": 1, "loss": -0.1}])
   assert not grpo.axes[0].child_axes
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from grpo_jax import config as config_lib, metrics_io, runner, train
+from grpo_jax import config as config_lib, metrics_io, run_dir, train
 from tests.train_test import compile_cache  # noqa: F401  (the fixture, autouse here too)
 from tests.train_test import (_SLOW_MAIN, REPO, TINY, cli_args, run_cli, subprocess_env,
                               tiny_config, training_records)
@@ -111,7 +111,7 @@ def test_bookkeeping_keys_may_change_and_are_kept_in_the_history(tmp_path):
          "train.checkpoint_every": 0, "train.keep_checkpoints": 1, "eval.num_problems": 4,
          "eval.num_samples": 3, "eval.temperature": 0.5, "eval.prompts_per_batch": 2,
          "train.device_memory_gb": 80.0, "train.grad_accum_steps": 2, "mesh.data": 1}
-  resume = runner.check_workdir(tiny_config(dict(RUN, **new)), workdir, steps=8)
+  resume = run_dir.check(tiny_config(dict(RUN, **new)), workdir, steps=8)
   assert resume.step == 2 and not resume.complete  # the unfinished save of step 3 is not one
   [entry] = resume.history
   assert entry["forced"] == [] and set(entry["changes"]) == set(new)
@@ -119,15 +119,15 @@ def test_bookkeeping_keys_may_change_and_are_kept_in_the_history(tmp_path):
   cfg = tiny_config(dict(RUN, **{"task.kwargs.seed": 7, "opt.learning_rate": 0.1}))
   with pytest.raises(config_lib.ConfigError, match=r"opt.learning_rate: 0.003 -> 0.1; "
                                                    r"task.kwargs.seed: '<absent>' -> 7\)"):
-    runner.check_workdir(cfg, workdir, steps=4)
-  resume = runner.check_workdir(cfg, workdir, steps=4, allow_config_change=True)
+    run_dir.check(cfg, workdir, steps=4)
+  resume = run_dir.check(cfg, workdir, steps=4, allow_config_change=True)
   assert resume.history[-1]["forced"] == ["opt.learning_rate", "task.kwargs.seed"]
 
 
 def test_a_workdir_without_checkpoints_starts_over_with_any_config(tmp_path):
   workdir = fake_workdir(tmp_path, tiny_config(RUN), 2)
   shutil.rmtree(os.path.join(workdir, "checkpoints"))
-  resume = runner.check_workdir(tiny_config({"rl.beta": 0.5}), workdir, steps=4)
+  resume = run_dir.check(tiny_config({"rl.beta": 0.5}), workdir, steps=4)
   assert (resume.step, resume.complete, resume.history) == (0, False, [])
 
 
