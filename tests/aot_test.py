@@ -1,6 +1,8 @@
 """Ahead-of-time compilation for a TPU and an H100 topology on this CPU (grpo_jax.aot).
 
-Needs the `aot` extra (libtpu, jax-cuda12-plugin), which the test set-up installs.
+The command line needs the `aot` extra's plugins (libtpu, jax-cuda12-plugin). The test set-up
+installs them in VENV/aot (scripts/setup.sh test), which these subprocesses put on PYTHONPATH;
+an environment with `pip install -e .[aot]` has them already.
 """
 
 import json
@@ -18,9 +20,14 @@ TINY = os.path.join(REPO, "configs", "tiny_arithmetic.py")
 GIB = 2 ** 30
 
 
+PLUGINS = os.path.join(sys.prefix, "aot")
+
+
 def run_aot(*args, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
   env.pop("XLA_FLAGS", None)
+  if os.path.isdir(PLUGINS):
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PLUGINS, env.get("PYTHONPATH")) if p)
   return subprocess.run([sys.executable, "-m", "grpo_jax.aot", f"--config={TINY}", *args],
                         env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
