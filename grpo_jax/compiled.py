@@ -68,7 +68,7 @@ def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
     length = cfg.sft.max_length
     step = sft.make_update_step(graphdef, optimizer, grad_accum_steps=train.grad_accum_steps,
                                 param_sharding=param_sh, opt_sharding=opt_sh,
-                                batch_sharding=batch_sh)
+                                batch_sharding=batch_sh, remat=cfg.model.remat)
     batch = sft.Batch(arr((b, length), jnp.int32, batch_sh), arr((b, length), jnp.int32, batch_sh),
                       arr((b, length), jnp.int32, batch_sh), arr((b, length), jnp.int32, batch_sh))
     out["update"] = (step, (params, opt_state, batch), 0)
@@ -77,7 +77,8 @@ def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
     out["sample"] = (_bind(sampling.sample_jit, graphdef, sample_kw),
                      (params, arr((b, p), jnp.int32, batch_sh), arr((b, p), jnp.int32, batch_sh),
                       key), t)
-    step = grpo.make_update_step(graphdef, optimizer, grpo.loss_config_from(rl),
+    step = grpo.make_update_step(graphdef, optimizer,
+                                 grpo.loss_config_from(rl, cfg.model.remat),
                                  grad_accum_steps=train.grad_accum_steps,
                                  param_sharding=param_sh, opt_sharding=opt_sh,
                                  batch_sharding=batch_sh)
@@ -208,7 +209,8 @@ def compile_program(fn, args):
 
 
 ADVICE = ("to fit: more devices on config.mesh.fsdp or "
-          "config.mesh.tensor, more config.train.grad_accum_steps, a shorter "
+          "config.mesh.tensor, config.model.remat=full (recompute each layer's activations in "
+          "the backward), more config.train.grad_accum_steps, a shorter "
           "config.rl.max_completion_length, config.model.dtype=bfloat16, or config.rl.beta=0")
 
 

@@ -18,6 +18,7 @@ import ml_collections
 
 from grpo_jax import advantages, losses, metrics_io, rewards
 from grpo_jax.data import TASKS, TEMPLATES
+from grpo_jax.models import transformer
 
 
 MODES = ("grpo", "sft")
@@ -51,6 +52,9 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
       "what to load: a known name, a Hugging Face folder, a .gguf file or a training workdir")
   key("model.dtype", "float32", 'matmul operand dtype, fp32 accumulation ("bfloat16" on '
       "accelerators); params stay fp32")
+  key("model.remat", "none", 'what the update\'s backward keeps of each layer: "none" (all '
+      'activations), "full" (only its input; the forward runs again), "dots_saveable", '
+      '"nothing_saveable"')
 
   key("task.name", "arithmetic", f"the prompt source, one of {sorted(TASKS)}")
   key("task.template", "chat", 'how a question becomes a prompt: "chat" | "r1_zero" | "plain"')
@@ -287,6 +291,8 @@ def validate(cfg, *, data: bool = True) -> None:
     raise ConfigError(f"unknown config key config.{key}{hint}")
   rl, train = cfg.rl, cfg.train
   _check(cfg.mode in MODES, f"config.mode={cfg.mode!r}; expected one of {list(MODES)}")
+  _check(cfg.model.remat in transformer.REMAT, f"config.model.remat={cfg.model.remat!r}; "
+         f"expected one of {list(transformer.REMAT)}")
   if cfg.mode == "sft" and data:
     _validate_sft(cfg.sft)
   _check(rl.num_generations >= 2,

@@ -60,6 +60,7 @@ class LossConfig:
   use_old_logps: bool = False  # True when num_iterations > 1: the sampler's log-probs are pi_old
   chunk_size: int = 64
   options: tuple[tuple[str, Any], ...] = ()
+  remat: str = "none"  # what the policy's backward keeps of each layer (config.model.remat)
 
   @property
   def kwargs(self) -> dict[str, Any]:
@@ -76,38 +77,42 @@ class LossConfig:
 
 
 def loss_config(num_generations: int, *, temperature: float = 1.0, use_old_logps: bool = False,
-                chunk_size: int = 64, **grpo_loss_kwargs) -> LossConfig:
+                chunk_size: int = 64, remat: str = "none", **grpo_loss_kwargs) -> LossConfig:
   """A LossConfig from `losses.grpo_loss` keyword arguments (beta=..., loss_type=..., ...)."""
   unknown = sorted(set(grpo_loss_kwargs) - set(LOSS_KEYWORDS))
   if unknown:
     raise TypeError(f"grpo_loss has no keyword {unknown}; it takes {list(LOSS_KEYWORDS)}")
   return LossConfig(num_generations, temperature, use_old_logps, chunk_size,
-                    tuple(sorted(grpo_loss_kwargs.items())))
+                    tuple(sorted(grpo_loss_kwargs.items())), remat)
 
 
-def loss_config_from(rl) -> LossConfig:
-  """The LossConfig of config.rl: every grpo_loss keyword that config.rl sets, by name."""
+def loss_config_from(rl, remat: str = "none") -> LossConfig:
+  """The LossConfig of config.rl: every grpo_loss keyword that config.rl sets, by name; `remat`
+  is config.model.remat."""
   return loss_config(rl.num_generations, temperature=rl.temperature,
-                     use_old_logps=rl.num_iterations > 1,
+                     use_old_logps=rl.num_iterations > 1, remat=remat,
                      **{k: rl[k] for k in LOSS_KEYWORDS if k in rl})
 
 
 def completion_logps(model, prompts_BxP, prompt_mask_BxP, completions_NxT, completion_mask_NxT, *,
-                     num_generations: int, temperature: float = 1.0, chunk_size: int = 64):
+                     num_generations: int, temperature: float = 1.0, chunk_size: int = 64,
+                     remat: str = "none"):
   """log pi(completion token | prompt, earlier tokens) and entropies, [N, T] each.
 
   The prompt is run once (B rows); completion rows attend to it as a shared
   prefix. Completion token 0 is predicted by the prompt's last position, token
   t > 0 by completion token t - 1. Logits are divided by `temperature` (as
-  when sampling), so the log-probs are the sampling policy's.
+  when sampling), so the log-probs are the sampling policy's. `remat`: what the
+  backward keeps of each layer (`transformer.REMAT`).
   """
   n, t = completions_NxT.shape
-  h_prompt, prefix = model.prefill(prompts_BxP, prompt_mask_BxP)
+  h_prompt, prefix = model.prefill(prompts_BxP, prompt_mask_BxP, remat=remat)
   cache = model.init_cache(n, t - 1, prefix=prefix) if t > 1 else None
   first = jnp.repeat(h_prompt[:, -1:], num_generations, axis=0)  # [N, 1, D]
   if t > 1:
     h_rest, _ = model.hidden_states(completions_NxT[:, :-1],
-                                    attention_mask_BxL=completion_mask_NxT[:, :-1], cache=cache)
+                                    attention_mask_BxL=completion_mask_NxT[:, :-1], cache=cache,
+                                    remat=remat)
     hidden = jnp.concatenate([first, h_rest], axis=1)
   else:
     hidden = first
@@ -121,8 +126,8 @@ def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig
   lp = functools.partial(completion_logps, num_generations=cfg.num_generations,
                          temperature=cfg.temperature, chunk_size=cfg.chunk_size)
   args = (batch.prompts, batch.prompt_mask, batch.completions, batch.completion_mask)
-  logps, entropy = lp(nnx.merge(graphdef, params), *args)
-  ref_logps = None
+  logps, entropy = lp(nnx.merge(graphdef, params), *args, remat=cfg.remat)
+  ref_logps = None  # the reference has no backward (stop_gradient): nothing to rematerialise
   if cfg.beta != 0:
     ref_logps, _ = lp(nnx.merge(graphdef, jax.lax.stop_gradient(ref_params)), *args)
     ref_logps = jax.lax.stop_gradient(ref_logps)

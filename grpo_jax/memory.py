@@ -14,7 +14,8 @@ length P, completion length T, the batch split over data x fsdp):
   gradients, and the activations the backward pass keeps: per layer and token
   the residual stream and its norms, q/k/v before and after RoPE, the
   attention scores and probabilities over the prompt and completion, and the
-  MLP's F-wide arrays; plus one chunk
+  MLP's F-wide arrays (with config.model.remat "full": each layer's input, and
+  those of one layer at a time); plus one chunk
   of logits (`losses.token_logps_and_entropy` works a chunk at a time).
 The estimate is of the arrays' sizes; XLA's buffer reuse and workspace move the
 real peak by tens of percent either way (tests compare it with XLA's own
@@ -91,8 +92,15 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
     return (8 * m.hidden_size * 4 + (3 * heads * m.head_dim + 2 * kv_width) * act
             + 4 * m.intermediate_size // tp * act + 3 * heads * context * 4)
 
-  layers = m.num_layers * (micro_prompts * p_len * per_token(p_len)
-                           + micro_rows * t_len * per_token(p_len + t_len))
+  def kept(layers, per_token):  # activations of `layers` layers, over the micro-batch's tokens
+    return layers * (micro_prompts * p_len * per_token(p_len)
+                     + micro_rows * t_len * per_token(p_len + t_len))
+
+  if cfg.model.remat in ("full", "nothing_saveable"):
+    # Each layer's input (fp32 residual stream) is kept; one layer's activations exist at a time.
+    layers = kept(m.num_layers, lambda _: m.hidden_size * 4) + kept(1, per_token)
+  else:  # "dots_saveable" keeps most of it (the attention scores are matmul outputs)
+    layers = kept(m.num_layers, per_token)
   chunk = min(64, t_len)
   update = {"gradients": param_bytes, "activations": layers,
             "logits (one chunk)": 3 * micro_rows * chunk * m.vocab_size * 4 // tp}
@@ -115,8 +123,9 @@ def check(est: Estimate, limit: int | None) -> None:
   raise ConfigError(
       f"the run needs about {_size(est.peak).strip()} per device, more than the "
       f"{_size(limit).strip()} a device has:\n{est.table()}\n"
-      "To fit: fewer prompts per step (config.train.prompts_per_step) or more gradient "
-      "accumulation (config.train.grad_accum_steps) for activations; shorter "
+      "To fit: config.model.remat = \"full\" (each layer recomputed in the backward), fewer "
+      "prompts per step (config.train.prompts_per_step) or more gradient accumulation"
+      " (config.train.grad_accum_steps) for activations; shorter "
       "config.rl.max_completion_length / max_prompt_length for activations and the KV cache; "
       "config.mesh.fsdp or config.mesh.tensor > 1 to split params, optimizer state and "
       "activations over devices; config.rl.beta = 0 drops the reference params.")

@@ -101,7 +101,10 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
   model_cfg = model.cfg
   graphdef, params = nnx.split(model)
   del model
-  param_sh = sharding.param_shardings(mesh, params)
+  try:
+    param_sh = sharding.param_shardings(mesh, params)
+  except ValueError as e:  # a mesh axis that does not divide a param it must split
+    raise config_lib.ConfigError(str(e)) from None
   params = jax.device_put(params, param_sh)
   est = memory.estimate(memory_cfg or cfg, model_cfg, mesh,
                         param_bytes=sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize

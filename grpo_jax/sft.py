@@ -23,6 +23,7 @@ once and logits exist only at completion positions, a chunk at a time.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -121,29 +122,30 @@ def pad_batch(encoded, pad_id: int, max_length: int, keep=None) -> Batch:
 
 
 # -- the loss and the update ---------------------------------------------------------
-def loss_and_metrics(params, graphdef, batch: Batch, chunk_size: int = 64):
+def loss_and_metrics(params, graphdef, batch: Batch, chunk_size: int = 64, remat: str = "none"):
   """The SFT loss of a (micro-)batch: the mean of -log p(completion token | prompt, prefix)
-  over its completion tokens.
+  over its completion tokens; `remat` is config.model.remat (`transformer.REMAT`).
 
   Returns (loss, {"loss": loss, "entropy": the completion tokens' mean entropy}).
   """
   logps, entropy = grpo.completion_logps(
       nnx.merge(graphdef, params), batch.prompts, batch.prompt_mask, batch.completions,
-      batch.completion_mask, num_generations=1, chunk_size=chunk_size)
+      batch.completion_mask, num_generations=1, chunk_size=chunk_size, remat=remat)
   nll, metrics = losses.sft_loss(logps, batch.completion_mask)
   mask = batch.completion_mask.astype(jnp.float32)
   return nll, {"loss": nll, "entropy": losses.masked_mean(entropy, mask)}
 
 
 def make_update_step(graphdef, optimizer, *, grad_accum_steps: int = 1, param_sharding=None,
-                     opt_sharding=None, batch_sharding=None):
+                     opt_sharding=None, batch_sharding=None, remat: str = "none"):
   """The jitted SFT update: (params, opt_state, batch) -> (params, opt_state, metrics).
 
   With grad_accum_steps > 1 the batch is split into that many micro-batches (lax.scan), each
   weighted by its share of the batch's completion tokens, so their gradients and metrics add
-  up to the whole batch's token mean. params and opt_state are donated; shardings as in `grpo.make_update_step`.
+  up to the whole batch's token mean. params and opt_state are donated; shardings as in
+  `grpo.make_update_step`; `remat` is config.model.remat.
   """
-  grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+  grad_fn = functools.partial(jax.grad(loss_and_metrics, has_aux=True), remat=remat)
 
   def grads_fn(params, batch):
     if grad_accum_steps == 1:

@@ -70,7 +70,7 @@ def train_sft(cfg, workdir: str, *, allow_config_change: bool = False) -> runner
   update = sft.make_update_step(run.graphdef, run.optimizer,
                                 grad_accum_steps=cfg.train.grad_accum_steps,
                                 param_sharding=run.param_sh, opt_sharding=run.opt_sh,
-                                batch_sharding=run.batch_sh)
+                                batch_sharding=run.batch_sh, remat=cfg.model.remat)
   seed = f"sft/{cfg.train.seed}"
   log.info("SFT on %d rows (%s): %d steps of %d rows = %.2f epochs; completions end with %r",
            len(rows), cfg_sft.path, steps, b, steps * b / len(rows), tokenizer.decode([stop_id]))

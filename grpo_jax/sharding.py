@@ -13,9 +13,15 @@ Mesh axes:
 
 Params get a PartitionSpec from the first rule in DEFAULT_RULES whose regex
 fully matches the param's name, i.e. the last dict key on the path to the
-leaf. Any pytree works, not just the params dict: optax states hold
-params-shaped subtrees under the same names, so their moments are sharded like
-their params, and everything else (step counts, scalars) is replicated.
+leaf. A rule is (regex, spec) or (regex, spec, optional axes): a dim whose
+mesh axes do not divide it is an error naming the param, unless all of those
+axes are optional in the rule, in which case that dim is replicated. So a
+mesh that would silently leave a param whole on every device (FSDP that
+shards nothing) fails at start-up instead, while a vocabulary or a head count
+that the tensor axis does not divide costs only memory. Any pytree works, not
+just the params dict: optax states hold params-shaped subtrees under the same
+names, so their moments are sharded like their params, and everything else
+(step counts, scalars) is replicated.
 The layer axis (leading, size num_layers) is never split: `lax.scan` runs over it.
 """
 
@@ -32,15 +38,20 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# (regex on the param name, spec). Shapes in transformer.py: L = num_layers,
-# D = hidden, F = intermediate, V = vocab, X = heads * head_dim.
-DEFAULT_RULES: tuple[tuple[str, P], ...] = (
-    (r"embed", P("tensor", "fsdp")),  # [V, D]
-    (r"lm_head", P("fsdp", "tensor")),  # [D, V]
-    (r"(q|k|v)_proj", P(None, "fsdp", "tensor")),  # [L, D, X]  column-parallel
+# (regex on the param name, spec[, optional axes]). Shapes in transformer.py: L = num_layers,
+# D = hidden, F = intermediate, V = vocab, X = heads * head_dim (kv_heads * head_dim for k/v).
+# fsdp always splits D and is required: a D it does not divide would leave FSDP sharding
+# nothing. tensor is optional where it splits V (vocabularies have odd sizes: 151665, a
+# character tokenizer's) or X (few kv heads), and required on the MLP's F.
+TENSOR_OPTIONAL = frozenset({"tensor"})
+DEFAULT_RULES: tuple[tuple, ...] = (
+    (r"embed", P("tensor", "fsdp"), TENSOR_OPTIONAL),  # [V, D]
+    (r"lm_head", P("fsdp", "tensor"), TENSOR_OPTIONAL),  # [D, V]
+    (r"(q|k|v)_proj", P(None, "fsdp", "tensor"), TENSOR_OPTIONAL),  # [L, D, X] column-parallel
     (r"(gate|up)_proj", P(None, "fsdp", "tensor")),  # [L, D, F]  column-parallel
-    (r"(o|down)_proj", P(None, "tensor", "fsdp")),  # [L, X|F, D]  row-parallel
-    (r"(q|k|v)_bias", P(None, "tensor")),  # [L, X]  follows the output dim
+    (r"o_proj", P(None, "tensor", "fsdp"), TENSOR_OPTIONAL),  # [L, X, D]  row-parallel
+    (r"down_proj", P(None, "tensor", "fsdp")),  # [L, F, D]  row-parallel
+    (r"(q|k|v)_bias", P(None, "tensor"), TENSOR_OPTIONAL),  # [L, X]  follows the output dim
     (r".*norm", P()),  # [L, D], [L, hd], [D]: small, replicated
 )
 
@@ -81,23 +92,45 @@ def _axis_size(mesh: Mesh, entry) -> int:
   return math.prod(mesh.shape[a] for a in names)
 
 
+def _axis_names(entry) -> tuple[str, ...]:
+  return entry if isinstance(entry, tuple) else (entry,)
+
+
 def spec_for(name: str | None, shape: Sequence[int], mesh: Mesh,
-             rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+             rules: Sequence[tuple] = DEFAULT_RULES) -> P:
   """PartitionSpec of an array called `name` (None: no name, replicated).
 
   A rule whose spec has a different rank than the array (e.g. a factored
-  optimizer statistic) does not apply, and a dim that its mesh axes do not
-  divide is not split: both fall back to replicated, never to an error.
+  optimizer statistic) does not apply: replicated. A dim that its mesh axes do
+  not divide is replicated when the rule marks all of those axes optional.
+
+  Raises:
+    ValueError: a dim that its mesh axes do not divide, under a required axis.
   """
   if name is None:
     return P()
-  for pattern, spec in rules:
-    if re.fullmatch(pattern, name):
-      spec = tuple(spec)
-      if spec and len(spec) != len(shape):
-        return P()
-      return P(*(e if e is None or dim % _axis_size(mesh, e) == 0 else None
-                 for e, dim in zip(spec, shape)))
+  for rule in rules:
+    pattern, spec, *optional = rule
+    optional = frozenset(optional[0]) if optional else frozenset()
+    if not re.fullmatch(pattern, name):
+      continue
+    spec = tuple(spec)
+    if spec and len(spec) != len(shape):
+      return P()
+    out = []
+    for i, (entry, dim) in enumerate(zip(spec, shape)):
+      if entry is None or dim % _axis_size(mesh, entry) == 0:
+        out.append(entry)
+      elif set(_axis_names(entry)) <= optional:
+        out.append(None)  # e.g. a vocabulary the tensor axis does not divide
+      else:
+        raise ValueError(
+            f"param {name!r} of shape {tuple(shape)}: the sharding rule ({pattern!r}, "
+            f"{P(*spec)}) splits its dim {i} ({dim}) over mesh axis {entry!r} of size "
+            f"{_axis_size(mesh, entry)}, which does not divide it (mesh "
+            f"{dict(mesh.shape)}). Choose config.mesh sizes that divide {dim}, or mark "
+            f"{entry!r} optional in the rule (that dim is then replicated).")
+    return P(*out)
   return P()
 
 
@@ -109,7 +142,7 @@ def _param_name(path) -> str | None:
   return None
 
 
-def param_shardings(mesh: Mesh, tree: Any, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+def param_shardings(mesh: Mesh, tree: Any, rules: Sequence[tuple] = DEFAULT_RULES):
   """A pytree of NamedSharding mirroring `tree` (arrays or ShapeDtypeStructs)."""
 
   def one(path, leaf):

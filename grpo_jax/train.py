@@ -125,7 +125,8 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   state, start = runner.restore_or_init(run, params)
   del params
   reward_fns, weights = reward_functions(cfg, run, lambda: state.params)
-  update = grpo.make_update_step(run.graphdef, run.optimizer, grpo.loss_config_from(rl),
+  update = grpo.make_update_step(run.graphdef, run.optimizer,
+                                 grpo.loss_config_from(rl, cfg.model.remat),
                                  grad_accum_steps=train.grad_accum_steps,
                                  param_sharding=run.param_sh, opt_sharding=run.opt_sh,
                                  batch_sharding=batch_sh)

@@ -126,3 +126,40 @@ def test_several_iterations_use_the_sampling_logps_and_clip():
   params, opt_state, _ = step(params, opt_state, None, batch)
   _, _, metrics = step(params, opt_state, None, batch)
   assert float(metrics["clip_ratio/region_mean"]) > 0.05
+
+
+REMAT_KW = dict(loss_type="dapo", beta=0.1, use_old_logps=True, chunk_size=4)
+
+
+@pytest.fixture(scope="module")
+def without_remat():
+  """(graphdef, params, ref, batch, grads and metrics of the update without remat)."""
+  graphdef, params = nnx.split(models.init_model(CFG, seed=7))
+  ref = jax.tree.map(lambda x: x * 1.01, params)
+  batch = make_batch(seed=8)
+  cfg = grpo.loss_config(G, **REMAT_KW)
+  out = jax.jit(lambda p: grpo.grads_and_metrics(p, ref, graphdef, batch, cfg))(params)
+  return graphdef, params, ref, batch, out
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(without_remat, remat):
+  """Recomputing the layers in the backward changes what is stored, not what is computed."""
+  graphdef, params, ref, batch, (g0, m0) = without_remat
+  cfg = grpo.loss_config(G, remat=remat, **REMAT_KW)
+  g1, m1 = jax.jit(lambda p: grpo.grads_and_metrics(p, ref, graphdef, batch, cfg))(params)
+  np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(jax.tree.leaves(g0)[0]).max()) > 0
+  # The setting reached the layer scan: the traced loss holds a remat, the plain one not.
+  trace = lambda c: str(jax.make_jaxpr(  # noqa: E731
+      lambda p: grpo.loss_and_metrics(p, ref, graphdef, batch, c)[0])(params))
+  assert "remat" in trace(cfg) and "remat" not in trace(grpo.loss_config(G, **REMAT_KW))
+
+
+def test_unknown_remat_is_refused():
+  graphdef, params = nnx.split(models.init_model(CFG, seed=7))
+  with pytest.raises(ValueError, match="remat='some'"):
+    grpo.loss_and_metrics(params, None, graphdef, make_batch(),
+                          grpo.loss_config(G, beta=0.0, remat="some"))

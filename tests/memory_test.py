@@ -29,10 +29,12 @@ def param_bytes(params):
   return sum(x.nbytes for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("beta, completion_length", [(0.04, 64), (0.0, 128)])
-def test_estimate_is_within_half_of_xlas_memory_analysis(tiny, beta, completion_length):
+@pytest.mark.parametrize("beta, completion_length, remat",
+                         [(0.04, 64, "none"), (0.0, 128, "none"), (0.0, 128, "full")])
+def test_estimate_is_within_half_of_xlas_memory_analysis(tiny, beta, completion_length, remat):
   (graphdef, params), model_cfg = tiny
   cfg = tiny_config(beta=beta, max_prompt_length=32, max_completion_length=completion_length)
+  cfg.model.remat = remat
   mesh = config_lib.make_mesh(cfg)
   est = memory.estimate(cfg, model_cfg, mesh, param_bytes=param_bytes(params))
   assert est.persistent["optimizer state"] == 2 * param_bytes(params)
@@ -46,7 +48,7 @@ def test_estimate_is_within_half_of_xlas_memory_analysis(tiny, beta, completion_
                      jax.ShapeDtypeStruct((b * g,), jnp.float32))
   optimizer, _ = optim.make_optimizer(1e-3, total_steps=1)
   abstract = jax.eval_shape(lambda x: x, params)
-  update = grpo.make_update_step(graphdef, optimizer, grpo.loss_config(g, beta=beta))
+  update = grpo.make_update_step(graphdef, optimizer, grpo.loss_config(g, beta=beta, remat=remat))
   xla = update.lower(abstract, jax.eval_shape(optimizer.init, params),
                      abstract if beta else None, batch).compile().memory_analysis()
   ratio = sum(est.update.values()) / xla.temp_size_in_bytes  # gradients and activations
@@ -92,3 +94,22 @@ def test_device_memory_limit_from_the_config():
   assert memory.device_memory_limit(cfg) == int(1.5 * 2 ** 30)
   cfg.train.device_memory_gb = 0.0
   assert memory.device_memory_limit(cfg) is None  # CPU devices report no memory stats
+
+
+def test_full_remat_lowers_the_compiled_updates_temporaries():
+  """With config.model.remat=full the update keeps each layer's input only, not its attention
+  scores and MLP activations: XLA's buffers for the update shrink (4 layers x 256 completion
+  tokens: 147 MiB -> 44 MiB when measured). Through compiled.programs, as aot and the start-up
+  check build it."""
+  from grpo_jax import compiled
+
+  cfg = tiny_config(max_completion_length=256, num_generations=4)
+  cfg.train.prompts_per_step, cfg.eval.num_problems = 2, 0
+  model_cfg = models.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                 num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16)
+  temp = {}
+  for remat in ("none", "full"):
+    cfg.model.remat = remat
+    fn, args, _ = compiled.programs(cfg, model_cfg, None)["update"]
+    temp[remat] = compiled.memory(compiled.compile_program(fn, args)[0])["temp_bytes"]
+  assert temp["full"] < 0.5 * temp["none"], temp

@@ -240,3 +240,31 @@ def test_cli_reports_a_row_without_completion(tmp_path, compile_cache):  # noqa:
   assert proc.returncode != 0
   assert f'{path}:1: an SFT row needs the string fields "prompt" and "completion"' in proc.stderr
   assert "loading model" not in proc.stderr and not os.path.exists(tmp_path / "run")
+
+
+def test_remat_gives_the_same_update():
+  """config.model.remat reaches the SFT update and changes no number of it (SGD with lr 1:
+  new params = params - grads, so equal updates mean equal gradients)."""
+  cfg = models.ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2,
+                           num_heads=4, num_kv_heads=2, head_dim=8)
+  graphdef, params = nnx.split(models.init_model(cfg, seed=0))
+  rng = np.random.default_rng(0)
+  cmask = (np.arange(9)[None] < np.array([[9], [4], [6]])).astype(np.int32)
+  batch = sft.Batch(jnp.asarray(rng.integers(1, 40, (3, 5)), jnp.int32),
+                    jnp.ones((3, 5), jnp.int32),
+                    jnp.asarray(rng.integers(1, 40, (3, 9)) * cmask, jnp.int32), jnp.asarray(cmask))
+  sgd = optax.sgd(1.0)
+  steps = {remat: sft.make_update_step(graphdef, sgd, remat=remat)
+           for remat in ("none", "full", "dots_saveable")}
+  traced = {k: str(jax.make_jaxpr(step)(params, sgd.init(params), batch))
+            for k, step in steps.items()}
+  assert "remat" not in traced["none"] and "remat" in traced["full"]  # the setting got there
+  out = {k: step(jax.tree.map(jnp.copy, params), sgd.init(params), batch)
+         for k, step in steps.items()}
+  new, _, metrics = out["none"]
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new,
+                                          params))) > 1e-3
+  for remat in ("full", "dots_saveable"):
+    np.testing.assert_allclose(out[remat][2]["loss"], metrics["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 out[remat][0], new)

@@ -129,18 +129,41 @@ def test_specs_of_each_param_kind(observed):
   assert observed["shard_shapes"]["attn_norm"] == [2, 32]
 
 
-def test_indivisible_dim_and_rank_mismatch_fall_back_to_replicated():
+def test_indivisible_optional_dim_and_rank_mismatch_fall_back_to_replicated():
   mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.AXES)
-  assert sharding.spec_for("embed", (63, 32), mesh) == P(None, "fsdp")
+  assert sharding.spec_for("embed", (63, 32), mesh) == P(None, "fsdp")  # odd vocabulary
+  assert sharding.spec_for("lm_head", (32, 63), mesh) == P("fsdp", None)
   assert sharding.spec_for("q_proj", (2, 32, 6), mesh) == P(None, "fsdp", "tensor")
-  assert sharding.spec_for("q_proj", (2, 31, 6), mesh) == P(None, None, "tensor")
+  assert sharding.spec_for("k_proj", (2, 32, 3), mesh) == P(None, "fsdp", None)  # 3 kv dims
+  assert sharding.spec_for("o_proj", (2, 3, 32), mesh) == P(None, None, "fsdp")
   assert sharding.spec_for("q_proj", (2, 32), mesh) == P()  # e.g. a factored statistic
   assert sharding.spec_for("unknown", (8, 8), mesh) == P()
   assert sharding.spec_for(None, (8, 8), mesh) == P()
-  # Custom rules, as a config would give them: plain tuples, a multi-axis entry.
-  rules = [("embed", (("fsdp", "tensor"), None))]
+  # Custom rules, as a config would give them: plain tuples, a multi-axis entry, which is
+  # replicated only when all its axes are optional.
+  rules = [("embed", (("fsdp", "tensor"), None), {"fsdp", "tensor"})]
   assert sharding.spec_for("embed", (64, 32), mesh, rules) == P(("fsdp", "tensor"), None)
   assert sharding.spec_for("embed", (6, 32), mesh, rules) == P(None, None)
+  with pytest.raises(ValueError, match="'embed' of shape"):
+    sharding.spec_for("embed", (6, 32), mesh, [("embed", (("fsdp", "tensor"), None), {"tensor"})])
+
+
+@pytest.mark.parametrize("name, shape, axis, dim, rule", [
+    # the hidden size: FSDP would shard nothing
+    ("q_proj", (2, 31, 6), "fsdp", 31, "('(q|k|v)_proj', P(None, 'fsdp', 'tensor'))"),
+    ("down_proj", (2, 7, 32), "tensor", 7, "('down_proj', P(None, 'tensor', 'fsdp'))"),  # MLP width
+    ("embed", (64, 31), "fsdp", 31, "('embed', P('tensor', 'fsdp'))"),
+])
+def test_indivisible_required_dim_is_an_error_naming_param_rule_and_mesh(name, shape, axis, dim,
+                                                                          rule):
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.AXES)
+  with pytest.raises(ValueError) as e:
+    sharding.spec_for(name, shape, mesh)
+  message = str(e.value)
+  for part in (f"param {name!r} of shape {shape}", f"rule {rule}",
+               f"({dim}) over mesh axis {axis!r} of size 2", "'data': 2, 'fsdp': 2, 'tensor': 2",
+               "config.mesh"):
+    assert part in message, (part, message)
 
 
 def test_sharded_forward_equals_unsharded(observed):

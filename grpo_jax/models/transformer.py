@@ -27,6 +27,14 @@ call's keys/values are written once, after it, in place. (Writing inside the
 scan, or concatenating cache and new keys, copies the whole cache every layer:
 measured 2x slower decoding on CPU.) The [B, KV, S, D] layout makes both
 attention products plain batched matmuls, with no transpose of the cache.
+
+Rematerialisation (`remat`, config.model.remat): the backward of the layer scan
+normally keeps every layer's activations, the fp32 attention scores among them.
+With "full" (or "nothing_saveable") it keeps only each layer's input (the
+residual stream) and runs the layer's forward again during the backward, one
+layer at a time; with "dots_saveable" it keeps the matmul outputs (the
+attention scores too: they are batched matmuls) and recomputes the rest. Only
+the update asks for it: the sampler has no backward.
 """
 
 from __future__ import annotations
@@ -179,6 +187,26 @@ def swiglu(y: Array, w_gate: Array, w_up: Array, w_down: Array, dtype: Any) -> A
   return _swiglu(y, w_gate, w_up, w_down, jnp.dtype(dtype))
 
 
+# config.model.remat -> jax.checkpoint policy (None: save nothing). "none" is no checkpoint.
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+REMAT = ("none", *REMAT_POLICIES)
+
+
+def remat_layer(layer, remat: str = "none"):
+  """`layer` under jax.checkpoint with the policy `remat` names ("none": unchanged)."""
+  if remat == "none":
+    return layer
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}; expected one of {list(REMAT)}")
+  # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward
+  # anyway, and the barrier it would add only slows the loop (jax.checkpoint's docs).
+  return jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
 def positions_from_mask(mask_BxL: Array, offset_B: Array | int = 0) -> Array:
   """Position of each token = real tokens before it (padding does not count)."""
   return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=1) - 1, 0) + jnp.asarray(
@@ -249,18 +277,18 @@ class Transformer(nnx.Module):
     return {n: getattr(self, n)[...] for n in layer_param_names(self.cfg)}
 
   def prefill(self, tokens_BxL: Array, attention_mask_BxL: Array | None = None,
-              max_len: int | None = None):
+              max_len: int | None = None, remat: str = "none"):
     """Runs a prompt into a new cache of `max_len` slots: (hidden [B, L, D], cache).
 
     The same as `hidden_states(..., cache=init_cache(B, max_len))`, without
     attending to the empty slots (a constant XLA would fold at compile time).
     """
     return self.hidden_states(tokens_BxL, attention_mask_BxL=attention_mask_BxL,
-                              new_cache_len=max_len or tokens_BxL.shape[1])
+                              new_cache_len=max_len or tokens_BxL.shape[1], remat=remat)
 
   def hidden_states(self, tokens_BxL: Array, positions_BxL: Array | None = None,
                     attention_mask_BxL: Array | None = None, cache: Cache | None = None,
-                    new_cache_len: int | None = None):
+                    new_cache_len: int | None = None, remat: str = "none"):
     """Final-norm hidden states [B, L, D] (fp32), and the updated cache if given.
 
     Long because the layer (attention with its cache update, MLP) is the body of one
@@ -275,6 +303,8 @@ class Transformer(nnx.Module):
       cache: from `init_cache`, or None for a plain causal forward.
       new_cache_len: with cache=None, also return a new cache of this many
         slots holding this call's keys/values (see `prefill`).
+      remat: what the backward keeps of each layer, one of REMAT (module doc);
+        "none" keeps everything. Only matters under differentiation.
     """
     cfg = self.cfg
     b, l = tokens_BxL.shape
@@ -357,7 +387,8 @@ class Transformer(nnx.Module):
     x = self.embed[...][tokens_BxL].astype(jnp.float32)
     caches = (None, None) if cache is None else (cache["k"], cache["v"])
     prefixes = (None, None) if prefix is None else (prefix["k"], prefix["v"])
-    x, new_kv = jax.lax.scan(layer, x, (self._layer_params(), *caches, *prefixes),
+    x, new_kv = jax.lax.scan(remat_layer(layer, remat), x,
+                             (self._layer_params(), *caches, *prefixes),
                              unroll=flop_count.SCAN_UNROLL.get())
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     if not keep_kv:
