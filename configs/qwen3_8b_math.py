@@ -21,6 +21,7 @@ def get_config(arg: str | None = None):
   c = config_lib.defaults()
   c.model.name = arg or "qwen3-8b"
   c.model.dtype = "bfloat16"
+  c.model.remat = "full"
   c.task.name = "jsonl"
   c.task.template = "chat"
   c.task.kwargs.path = ""
