@@ -40,8 +40,10 @@ def test_a_bad_override_is_one_line_and_exit_status_2(flag, message, env, tmp_pa
 
 
 def test_a_config_file_that_raises_or_is_missing_is_one_line(env, tmp_path):
-  qwen = os.path.join(REPO, "configs", "qwen25_gsm8k.py")
-  for config, message in ((qwen, "ValueError: give the checkpoint folder"),
+  raising = tmp_path / "needs_arg.py"
+  raising.write_text("def get_config(arg=None):\n"
+                     "  raise ValueError('give the checkpoint folder: --config=FILE:PATH')\n")
+  for config, message in ((str(raising), "ValueError: give the checkpoint folder"),
                           (str(tmp_path / "nope.py"), "cannot load it: [Errno 2] No such file")):
     proc = run_cli([f"--config={config}", f"--workdir={tmp_path / 'run'}"], env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]

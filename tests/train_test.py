@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
-from flax import nnx
 
 from grpo_jax import checkpointing, config as config_lib, metrics_io, models, train
 from grpo_jax.generate import generate
@@ -234,20 +233,26 @@ _SLOW_MAIN = textwrap.dedent("""
 """)
 
 
-def test_sigterm_checkpoints_the_last_step_and_restart_finishes_exactly(full_run, tmp_path,
-                                                                        compile_cache):
-  workdir = str(tmp_path / "run")
+def signal_mid_run(workdir, args, signum, tmp_path, compile_cache) -> tuple[int, str]:
+  """Runs the slowed CLI with `args`, sends `signum` once two steps are logged; (rc, stderr)."""
   with open(tmp_path / "stderr.txt", "w") as stderr:
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MAIN, *cli_args(workdir, RUN)],
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MAIN, *args],
                             env=subprocess_env(compile_cache), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 240
     while len(metrics_io.read_metrics(workdir)) < 2 and proc.poll() is None:
       assert time.time() < deadline, "no training steps within 240 s"
       time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     rc = proc.wait(timeout=120)
-  log = (tmp_path / "stderr.txt").read_text()
+  return rc, (tmp_path / "stderr.txt").read_text()
+
+
+def test_sigterm_checkpoints_the_last_step_and_restart_finishes_exactly(full_run, tmp_path,
+                                                                        compile_cache):
+  workdir = str(tmp_path / "run")
+  rc, log = signal_mid_run(workdir, cli_args(workdir, RUN), signal.SIGTERM, tmp_path,
+                           compile_cache)
   assert rc == 128 + signal.SIGTERM, log[-3000:]  # 143: stopped by the signal, as a shell says
   last = metrics_io.read_metrics(workdir)[-1]["step"]
   assert 2 <= last < 20

@@ -9,15 +9,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from grpo_jax import config as config_lib, metrics_io, run_dir, train
 from tests.train_test import compile_cache  # noqa: F401  (the fixture, autouse here too)
-from tests.train_test import (_SLOW_MAIN, REPO, TINY, cli_args, run_cli, subprocess_env,
+from tests.train_test import (REPO, TINY, cli_args, run_cli, signal_mid_run, subprocess_env,
                               tiny_config, training_records)
 
 TINY_SFT = os.path.join(REPO, "configs", "tiny_sft.py")
@@ -165,17 +162,7 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, compile_cache):  # noqa: F81
   workdir = str(tmp_path / "run")
   flags = cli_args(workdir, {"train.steps": 20, "train.checkpoint_every": 0,
                              "eval.num_problems": 0})
-  with open(tmp_path / "stderr.txt", "w") as stderr:
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MAIN, *flags],
-                            env=subprocess_env(compile_cache), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.time() + 240
-    while len(metrics_io.read_metrics(workdir)) < 2 and proc.poll() is None:
-      assert time.time() < deadline, "no training steps within 240 s"
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    rc = proc.wait(timeout=120)
-  log = (tmp_path / "stderr.txt").read_text()
+  rc, log = signal_mid_run(workdir, flags, signal.SIGINT, tmp_path, compile_cache)
   assert rc == 130, log[-3000:]
   last = metrics_io.read_metrics(workdir)[-1]["step"]
   assert f"SIGINT: checkpointed step {last}, stopping" in log
