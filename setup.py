@@ -22,6 +22,8 @@ setuptools.setup(
     version="0.1.0",
     description="GRPO for language models in JAX/Flax: sampling, rewards, losses, sharded training.",
     packages=setuptools.find_packages(include=["grpo_jax", "grpo_jax.*"]),
+    # The H100 description XLA compiles against (python -m grpo_jax.aot).
+    package_data={"grpo_jax": ["targets/*.txtpb"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

@@ -299,17 +299,16 @@ class Progress:
   """A tqdm bar over the run's steps (stderr) with the last reward (GRPO) or loss (SFT) and the
   last held-out pass@1.
 
-  tqdm's rate is a moving average, so the first step's compilation soon stops weighing on the
-  ETA; the loops say in the log when a step compiles.
+  The bar starts after the run's first step: that step compiles the programs (the loops say so
+  in the log), and timing from it would put minutes of compilation into every ETA. Later
+  compilations (a new completion bucket) weigh less and less in tqdm's moving average.
   """
 
   def __init__(self, total_steps: int, initial: int = 0, stream: TextIO | None = None):
-    import tqdm
-
+    self._total, self._initial = total_steps, initial
+    self._stream = sys.stderr if stream is None else stream
     self._eval = {}
-    self._bar = tqdm.tqdm(total=total_steps, initial=initial, unit="step", smoothing=0.3,
-                          file=sys.stderr if stream is None else stream, dynamic_ncols=True,
-                          desc="train")
+    self._bar = None
 
   def postfix(self, metrics: dict[str, Any]) -> str:
     # Evaluations are rarer than steps: their last values stay on the line until the next.
@@ -320,10 +319,18 @@ class Progress:
 
   def update(self, step: int, metrics: dict[str, Any]) -> str:
     """Moves the bar to `step` and shows the metrics; returns the postfix shown."""
+    import tqdm
+
     text = self.postfix(metrics)
+    if self._bar is None:
+      if step <= self._initial:  # the starting evaluation: nothing trained yet
+        return text
+      self._bar = tqdm.tqdm(total=self._total, initial=step, unit="step", smoothing=0.3,
+                            file=self._stream, dynamic_ncols=True, desc="train")
     self._bar.set_postfix_str(text, refresh=False)
     self._bar.update(step - self._bar.n)
     return text
 
   def close(self) -> None:
-    self._bar.close()
+    if self._bar is not None:
+      self._bar.close()

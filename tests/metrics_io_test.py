@@ -139,6 +139,25 @@ def test_progress_bar_shows_steps_reward_and_the_last_eval_pass_at_1():
   assert "30/100" in out and "reward 0.750 | eval/pass@1 0.400" in out
 
 
+def test_progress_bar_clock_starts_after_the_first_compiling_step(monkeypatch):
+  """The ETA counts training steps only: the first step (compilation) is not timed."""
+  import tqdm.std
+
+  now = [0.0]
+  monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # the clock a bar reads
+  stream = io.StringIO()
+  bar = metrics_io.Progress(11, stream=stream)
+  bar.update(0, {"eval/pass@1": 0.1})  # the starting evaluation: no bar yet
+  now[0] = 60.0  # step 1 compiled for a minute
+  bar.update(1, {"reward": 0.1})
+  for step in range(2, 7):  # then 2 s a step
+    now[0] += 2.0
+    bar.update(step, {"reward": 0.2})
+  assert bar._bar.format_dict["elapsed"] == 10.0
+  assert bar._bar.format_dict["rate"] == pytest.approx(0.5)  # steps/s: 5 steps in 10 s
+  bar.close()
+
+
 def test_progress_bar_of_sft_shows_the_loss_and_the_held_out_loss():
   bar = metrics_io.Progress(10, stream=io.StringIO())
   assert bar.update(0, {"eval/pass@1": 0.0, "eval/loss": 4.5}) == (
