@@ -113,8 +113,8 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
   log.info("memory per device (estimate):\n%s", est.table())
   limit = memory.device_memory_limit(cfg)
   if limit is not None:  # XLA's analysis of the programs the run will execute, when it has one
-    log.info("compiling the run's programs to check their memory (the first step reuses them "
-             "through the compilation cache)")
+    log.info("compiling the run's programs at their largest shapes to check their memory "
+             "before the first step")
     peaks = compiled.compiled_peaks(cfg, model_cfg, mesh)
     if peaks:
       log.info("memory per device (compiled): %s", ", ".join(
