@@ -31,21 +31,29 @@ def _abstract(tree, shardings=None):
                       shardings)
 
 
+def abstract_model(cfg, model_cfg):
+  """(graphdef, params as ShapeDtypeStructs) of the config's model: shapes only, no memory."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from grpo_jax.models import transformer
+
+  return nnx.split(nnx.eval_shape(lambda: transformer.init_model(
+      model_cfg, dtype=jnp.dtype(cfg.model.dtype))))
+
+
 def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
   """{name: (jitted function, abstract args, decode steps)} of the programs a run of `cfg`
   compiles, placed on `mesh` (mesh=None: unsharded, for one device). `decode steps` is the
   decode loop's trip count for the samplers (0 for the update)."""
   import jax
   import jax.numpy as jnp
-  from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from grpo_jax import grpo, optim, sampling, sft, sharding
-  from grpo_jax.models import transformer
 
   rl, train = cfg.rl, cfg.train
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: transformer.init_model(
-      model_cfg, dtype=jnp.dtype(cfg.model.dtype))))
+  graphdef, params = abstract_model(cfg, model_cfg)
   param_sh = sharding.param_shardings(mesh, params) if mesh is not None else None
   batch_sh = sharding.batch_sharding(mesh) if mesh is not None else None
   replicated = NamedSharding(mesh, P()) if mesh is not None else None
@@ -137,12 +145,9 @@ def total_cost(name: str, fn, args, decode_steps: int, cfg, model_cfg) -> dict[s
   import jax.numpy as jnp
   from flax import nnx
 
-  from grpo_jax.models import transformer
-
   if not decode_steps:
     return _cost(fn, args)
-  graphdef = nnx.split(nnx.eval_shape(lambda: transformer.init_model(
-      model_cfg, dtype=jnp.dtype(cfg.model.dtype))))[0]
+  graphdef, _ = abstract_model(cfg, model_cfg)
   g = cfg.rl.num_generations if name == "sample" else cfg.eval.num_samples
   start_fn = _start_decoding_fn(graphdef, g, decode_steps)
   start = _cost(start_fn, args)
