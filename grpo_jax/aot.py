@@ -21,7 +21,9 @@ sharding rules laid over the topology's devices:
 Each program gets a table row and one JSON line (stdout) with XLA's memory
 analysis per device (argument, output, temp, peak = argument + output + temp +
 code - aliased), whether it fits the chip's HBM, its FLOPs and bytes accessed
-per device per call, the collectives in the compiled HLO, the compile time,
+per device per call, the collectives in the compiled HLO (for a sampler also
+those of one decode step, "per decode" in the table: what runs inside the
+decode loop; the weights' all-gathers would show here), the compile time,
 and a roofline lower bound on its time: max(FLOPs / peak FLOP/s, bytes / HBM
 bandwidth). FLOPs and bytes come from XLA's cost analysis of the same program
 lowered for one CPU device with every scan unrolled (the analysis counts a

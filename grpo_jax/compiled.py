@@ -172,6 +172,46 @@ def collectives(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+_COMPUTATION_RE = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_CALLEE_RE = re.compile(r"(?:body|condition|calls|to_apply|branch_computations)="
+                        r"(\{[^}]*\}|%?[\w.\-]+)")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """{computation name: its instruction lines} of an HLO module's text."""
+  comps: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION_RE.match(line)
+    if m:
+      current = comps.setdefault(m.group(1), [])
+    elif current is not None:
+      current.append(line)
+  return comps
+
+
+def loop_collectives(hlo_text: str) -> dict[str, int]:
+  """Collectives that run on every iteration of a data-dependent loop: those in the body (and
+  in whatever it calls) of each `while` whose trip count XLA could not determine. In a
+  sampler that is the decode loop (`lax.while_loop` until every row stops), while the layer
+  scans and the random-number loops have known trip counts; so this is what one decode step
+  communicates. Static counts, like `collectives`."""
+  comps = _computations(hlo_text)
+  bodies = [re.search(r"body=%?([\w.\-]+)", line).group(1)
+            for lines in comps.values() for line in lines
+            if " while(" in line and "known_trip_count" not in line]
+  seen, todo = set(), list(bodies)
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      for m in _CALLEE_RE.finditer(line):
+        todo.extend(callee.strip(" {}%") for callee in m.group(1).split(","))
+  return collectives("\n".join(line for name in seen for line in comps[name]))
+
+
 def memory(compiled) -> dict[str, int]:
   m = compiled.memory_analysis()
   arg, out, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
@@ -238,7 +278,10 @@ def analyze(cfg, topology: str, model_cfg, only=None) -> list[dict]:
     try:
       compiled, seconds = compile_program(fn, args)
       rec.update(memory(compiled))
-      rec["collectives"] = collectives(compiled.as_text())
+      hlo = compiled.as_text()
+      rec["collectives"] = collectives(hlo)
+      if steps:  # a sampler: what each decode step communicates
+        rec["decode_step_collectives"] = loop_collectives(hlo)
       rec["fits"] = rec["peak_bytes"] <= chip.hbm_bytes
     except OutOfMemory as e:  # XLA's own refusal: the size it needed, when it says it
       seconds = e.seconds
@@ -307,13 +350,15 @@ def check_compiled(peaks: dict[str, dict], limit: int) -> None:
 
 def table(records: list[dict]) -> str:
   rows = [f"{'program':12s} {'peak GiB':>9s} {'HBM GiB':>8s} {'fits':>5s} {'TFLOP':>9s} "
-          f"{'roofline s':>10s} {'all-gather':>10s} {'compile s':>9s}"]
+          f"{'roofline s':>10s} {'all-gather':>10s} {'per decode':>10s} {'compile s':>9s}"]
   for r in records:
     peak = r.get("peak_bytes")
+    step = r.get("decode_step_collectives")
+    per_step = "-" if step is None else str(step["all-gather"])
     rows.append(f"{r['program']:12s} {peak / GIB if peak else float('nan'):9.2f} "
                 f"{r['hbm_bytes'] / GIB:8.2f} {str(r['fits']):>5s} {r['flops'] / 1e12:9.3f} "
                 f"{r['roofline_s']:10.4f} {r.get('collectives', {}).get('all-gather', 0):10d} "
-                f"{r['compile_s']:9.1f}")
+                f"{per_step:>10s} {r['compile_s']:9.1f}")
   return "\n".join(rows)
 
 

@@ -119,6 +119,34 @@ def test_collectives_are_counted_from_hlo_text():
   assert counts["reduce-scatter"] == 1 and counts["all-to-all"] == 0
 
 
+def test_loop_collectives_count_what_runs_inside_a_data_dependent_loop():
+  # The decode loop (no known trip count) calls a layer scan (known trip count) whose body
+  # all-gathers; a scan outside the loop all-gathers too, and must not count.
+  hlo = """
+%scan_body (p: f32[4]) -> f32[4] {
+  %ag = f32[8] all-gather(f32[1] %p), dimensions={0}
+}
+
+%decode_body (p: f32[4]) -> f32[4] {
+  %ar = f32[4] all-reduce(f32[4] %p), to_apply=%add
+  ROOT %w = f32[4] while(f32[4] %p), condition=%c, body=%scan_body, backend_config={"known_trip_count":{"n":"2"}}
+}
+
+%prefill_body (p: f32[4]) -> f32[4] {
+  %ag2 = f32[8] all-gather(f32[1] %p), dimensions={0}
+  %ag3 = f32[8] all-gather(f32[1] %p), dimensions={0}
+}
+
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %a = f32[4] while(f32[4] %p), condition=%c, body=%prefill_body, backend_config={"known_trip_count":{"n":"2"}}
+  ROOT %b = f32[4] while(f32[4] %a), condition=%c, body=%decode_body
+}
+"""
+  assert compiled.collectives(hlo)["all-gather"] == 3
+  step = compiled.loop_collectives(hlo)
+  assert step["all-gather"] == 1 and step["all-reduce"] == 1
+
+
 def test_presets_have_the_published_parameter_counts():
   billions = {"qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62, "qwen3-8b": 8.19, "llama-3.1-8b": 8.03,
               "llama-3.2-1b": 1.24, "qwen3-0.6b": 0.60}
