@@ -41,6 +41,9 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax: the GPU plugin must not probe
+# The tool only compiles for a described topology and never opens a chip, so it need not take
+# libtpu's one-process lock (two compiles at once would otherwise refuse each other).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -57,6 +57,9 @@ def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
   param_sh = sharding.param_shardings(mesh, params) if mesh is not None else None
   batch_sh = sharding.batch_sharding(mesh) if mesh is not None else None
   replicated = NamedSharding(mesh, P()) if mesh is not None else None
+  # The samplers decode from their own copy of the weights (sampling.rollout_copier).
+  rollout = jax.eval_shape(lambda x: sampling.cast_for_rollout(x, cfg.model.dtype), params)
+  rollout = _abstract(rollout, sharding.rollout_shardings(mesh, params) if mesh else None)
   params = _abstract(params, param_sh)
 
   def arr(shape, dtype, sh=None):
@@ -83,7 +86,7 @@ def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
   else:
     sample_kw = dict(num_generations=g, max_new_tokens=t, stop_ids=(0,), pad_id=0)
     out["sample"] = (_bind(sampling.sample_jit, graphdef, sample_kw),
-                     (params, arr((b, p), jnp.int32, batch_sh), arr((b, p), jnp.int32, batch_sh),
+                     (rollout, arr((b, p), jnp.int32, batch_sh), arr((b, p), jnp.int32, batch_sh),
                       key), t)
     step = grpo.make_update_step(graphdef, optimizer,
                                  grpo.loss_config_from(rl, cfg.model.remat),
@@ -100,7 +103,7 @@ def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
     e = min(cfg.eval.prompts_per_batch, cfg.eval.num_problems)
     kw = dict(num_generations=cfg.eval.num_samples, max_new_tokens=t, stop_ids=(0,), pad_id=0)
     out["eval_sample"] = (_bind(sampling.sample_jit, graphdef, kw),
-                          (params, arr((e, p), jnp.int32, replicated),
+                          (rollout, arr((e, p), jnp.int32, replicated),
                            arr((e, p), jnp.int32, replicated), key), t)
   return out
 
@@ -235,12 +238,16 @@ _REQUIRED_RE = re.compile(r"required for [^(]*\(([\d.]+)([KMGT])\)")
 
 
 def compile_program(fn, args):
-  """(compiled, seconds); OutOfMemory when XLA refuses it for HBM."""
+  """(compiled, seconds); OutOfMemory when XLA refuses it for HBM. A plain function is jitted
+  and lowered on the mesh of its sharded args (`sharding.on_mesh`), as the run calls it."""
   import jax
+
+  from grpo_jax import sharding
 
   t = time.perf_counter()
   try:
-    lowered = fn.lower(*args) if hasattr(fn, "lower") else jax.jit(fn).lower(*args)
+    jitted = fn if hasattr(fn, "lower") else sharding.on_mesh(jax.jit(fn), sharding.mesh_of(args))
+    lowered = jitted.lower(*args)
     compiled = lowered.compile()
   except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED
     text = str(e)
@@ -312,12 +319,22 @@ def compiled_peaks(cfg, model_cfg, mesh) -> dict[str, dict]:
   """The run's programs compiled for `mesh` (the devices it will run on): {name: {"peak_bytes",
   "parts"}} per device, or {} when the backend gives no memory analysis. A sampler's peak
   also counts what stays on the device while it runs without being its argument: the
-  optimizer state (and the reference params), which the update takes as arguments."""
+  training params (it decodes from its own copy), the optimizer state and the reference
+  params, which the update takes as arguments."""
+  import jax
+
   progs = programs(cfg, model_cfg, mesh)
   update_args = progs["update"][1]
-  held = _device_bytes(update_args[1])  # optimizer state
+  # The optimizer state, the reference params, and the training params when the samplers
+  # decode from a copy of them (not when it would be the same arrays: sampling.rollout_copier).
+  held = _device_bytes(update_args[1])
   if cfg.mode != "sft" and update_args[2] is not None:
-    held += _device_bytes(update_args[2])  # reference params
+    held += _device_bytes(update_args[2])
+  sampler = next((args for name, (_, args, _) in progs.items() if name != "update"), None)
+  if sampler is not None and any(
+      a.dtype != b.dtype or not a.sharding.is_equivalent_to(b.sharding, a.ndim)
+      for a, b in zip(jax.tree.leaves(sampler[0]), jax.tree.leaves(update_args[0]))):
+    held += _device_bytes(update_args[0])
   out = {}
   for name, (fn, args, _) in progs.items():
     compiled, _ = compile_program(fn, args)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from grpo_jax import flop_count
+from grpo_jax import flop_count, sharding
 
 SCHEDULES = ("constant", "cosine")
 
@@ -79,7 +79,8 @@ def jit_update(grads_fn, optimizer, *, param_sharding=None, opt_sharding=None,
   `grads_fn(params, *args) -> (grads, metrics)`: one optimizer step, `grad_norm`
   added to the metrics, params and opt_state donated. With `param_sharding`, the
   params and optimizer state keep their shardings and `extra_shardings` (one per
-  arg) place the other inputs.
+  arg) place the other inputs, and the step traces under their mesh (`sharding.on_mesh`), so
+  the model's activation layouts (`sharding.constrain`) apply.
   """
 
   def step(params, opt_state, *args):
@@ -89,7 +90,8 @@ def jit_update(grads_fn, optimizer, *, param_sharding=None, opt_sharding=None,
     return params, opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
   kw: dict[str, Any] = dict(donate_argnums=(0, 1))
-  if param_sharding is not None:
-    kw.update(in_shardings=(param_sharding, opt_sharding, *extra_shardings),
-              out_shardings=(param_sharding, opt_sharding, None))
-  return jax.jit(step, **kw)
+  if param_sharding is None:
+    return jax.jit(step, **kw)
+  kw.update(in_shardings=(param_sharding, opt_sharding, *extra_shardings),
+            out_shardings=(param_sharding, opt_sharding, None))
+  return sharding.on_mesh(jax.jit(step, **kw), jax.tree.leaves(param_sharding)[0].mesh)

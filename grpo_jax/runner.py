@@ -38,7 +38,7 @@ from flax import nnx, struct
 from jax.experimental import multihost_utils
 
 from grpo_jax import (checkpointing, compiled, config as config_lib, distributed, evaluate,
-                      memory, metrics_io, models, optim, plots, rewards, sharding)
+                      memory, metrics_io, models, optim, plots, rewards, sampling, sharding)
 from grpo_jax.run_dir import CONFIG_FILE
 from grpo_jax.data import templates
 
@@ -68,6 +68,9 @@ class Run:
   lr_schedule: Callable[[int], Any]
   opt_sh: Any
   ckpt: checkpointing.Checkpointer
+  # params -> the samplers' copy of them (sampling.rollout_copier): compute dtype, whole on
+  # each device but for the tensor split; the params themselves when that changes nothing.
+  rollout_params: Callable[[Any], Any]
 
   @property
   def is_main(self) -> bool:
@@ -131,8 +134,11 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
   optimizer, lr_schedule = optim.optimizer_from_config(cfg.opt, optimizer_steps or steps)
   opt_sh = sharding.param_shardings(mesh, jax.eval_shape(optimizer.init, params))
   ckpt = checkpointing.run_checkpointer(workdir, cfg.train.keep_checkpoints)
+  rollout = sampling.rollout_copier(param_sh, sharding.rollout_shardings(mesh, params),
+                                    cfg.model.dtype)
   return Run(cfg, workdir, steps, mesh, tokenizer, model_cfg, graphdef, param_sh,
-             sharding.batch_sharding(mesh), optimizer, lr_schedule, opt_sh, ckpt), params
+             sharding.batch_sharding(mesh), optimizer, lr_schedule, opt_sh, ckpt,
+             rollout), params
 
 
 def restore_or_init(run: Run, params) -> tuple[TrainState, int]:
@@ -152,13 +158,16 @@ def restore_or_init(run: Run, params) -> tuple[TrainState, int]:
 
 
 def checkpoint_or_stop(run: Run, step: int, state: TrainState, preemption: Preemption, *,
-                       data_position: int) -> bool:
+                       data_position: int, before_save: Callable[[], Any] | None = None) -> bool:
   """Saves step `step` every train.checkpoint_every steps (0: never in between), at the last
   step, and when a signal asks the run to stop; True when it should stop now (every process
-  agrees)."""
+  agrees). `before_save` runs first when a checkpoint is saved (the GRPO loop writes its
+  pending metrics: a checkpoint never gets ahead of metrics.jsonl)."""
   stop = preemption.reached(step)
   every = run.cfg.train.checkpoint_every
   if (every and step % every == 0) or step == run.steps or stop:
+    if before_save is not None:
+      before_save()
     run.ckpt.save(step, checkpointing.run_state(state),
                   meta={"step": step, "data_position": data_position, "seed": run.cfg.train.seed})
   if stop:
@@ -205,14 +214,17 @@ def _timed(eval_fn: EvalFn, params) -> dict:
 
 
 def evaluate_if_due(run: Run, eval_fn: EvalFn | None, step: int, params) -> dict:
-  """The eval/* metrics after `step` updates when an evaluation is due, else {}."""
-  return _timed(eval_fn, params) if eval_due(run, eval_fn, step) else {}
+  """The eval/* metrics after `step` updates when an evaluation is due, else {}: sampled from
+  the rollout copy of `params` (`Run.rollout_params`, dropped after)."""
+  if not eval_due(run, eval_fn, step):
+    return {}
+  return _timed(eval_fn, run.rollout_params(params))
 
 
 def evaluate_first(run: Run, log_: Log, eval_fn: EvalFn | None, params, start: int) -> None:
   """A fresh run with an evaluation records one of the starting params as step 0."""
   if start == 0 and eval_fn is not None:
-    log_.write(0, _timed(eval_fn, params))
+    log_.write(0, _timed(eval_fn, run.rollout_params(params)))
 
 
 # -- outputs -------------------------------------------------------------------------

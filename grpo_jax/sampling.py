@@ -32,11 +32,14 @@ tests plug in small fake models through the same protocol.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+import re
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+
+from grpo_jax import sharding
 
 # Top-k / top-p look at this many best candidates (lax.top_k, cheap); only when
 # they are not enough (top_k larger, or their mass below top_p) does a full sort
@@ -198,6 +201,48 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts_BxP: jax.Array, prompt_m
   mask = (jnp.arange(t_max)[None, :] < final.lengths[:, None]).astype(jnp.int32)
   return Completions(tokens=final.tokens, mask=mask, logps=final.logps, lengths=final.lengths,
                      truncated=~final.done)
+
+
+# -- the sampler's copy of the weights -------------------------------------------------
+# Weights whose every use is a matmul operand cast to the compute dtype: casting them once
+# before a rollout changes no result. Norm scales, biases and the embedding table (its rows
+# are looked up in fp32) keep their storage dtype.
+MATMUL_WEIGHTS = re.compile(r".*_proj|lm_head")
+
+
+def _is_matmul_weight(path) -> bool:
+  return bool(MATMUL_WEIGHTS.fullmatch(sharding.param_name(path) or ""))
+
+
+def cast_for_rollout(params, dtype):
+  """params with the matmul weights (`MATMUL_WEIGHTS`) in `dtype`, the rest as they are."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(dtype) if _is_matmul_weight(path) else x, params)
+
+
+def rollout_copier(param_shardings, rollout_shardings, dtype) -> Callable[[Any], Any]:
+  """params -> the sampler's own copy of them: matmul weights cast to the compute `dtype`
+  (`MATMUL_WEIGHTS`), laid out as `rollout_shardings` (`sharding.rollout_shardings`: whole
+  weights on each device but for the tensor split), made by one jitted program.
+
+  The decode loop then reads half the bytes (bf16 from fp32 master weights) and gathers no
+  FSDP shard at each token: the gather happens once per rollout. Sampling from the copy gives
+  the same tokens and log-probs as from the params. When the copy would equal the params
+  (same dtypes, same layout, e.g. fp32 on one CPU), the copier returns them: no copy. Drop the
+  copy after the rollout, so that its memory is free for the update.
+  """
+  dtype = jnp.dtype(dtype)
+  copy = jax.jit(functools.partial(cast_for_rollout, dtype=dtype), out_shardings=rollout_shardings)
+
+  def rollout_params(params):
+    same_dtype = all(x.dtype == dtype or not _is_matmul_weight(path)
+                     for path, x in jax.tree_util.tree_leaves_with_path(params))
+    same_layout = all(a.is_equivalent_to(b, x.ndim) for a, b, x in zip(
+        jax.tree.leaves(param_shardings), jax.tree.leaves(rollout_shardings),
+        jax.tree.leaves(params)))
+    return params if same_dtype and same_layout else copy(params)
+
+  return rollout_params
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_generations", "max_new_tokens",

@@ -27,6 +27,7 @@ The layer axis (leading, size num_layers) is never split: `lax.scan` runs over i
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Sequence
@@ -134,7 +135,7 @@ def spec_for(name: str | None, shape: Sequence[int], mesh: Mesh,
   return P()
 
 
-def _param_name(path) -> str | None:
+def param_name(path) -> str | None:
   """The last dict key on a tree path (nnx.State adds a trailing `.value`)."""
   for key in reversed(path):
     if isinstance(key, jax.tree_util.DictKey):
@@ -146,9 +147,79 @@ def param_shardings(mesh: Mesh, tree: Any, rules: Sequence[tuple] = DEFAULT_RULE
   """A pytree of NamedSharding mirroring `tree` (arrays or ShapeDtypeStructs)."""
 
   def one(path, leaf):
-    return NamedSharding(mesh, spec_for(_param_name(path), np.shape(leaf), mesh, rules))
+    return NamedSharding(mesh, spec_for(param_name(path), np.shape(leaf), mesh, rules))
 
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _without_axes(rules: Sequence[tuple], axes: Sequence[str]) -> tuple[tuple, ...]:
+  """`rules` with `axes` taken out of every spec (those dims replicated over them)."""
+
+  def drop(entry):
+    kept = tuple(a for a in _axis_names(entry) if a not in axes) if entry is not None else ()
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+  return tuple((pattern, P(*(drop(e) for e in spec)), *rest)
+               for pattern, spec, *rest in rules)
+
+
+def rollout_shardings(mesh: Mesh, tree: Any, rules: Sequence[tuple] = DEFAULT_RULES):
+  """Layout of the sampler's copy of the weights: the training layout without the batch axes.
+
+  Each device holds every weight whole, but for the tensor split: the decode loop then reads
+  its weights where they are, instead of all-gathering the FSDP shards at every token.
+  """
+  return param_shardings(mesh, tree, _without_axes(rules, BATCH_AXES))
+
+
+def constrain(x: jax.Array, spec: Sequence) -> jax.Array:
+  """`x` constrained to `spec` on the mesh that the trace runs under (`jax.set_mesh`); unchanged
+  without one. A None entry means whole (replicated) on every device. A dim whose mesh axes
+  do not divide it, or an axis the mesh lacks, is left to the compiler (unconstrained), so a
+  constraint never fails: a micro-batch of 4 rows on 8 devices still runs."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  out = []
+  for entry, dim in zip(spec, x.shape):
+    names = () if entry is None else _axis_names(entry)
+    ok = all(a in mesh.axis_names for a in names)
+    ok = ok and dim % math.prod(mesh.shape[a] for a in names) == 0
+    out.append(entry if ok else P.UNCONSTRAINED)
+  return jax.lax.with_sharding_constraint(x, P(*out))
+
+
+def on_mesh(jitted, mesh: Mesh | None):
+  """`jitted` (a `jax.jit` function) called and lowered under `jax.set_mesh(mesh)`, so that
+  `constrain` applies inside it; only the call is on the mesh, nothing around it."""
+  if mesh is None:
+    return jitted
+
+  @functools.wraps(jitted)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return jitted(*args, **kwargs)
+
+  def lower(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args, **kwargs)
+
+  call.lower = lower
+  return call
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh of the first array (or ShapeDtypeStruct) in `tree` placed by a NamedSharding."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+      return leaf.sharding.mesh
+  return None
+
+
+# Layouts of activations (`constrain` specs): rows over the batch axes; KV heads over tensor.
+ACTIVATIONS = (BATCH_AXES, None, None)  # [B, L, D] residual stream
+KV = (BATCH_AXES, "tensor", None, None)  # [B, KV, L, hd] a call's keys / values
+KV_CACHE = (None, *KV)  # [layers, B, KV, S, hd]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

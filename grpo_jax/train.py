@@ -19,6 +19,7 @@ metrics are those of the whole batch. Only process 0 writes files.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -63,38 +64,92 @@ def reward_functions(cfg, run: runner.Run, params_fn):
 
 
 def score(cfg, tokenizer, reward_fns, weights, examples, prompt_texts, out, rows: slice):
-  """Rewards on the host that holds the text: this process's completions decoded and scored,
-  then only numbers all-gathered, so the whole batch's rewards give its advantages and metrics.
+  """Rewards on the host that holds the text: this process's completions (`out`: its rows of
+  the sampler's "tokens", "lengths" and "truncated", numpy) decoded and scored, then only
+  numbers all-gathered, so the whole batch's rewards give its advantages and metrics.
 
   Returns (this process's completion texts, the whole batch's {"lengths", "truncated"},
   the weighted reward [N], the reward metrics).
   """
   g = cfg.rl.num_generations
-  texts = [tokenizer.decode(out.tokens[i, :out.lengths[i]], skip_special_tokens=True)
-           for i in range(len(out.lengths))]
+  tokens, lengths = out["tokens"], out["lengths"]
+  texts = [tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True)
+           for i in range(len(lengths))]
   columns = {k: [ex[k] for ex in examples for _ in range(g)] for k in examples[0] if k != "prompt"}
   scores = rewards.score_rewards(reward_fns, [t for t in prompt_texts for _ in range(g)], texts,
-                                 completion_lengths=out.lengths.tolist(), **columns)
-  whole = distributed.gather_rows({"scores": scores.rewards_NxF, "lengths": out.lengths,
-                                   "truncated": out.truncated, "errors": scores.errors_F[None]},
+                                 completion_lengths=lengths.tolist(), **columns)
+  whole = distributed.gather_rows({"scores": scores.rewards_NxF, "lengths": lengths,
+                                   "truncated": out["truncated"], "errors": scores.errors_F[None]},
                                   rows)
   scores = rewards.Scores(scores.names, whole["scores"], whole["errors"].sum(0), scores.on_error)
   reward, reward_info = rewards.weigh_scores(scores, weights)
   return texts, whole, reward, reward_info
 
 
+@functools.partial(jax.jit, static_argnames=("length", "mask_truncated", "sharding"))
+def _trimmed(out: sampling.Completions, *, length: int, mask_truncated: bool, sharding):
+  """(completions, their mask, sampling log-probs) cut to `length` tokens, on the device, laid
+  out by `sharding`; the mask zeroed for truncated rows when `mask_truncated`."""
+  mask = out.mask[:, :length]
+  if mask_truncated:
+    mask = mask * (~out.truncated)[:, None]
+  place = lambda x: jax.lax.with_sharding_constraint(x, sharding)  # noqa: E731
+  return place(out.tokens[:, :length]), place(mask), place(out.logps[:, :length])
+
+
 def update_batch(rl, out, lengths, adv_local, prompts, prompt_mask, batch_sh) -> grpo.Batch:
-  """The update's batch from this process's sampled rows: completions trimmed to the bucket of
-  the whole batch's longest one (no padding beyond it), as global arrays."""
+  """The update's batch from the sampler's output `out` (global arrays, still on the devices):
+  completions trimmed to the bucket of the whole batch's longest one (no padding beyond it).
+  Only the advantages (this process's rows, numpy) come from the host."""
   t_eff = min(batching.bucket_length(int(lengths.max()), batching.COMPLETION_BUCKETS),
               rl.max_completion_length)
-  mask = out.mask[:, :t_eff]
-  if rl.mask_truncated_completions:
-    mask = mask * (~out.truncated)[:, None]
-  completions, completion_mask, old_logps, adv = distributed.to_global(
-      (out.tokens[:, :t_eff], mask, out.logps[:, :t_eff], adv_local), batch_sh)
+  completions, completion_mask, old_logps = _trimmed(
+      out, length=t_eff, mask_truncated=bool(rl.mask_truncated_completions), sharding=batch_sh)
   return grpo.Batch(prompts=prompts, prompt_mask=prompt_mask, completions=completions,
-                    completion_mask=completion_mask, old_logps=old_logps, advantages=adv)
+                    completion_mask=completion_mask, old_logps=old_logps,
+                    advantages=distributed.to_global(adv_local, batch_sh))
+
+
+@functools.partial(jax.jit, static_argnames=("num_generations", "scale"))
+def _advantages_and_metrics(reward_N, *, num_generations: int, scale: str):
+  """Group advantages [N] and the reward metrics of the whole batch's rewards: one program."""
+  return (advantages.group_advantages(reward_N, num_generations, scale=scale),
+          advantages.reward_metrics(reward_N, num_generations))
+
+
+class _PendingRecord:
+  """A step's metric record whose update metrics are still being computed on the device.
+
+  The loop dispatches the update and goes on to the next step; the record is completed and
+  written (`flush`) once the next rollout has been dispatched, or before a checkpoint, so
+  that writing metrics never holds the devices up, and a checkpoint never lands before the
+  metrics of its step.
+  """
+
+  def __init__(self, log_: runner.Log):
+    self.log = log_
+    self.item = None
+
+  def set(self, step, rec, device_metrics, samples, t_dispatch):
+    for leaf in jax.tree.leaves(device_metrics):
+      leaf.copy_to_host_async()  # starts the transfer; `flush` waits for it
+    self.item = (step, rec, device_metrics, samples, t_dispatch)
+
+  def flush(self):
+    """Writes the pending record (blocks until its update has run); returns when that
+    update finished (perf_counter), or None when nothing was pending."""
+    if self.item is None:
+      return None
+    step, rec, device_metrics, samples, t_dispatch = self.item
+    self.item = None
+    metrics = jax.device_get(device_metrics)
+    finished = time.perf_counter()
+    rec = dict(rec, **{k: float(v) for k, v in metrics.items()})
+    rec["time/update_s"] = finished - t_dispatch
+    rec["time/step_s"] += rec["time/update_s"]
+    if self.log.write(step, rec):  # a group of completions per logged step
+      self.log.write_samples(step, samples)
+    return finished
 
 
 def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
@@ -140,6 +195,9 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   warned_cut, buckets_seen = False, set()
 
   # ------------------------------------------------------------------ loop --
+  # The update of step s runs on the devices while the host prepares step s + 1, and its
+  # metrics are written while step s + 1's rollout runs (_PendingRecord).
+  pending = _PendingRecord(metrics_log)
   with runner.Preemption() as preemption:
     for step in range(start, train.steps):
       t_step = time.perf_counter()
@@ -155,18 +213,27 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
                     "(this warning is shown once)", rl.max_prompt_length, rl.max_prompt_length)
         warned_cut = True
       prompts, prompt_mask = distributed.to_global((prompts, prompt_mask), batch_sh)
-      out = sampling.sample_jit(
-          run.graphdef, state.params, prompts, prompt_mask, jax.random.fold_in(base_key, step),
-          num_generations=g, max_new_tokens=rl.max_completion_length, stop_ids=stop_ids,
-          pad_id=pad_id, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
-      out = distributed.to_local(out, batch_sh)
-      t_sample = time.perf_counter() - t_step
+      # The rollout decodes from its own copy of the weights (compute dtype, whole on each
+      # device but for the tensor split), dropped as soon as it is done.
+      with jax.set_mesh(run.mesh):
+        out = sampling.sample_jit(
+            run.graphdef, run.rollout_params(state.params), prompts, prompt_mask,
+            jax.random.fold_in(base_key, step), num_generations=g,
+            max_new_tokens=rl.max_completion_length, stop_ids=stop_ids, pad_id=pad_id,
+            temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
+      t_sample = pending.flush() or t_step  # the previous step's metrics, while this rollout runs
+      # Only what the rewards read comes to the host; log-probs and masks stay on the devices.
+      host = distributed.to_local(dict(tokens=out.tokens, lengths=out.lengths,
+                                       truncated=out.truncated), batch_sh)
+      t_sample = time.perf_counter() - max(t_sample, t_step)
 
       texts, whole, reward, reward_info = score(cfg, tokenizer, reward_fns, weights, examples,
-                                                prompt_texts, out, rows)
-      adv = np.asarray(advantages.group_advantages(jnp.asarray(reward), g,
-                                                   scale=rl.scale_rewards))
-      batch = update_batch(rl, out, whole["lengths"], adv[rows], prompts, prompt_mask, batch_sh)
+                                                prompt_texts, host, rows)
+      adv, reward_stats = jax.device_get(_advantages_and_metrics(
+          reward, num_generations=g, scale=rl.scale_rewards))
+      batch = update_batch(rl, out, whole["lengths"], np.asarray(adv)[rows], prompts,
+                           prompt_mask, batch_sh)
+      del out
       t_eff = batch.completions.shape[1]
       if t_eff not in buckets_seen and step > start:
         log.info("step %d compiles the update for a new completion bucket (%d tokens)",
@@ -177,25 +244,25 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
       for _ in range(rl.num_iterations):
         params, opt_state, update_metrics = update(params, opt_state, ref_params, batch)
       state = runner.TrainState(params, opt_state)
-      update_metrics = jax.device_get(update_metrics)
-      t_update = time.perf_counter() - t_update
 
       # ------------------------------------------------------------ metrics --
       done = step + 1
-      rec = {k: float(v) for k, v in update_metrics.items()}
-      rec.update(advantages.reward_metrics(reward, g))
+      rec = {k: float(v) for k, v in reward_stats.items()}
       rec.update(reward_info)
       rec.update({
           "completions/mean_length": float(whole["lengths"].mean()),
           "completions/clipped_ratio": float(whole["truncated"].mean()),
           "learning_rate": float(run.lr_schedule(step * rl.num_iterations)),
-          "time/sample_s": t_sample, "time/update_s": t_update,
-          "time/step_s": time.perf_counter() - t_step,
+          "time/sample_s": t_sample,
+          "time/step_s": t_update - t_step,  # + the update's time, added when it is known
       })
+      # An evaluation due now samples from the updated params: it waits for the update.
       rec.update(runner.evaluate_if_due(run, eval_fn, done, state.params))
-      if metrics_log.write(done, rec):  # a group of completions per logged step
-        metrics_log.write_samples(done, {"prompt": prompt_texts[0], "completions": [
-            {"text": t, "reward": float(r)} for t, r in zip(texts[:g], reward[rows][:g])]})
-      if runner.checkpoint_or_stop(run, done, state, preemption, data_position=done * b):
+      samples = {"prompt": prompt_texts[0], "completions": [
+          {"text": t, "reward": float(r)} for t, r in zip(texts[:g], reward[rows][:g])]}
+      pending.set(done, rec, update_metrics, samples, t_update)
+      if runner.checkpoint_or_stop(run, done, state, preemption, data_position=done * b,
+                                   before_save=pending.flush):
         break
+  pending.flush()
   return runner.finish(run, metrics_log, preemption)

@@ -191,6 +191,24 @@ def test_sampler_logps_match_a_full_forward_of_prompt_and_completion(dtype, atol
     np.testing.assert_allclose(out.logps[row, :n], ref, atol=atol)
 
 
+def test_rollout_copy_samples_exactly_what_the_params_sample():
+  """bf16 compute from fp32 master weights: the copy with bf16 matmul weights gives the same
+  tokens and bit-identical log-probs (every use of those weights casts them to bf16 anyway)."""
+  graphdef, params = nnx.split(models.init_model(TINY, seed=4, dtype=jnp.bfloat16))
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  copy = sampling.rollout_copier(shardings, shardings, "bfloat16")(params)
+  assert copy["q_proj"].dtype == jnp.bfloat16 and params["q_proj"].dtype == jnp.float32
+  prompts, mask = batching.left_pad([[5, 6, 7], [8, 9]], pad_id=0, length=4)
+  kw = dict(num_generations=3, max_new_tokens=8, stop_ids=(1,), pad_id=0, temperature=1.0)
+  ref = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(5), **kw)
+  got = sampling.sample_jit(graphdef, copy, prompts, mask, jax.random.key(5), **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+  np.testing.assert_array_equal(np.asarray(got.logps), np.asarray(ref.logps))
+  # fp32 compute on one device: the copy would equal the params, so none is made.
+  graphdef, params = nnx.split(models.init_model(TINY, seed=4))
+  assert sampling.rollout_copier(shardings, shardings, "float32")(params) is params
+
+
 def test_greedy_equals_transformers_generate(smollm2, smollm2_torch):
   model, tokenizer = smollm2
   hf = smollm2_torch[0]

@@ -80,6 +80,41 @@ _SCRIPT = textwrap.dedent(r"""
   grads = jax.tree.map(jnp.ones_like, params)
   new = step(jax.device_put(grads, param_sh), placed)
   out["updated_mu_down_spec"] = spec(new[0].mu["down_proj"].sharding)
+
+  # The sampler's copy of the weights: no FSDP split, matmul weights in the compute dtype.
+  from grpo_jax import compiled, sampling
+  rollout_sh = sharding.rollout_shardings(mesh, state)
+  out["rollout_specs"] = {name: spec(s) for name, s in nnx.to_pure_dict(rollout_sh).items()}
+  copy = sampling.rollout_copier(shardings, rollout_sh, "bfloat16")(sharded)
+  out["rollout_dtypes"] = {name: str(x.dtype) for name, x in nnx.to_pure_dict(copy).items()}
+  # Decode-loop collectives on an FSDP mesh (data 2 x fsdp 4): from the training params, and
+  # from the copy (the model computes in bf16, so that the copy is what a run makes).
+  fsdp = sharding.make_mesh(2, 4, 1)
+  bf16_graphdef, bf16_state = nnx.split(models.init_model(cfg, dtype=jnp.bfloat16, seed=0))
+  fsdp_sh = sharding.param_shardings(fsdp, bf16_state)
+  train_params = jax.device_put(bf16_state, fsdp_sh)
+  copier = sampling.rollout_copier(fsdp_sh, sharding.rollout_shardings(fsdp, bf16_state),
+                                   "bfloat16")
+  prompts = jax.device_put(jnp.ones((8, 4), jnp.int32), sharding.batch_sharding(fsdp))
+  def decode_all_gathers(params):
+    fn = jax.jit(lambda p, t, m: sampling.sample(
+        bf16_graphdef, p, t, m, jax.random.key(0), num_generations=2, max_new_tokens=4,
+        stop_ids=(1,), pad_id=0))
+    with jax.set_mesh(fsdp):
+      hlo = fn.lower(params, prompts, prompts).compile().as_text()
+    return compiled.loop_collectives(hlo)["all-gather"]
+  out["decode_all_gathers"] = {"params": decode_all_gathers(train_params),
+                               "copy": decode_all_gathers(copier(train_params))}
+
+  # Activation constraints apply only under a mesh, and never fail.
+  @jax.jit
+  def constrained(x, y):
+    return (sharding.constrain(x, (sharding.BATCH_AXES, None)),
+            sharding.constrain(y, (sharding.BATCH_AXES, None)))
+  x, y = jnp.ones((8, 3)), jnp.ones((3, 8))
+  with jax.set_mesh(fsdp):
+    cx, cy = constrained(x, y)
+  out["constrained_specs"] = [spec(cx.sharding), spec(cy.sharding)]
   print("RESULT " + json.dumps(out))
 """)
 
@@ -177,3 +212,26 @@ def test_optax_state_mirrors_params(observed):
   assert observed["count_spec"] == []
   assert observed["mu_q_proj_shard"] == [2, 16, 16]
   assert observed["updated_mu_down_spec"] == [None, "tensor", "fsdp"]
+
+
+def test_rollout_copy_drops_the_batch_axes_and_casts_matmul_weights(observed):
+  specs, dtypes = observed["rollout_specs"], observed["rollout_dtypes"]
+  assert specs["q_proj"] == [None, None, "tensor"]  # training: [None, "fsdp", "tensor"]
+  assert specs["down_proj"] == [None, "tensor", None]
+  assert specs["embed"] == ["tensor", None]
+  assert dtypes["q_proj"] == dtypes["down_proj"] == dtypes["lm_head"] == "bfloat16"
+  # Looked up in fp32 (embed) or applied in fp32 (norms, biases): kept as stored.
+  assert dtypes["embed"] == dtypes["attn_norm"] == dtypes["q_bias"] == "float32"
+
+
+def test_decoding_from_the_rollout_copy_gathers_no_weights(observed):
+  gathers = observed["decode_all_gathers"]
+  assert gathers["copy"] == 0
+  assert gathers["params"] > 0  # the FSDP-sharded params are gathered at every token
+
+
+def test_constrain_applies_under_a_mesh_and_leaves_indivisible_dims_free(observed):
+  assert observed["constrained_specs"][0] == [["data", "fsdp"]]  # 8 rows over 2 x 4
+  assert observed["constrained_specs"][1] != [["data", "fsdp"]]  # 3 rows: not forced
+  x = jax.numpy.ones((4, 2))
+  assert sharding.constrain(x, (sharding.BATCH_AXES, None)) is x  # no mesh: unchanged

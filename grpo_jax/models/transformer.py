@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grpo_jax import flop_count
+from grpo_jax import flop_count, sharding
 
 Array = jax.Array
 Cache = dict[str, Array]
@@ -263,7 +263,8 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or self.dtype
-    cache = dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), sharding.KV_CACHE)  # noqa: E731
+    cache = dict(k=zeros(), v=zeros(),
                  mask=jnp.zeros((batch_size, max_len), bool), index=jnp.zeros((), jnp.int32))
     if prefix is not None:
       if batch_size % prefix["mask"].shape[0]:
@@ -381,10 +382,11 @@ class Transformer(nnx.Module):
       x = x + matmul(attn, p["o_proj"], dt)
       y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
       x = x + swiglu(y, p["gate_proj"], p["up_proj"], p["down_proj"], dt)
+      x = sharding.constrain(x, sharding.ACTIVATIONS)
       return x, (k, v) if keep_kv else None
 
     keep_kv = cache is not None or new_cache_len is not None
-    x = self.embed[...][tokens_BxL].astype(jnp.float32)
+    x = sharding.constrain(self.embed[...][tokens_BxL].astype(jnp.float32), sharding.ACTIVATIONS)
     caches = (None, None) if cache is None else (cache["k"], cache["v"])
     prefixes = (None, None) if prefix is None else (prefix["k"], prefix["v"])
     x, new_kv = jax.lax.scan(remat_layer(layer, remat), x,
@@ -397,8 +399,8 @@ class Transformer(nnx.Module):
       cache = self.init_cache(b, new_cache_len)
     k_new, v_new = new_kv
     start = cache["index"]
-    write = lambda old, new: jax.lax.dynamic_update_slice(  # noqa: E731
-        old, new.astype(old.dtype), (0, 0, 0, start, 0))
+    write = lambda old, new: sharding.constrain(jax.lax.dynamic_update_slice(  # noqa: E731
+        old, new.astype(old.dtype), (0, 0, 0, start, 0)), sharding.KV_CACHE)
     new_cache = dict(k=write(cache["k"], k_new), v=write(cache["v"], v_new),
                      mask=jax.lax.dynamic_update_slice(cache["mask"], mask_BxL, (0, start)),
                      index=start + l)
