@@ -84,7 +84,9 @@ def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
                       arr((b, length), jnp.int32, batch_sh), arr((b, length), jnp.int32, batch_sh))
     out["update"] = (step, (params, opt_state, batch), 0)
   else:
-    sample_kw = dict(num_generations=g, max_new_tokens=t, stop_ids=(0,), pad_id=0)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    sample_kw = dict(num_generations=g, max_new_tokens=t, stop_ids=(0,), pad_id=0,
+                     parts=rl.rollout_parts, shards=shards)
     out["sample"] = (_bind(sampling.sample_jit, graphdef, sample_kw),
                      (rollout, arr((b, p), jnp.int32, batch_sh), arr((b, p), jnp.int32, batch_sh),
                       key), t)
@@ -276,7 +278,9 @@ def analyze(cfg, topology: str, model_cfg, only=None) -> list[dict]:
   mesh_desc = {k: int(v) for k, v in mesh.shape.items()}
   unsharded = programs(cfg, model_cfg, None)
   records = []
-  for name, (fn, args, steps) in programs(cfg, model_cfg, mesh).items():
+  progs = programs(cfg, model_cfg, mesh)
+  held = held_while_sampling(cfg, progs)
+  for name, (fn, args, steps) in progs.items():
     if only and name not in only:
       continue
     rec: dict[str, Any] = {"program": name, "topology": topology,
@@ -287,9 +291,10 @@ def analyze(cfg, topology: str, model_cfg, only=None) -> list[dict]:
       rec.update(memory(compiled))
       hlo = compiled.as_text()
       rec["collectives"] = collectives(hlo)
-      if steps:  # a sampler: what each decode step communicates
+      if steps:  # a sampler: what each decode step communicates, and the training state
         rec["decode_step_collectives"] = loop_collectives(hlo)
-      rec["fits"] = rec["peak_bytes"] <= chip.hbm_bytes
+        rec["held_bytes"] = held  # that stays on the device meanwhile
+      rec["fits"] = rec["peak_bytes"] + rec.get("held_bytes", 0) <= chip.hbm_bytes
     except OutOfMemory as e:  # XLA's own refusal: the size it needed, when it says it
       seconds = e.seconds
       rec.update({"fits": False, "error": str(e)})
@@ -315,18 +320,14 @@ def _device_bytes(tree) -> int:
              for x in jax.tree.leaves(tree) if x is not None)
 
 
-def compiled_peaks(cfg, model_cfg, mesh) -> dict[str, dict]:
-  """The run's programs compiled for `mesh` (the devices it will run on): {name: {"peak_bytes",
-  "parts"}} per device, or {} when the backend gives no memory analysis. A sampler's peak
-  also counts what stays on the device while it runs without being its argument: the
-  training params (it decodes from its own copy), the optimizer state and the reference
-  params, which the update takes as arguments."""
+def held_while_sampling(cfg, progs) -> int:
+  """Bytes per device that stay on it while a sampler runs without being its arguments: the
+  optimizer state, the reference params, and the training params when the samplers decode
+  from a copy of them (not when the copy would be the same arrays: sampling.rollout_copier).
+  `progs`: `programs(...)` placed on a mesh."""
   import jax
 
-  progs = programs(cfg, model_cfg, mesh)
   update_args = progs["update"][1]
-  # The optimizer state, the reference params, and the training params when the samplers
-  # decode from a copy of them (not when it would be the same arrays: sampling.rollout_copier).
   held = _device_bytes(update_args[1])
   if cfg.mode != "sft" and update_args[2] is not None:
     held += _device_bytes(update_args[2])
@@ -335,6 +336,17 @@ def compiled_peaks(cfg, model_cfg, mesh) -> dict[str, dict]:
       a.dtype != b.dtype or not a.sharding.is_equivalent_to(b.sharding, a.ndim)
       for a, b in zip(jax.tree.leaves(sampler[0]), jax.tree.leaves(update_args[0]))):
     held += _device_bytes(update_args[0])
+  return held
+
+
+def compiled_peaks(cfg, model_cfg, mesh) -> dict[str, dict]:
+  """The run's programs compiled for `mesh` (the devices it will run on): {name: {"peak_bytes",
+  "parts"}} per device, or {} when the backend gives no memory analysis. A sampler's peak
+  also counts what stays on the device while it runs without being its argument: the
+  training params (it decodes from its own copy), the optimizer state and the reference
+  params, which the update takes as arguments (`held_while_sampling`)."""
+  progs = programs(cfg, model_cfg, mesh)
+  held = held_while_sampling(cfg, progs)
   out = {}
   for name, (fn, args, _) in progs.items():
     compiled, _ = compile_program(fn, args)

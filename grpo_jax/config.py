@@ -79,6 +79,8 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rl.temperature", 1.0, "sampling temperature (0 = greedy); the loss's log-probs use it too")
   key("rl.top_p", 1.0, "nucleus sampling mass (1 = off)")
   key("rl.top_k", 0, "top-k sampling (0 = off)")
+  key("rl.rollout_parts", 1, "the rollout samples the step's prompts in this many parts, one "
+      "after the other (KV cache memory / parts; the same completions)")
   key("rl.mask_truncated_completions", False,
       "DAPO: no loss on completions cut at the length limit without a stop token")
 
@@ -302,6 +304,9 @@ def validate(cfg, *, data: bool = True) -> None:
   _check(train.grad_accum_steps >= 1 and train.prompts_per_step % train.grad_accum_steps == 0,
          f"config.train.prompts_per_step={train.prompts_per_step} must be divisible by "
          f"config.train.grad_accum_steps={train.grad_accum_steps} (micro-batches of whole groups)")
+  _check(rl.rollout_parts >= 1 and train.prompts_per_step % rl.rollout_parts == 0,
+         f"config.rl.rollout_parts={rl.rollout_parts} must be >= 1 and divide "
+         f"config.train.prompts_per_step={train.prompts_per_step}")
   _check(rl.loss_type in losses.LOSS_TYPES,
          f"config.rl.loss_type={rl.loss_type!r}; expected one of {list(losses.LOSS_TYPES)}")
   _check(rl.kl_estimator in losses.KL_ESTIMATORS,
@@ -395,6 +400,11 @@ def make_mesh(cfg, devices=None):
   micro = cfg.train.prompts_per_step // cfg.train.grad_accum_steps
   _check(micro % shards == 0,
          f"config.train.prompts_per_step / grad_accum_steps = {micro} prompts per micro-batch "
+         f"is not divisible by the {shards} batch shards (config.mesh.data x fsdp = "
+         f"{mesh.shape['data']} x {mesh.shape['fsdp']})")
+  part = cfg.train.prompts_per_step // cfg.rl.rollout_parts
+  _check(part % shards == 0,
+         f"config.train.prompts_per_step / rl.rollout_parts = {part} prompts per rollout part "
          f"is not divisible by the {shards} batch shards (config.mesh.data x fsdp = "
          f"{mesh.shape['data']} x {mesh.shape['fsdp']})")
   return mesh

@@ -156,13 +156,14 @@ def start_decoding(model, prompts_BxP, prompt_mask_BxP, num_generations: int, ma
 def sample(graphdef: nnx.GraphDef, params: Any, prompts_BxP: jax.Array, prompt_mask_BxP: jax.Array,
            key: jax.Array, *, num_generations: int, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, temperature=1.0, top_k=0, top_p=1.0,
-           row_offset=0) -> Completions:
+           row_offset=0, prompt_ids=None) -> Completions:
   """Samples `num_generations` completions for each left-padded prompt.
 
   Jittable: `num_generations`, `max_new_tokens`, `stop_ids`, `pad_id` are static;
   `temperature` (0 = greedy), `top_k` (0 = off), `top_p` (1 = off) and `key` are
-  traced. `row_offset` is the global index of this batch's first row (for
-  multi-host sampling; rows draw from fold_in(key, row)).
+  traced. Row r (answer j to prompt i) draws from fold_in(key, r) with r = i * G + j +
+  `row_offset`, or r = prompt_ids[i] * G + j when `prompt_ids` [B] (int) is given: the
+  prompts' places in a larger batch, so that sampling it a part at a time draws the same.
   """
   if not stop_ids:
     raise ValueError("stop_ids is empty: give at least the tokenizer's eos_token_id")
@@ -174,7 +175,9 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts_BxP: jax.Array, prompt_m
   temperature = jnp.asarray(temperature, jnp.float32)
   top_k = jnp.asarray(top_k, jnp.int32)
   top_p = jnp.asarray(top_p, jnp.float32)
-  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_offset + jnp.arange(n))
+  row_ids = (row_offset + jnp.arange(n) if prompt_ids is None else
+             (prompt_ids[:, None] * g + jnp.arange(g)).reshape(n))
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
 
   logits, cache = start_decoding(model, prompts_BxP, prompt_mask_BxP, g, t_max)
 
@@ -245,12 +248,51 @@ def rollout_copier(param_shardings, rollout_shardings, dtype) -> Callable[[Any],
   return rollout_params
 
 
+def sample_in_parts(graphdef, params, prompts_BxP, prompt_mask_BxP, key, *, parts: int,
+                    shards: int = 1, num_generations: int, **kwargs) -> Completions:
+  """`sample`, one part of the prompts after the other (`lax.map`): the KV cache and the
+  decode state exist for B / parts prompts at a time. The same completions as one `sample`
+  call (each row keeps its random stream), in the same order.
+
+  Each part takes B / (shards * parts) prompts from each of the `shards` equal blocks of rows
+  that the batch axes split the batch into (sharding.BATCH_AXES: data x fsdp), so every part
+  is spread over all the devices and no row moves between devices.
+  """
+  b = prompts_BxP.shape[0]
+  if parts == 1:
+    return sample(graphdef, params, prompts_BxP, prompt_mask_BxP, key,
+                  num_generations=num_generations, **kwargs)
+  if b % (shards * parts):
+    raise ValueError(f"{b} prompts do not split into {parts} parts over {shards} shards")
+  m, g = b // (shards * parts), num_generations
+
+  def split(x):  # [B, ...] -> [parts, shards * m, ...]: part i = rows i*m..(i+1)*m of each block
+    rest = x.shape[1:]
+    return x.reshape(shards, parts, m, *rest).swapaxes(0, 1).reshape(parts, shards * m, *rest)
+
+  def merge(x):  # [parts, shards * m * G, ...] -> [B * G, ...] in the batch's row order
+    rest = x.shape[2:]
+    return x.reshape(parts, shards, m * g, *rest).swapaxes(0, 1).reshape(b * g, *rest)
+
+  def part(args):
+    prompts, mask, ids = args
+    return sample(graphdef, params, prompts, mask, key, num_generations=g, prompt_ids=ids,
+                  **kwargs)
+
+  out = jax.lax.map(part, (split(prompts_BxP), split(prompt_mask_BxP), split(jnp.arange(b))))
+  return jax.tree.map(merge, out)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_generations", "max_new_tokens",
-                                             "stop_ids", "pad_id"))
+                                             "stop_ids", "pad_id", "parts", "shards"))
 def sample_jit(graphdef, params, prompts_BxP, prompt_mask_BxP, key, *, num_generations,
-               max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, row_offset=0):
-  """`sample` under jit (static: graphdef, G, T, stop ids, pad id)."""
-  return sample(graphdef, params, prompts_BxP, prompt_mask_BxP, key,
-                num_generations=num_generations, max_new_tokens=max_new_tokens,
-                stop_ids=stop_ids, pad_id=pad_id, temperature=temperature, top_k=top_k,
-                top_p=top_p, row_offset=row_offset)
+               max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0, parts=1,
+               shards=1):
+  """`sample` under jit (static: graphdef, G, T, stop ids, pad id); with parts > 1,
+  `sample_in_parts` (static too: parts, shards)."""
+  kw = dict(num_generations=num_generations, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+            pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
+  if parts > 1:
+    return sample_in_parts(graphdef, params, prompts_BxP, prompt_mask_BxP, key, parts=parts,
+                           shards=shards, **kw)
+  return sample(graphdef, params, prompts_BxP, prompt_mask_BxP, key, **kw)

@@ -187,6 +187,7 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
                                  batch_sharding=batch_sh)
   stop_ids, pad_id = templates.stop_ids(tokenizer), tokenizer.pad_token_id
   prompt_rows = distributed.local_rows(batch_sh, b)  # this process's share of each batch
+  shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]  # blocks of rows (sample_in_parts)
   rows = slice(prompt_rows.start * g, prompt_rows.stop * g)
   base_key = jax.random.key(train.seed)
   eval_fn = runner.task_evaluator(run, task)
@@ -220,7 +221,8 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
             run.graphdef, run.rollout_params(state.params), prompts, prompt_mask,
             jax.random.fold_in(base_key, step), num_generations=g,
             max_new_tokens=rl.max_completion_length, stop_ids=stop_ids, pad_id=pad_id,
-            temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
+            temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+            parts=rl.rollout_parts, shards=shards)
       t_sample = pending.flush() or t_step  # the previous step's metrics, while this rollout runs
       # Only what the rewards read comes to the host; log-probs and masks stay on the devices.
       host = distributed.to_local(dict(tokens=out.tokens, lengths=out.lengths,

@@ -209,6 +209,24 @@ def test_rollout_copy_samples_exactly_what_the_params_sample():
   assert sampling.rollout_copier(shardings, shardings, "float32")(params) is params
 
 
+def test_sampling_in_parts_gives_the_same_completions_in_the_same_order():
+  graphdef, params = nnx.split(models.init_model(TINY, seed=6))
+  prompts, mask = batching.left_pad([[5, 6, 7], [8, 9], [10], [11, 12, 13, 14], [15, 16], [17]],
+                                    pad_id=0, length=4)
+  kw = dict(num_generations=2, max_new_tokens=9, stop_ids=(1,), pad_id=0, temperature=1.0)
+  ref = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(7), **kw)
+  for parts, shards in ((3, 1), (2, 3), (6, 1)):
+    got = sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(7), parts=parts,
+                              shards=shards, **kw)
+    for field in ("tokens", "mask", "lengths", "truncated"):
+      np.testing.assert_array_equal(np.asarray(getattr(got, field)),
+                                    np.asarray(getattr(ref, field)), err_msg=field)
+    np.testing.assert_allclose(np.asarray(got.logps), np.asarray(ref.logps), atol=1e-6)
+  assert len(set(map(tuple, np.asarray(ref.tokens).tolist()))) > 6  # rows differ: order matters
+  with pytest.raises(ValueError, match="do not split"):
+    sampling.sample_jit(graphdef, params, prompts, mask, jax.random.key(7), parts=4, **kw)
+
+
 def test_greedy_equals_transformers_generate(smollm2, smollm2_torch):
   model, tokenizer = smollm2
   hf = smollm2_torch[0]
@@ -259,6 +277,13 @@ def test_sharded_sampling_equals_single_device():
       out = sampling.sample_jit(graphdef, params, jax.device_put(prompts, batch),
                                 jax.device_put(mask, batch), jax.random.key(0), **kw)
       assert len(out.tokens.sharding.device_set) == 8, out.tokens.sharding
+      # Two parts, each taking one prompt from each of the 4 data shards: the same samples.
+      parts = sampling.sample_jit(graphdef, params, jax.device_put(prompts, batch),
+                                  jax.device_put(mask, batch), jax.random.key(0), parts=2,
+                                  shards=4, **kw)
+      np.testing.assert_array_equal(np.asarray(parts.tokens), np.asarray(ref.tokens))
+      np.testing.assert_array_equal(np.asarray(parts.lengths), np.asarray(ref.lengths))
+      np.testing.assert_allclose(np.asarray(parts.logps), np.asarray(ref.logps), atol=1e-5)
       np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
       np.testing.assert_allclose(np.asarray(out.logps), np.asarray(ref.logps), atol=1e-5)
       print("OK")
