@@ -15,8 +15,10 @@ sharding rules laid over the topology's devices:
 - `update`: the GRPO update at the longest completion bucket (policy, reference
   when beta != 0, AdamW state, gradient accumulation; params and optimizer state
   donated); the SFT update in SFT mode;
-- `eval_sample`: the evaluation sampler (eval.prompts_per_batch prompts,
-  eval.num_samples each), when config.eval.num_problems > 0.
+- `eval_sample`: the evaluation sampler (eval.prompts_per_batch prompts, or
+  eval.num_problems when fewer, filled up to a multiple of data x fsdp and
+  split over them as the run's evaluator does; eval.num_samples each), when
+  config.eval.num_problems > 0.
 
 Each program gets a table row and one JSON line (stdout) with XLA's memory
 analysis per device (argument, output, temp, peak = argument + output + temp +

@@ -42,15 +42,19 @@ def abstract_model(cfg, model_cfg):
       model_cfg, dtype=jnp.dtype(cfg.model.dtype))))
 
 
-def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
+def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tuple, int]]:
   """{name: (jitted function, abstract args, decode steps)} of the programs a run of `cfg`
   compiles, placed on `mesh` (mesh=None: unsharded, for one device). `decode steps` is the
-  decode loop's trip count for the samplers (0 for the update)."""
+  decode loop's trip count for the samplers (0 for the update).
+
+  The evaluation sampler's batch is split over the batch axes as the run's evaluator splits
+  it (`evaluate.sample_texts`): filled up to a multiple of data x fsdp of `rows_for` (default
+  `mesh`; an unsharded program with the rows a mesh runs, for its cost)."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from grpo_jax import grpo, optim, sampling, sft, sharding
+  from grpo_jax import distributed, grpo, optim, sampling, sft, sharding
 
   rl, train = cfg.rl, cfg.train
   graphdef, params = abstract_model(cfg, model_cfg)
@@ -102,11 +106,13 @@ def programs(cfg, model_cfg, mesh) -> dict[str, tuple[Any, tuple, int]]:
     ref = params if rl.beta != 0 else None
     out["update"] = (step, (params, opt_state, ref, batch), 0)
   if cfg.eval.num_problems:
-    e = min(cfg.eval.prompts_per_batch, cfg.eval.num_problems)
+    rows_for = mesh if rows_for is None else rows_for
+    e = distributed.padded_rows(min(cfg.eval.prompts_per_batch, cfg.eval.num_problems),
+                                sharding.batch_sharding(rows_for) if rows_for is not None else None)
     kw = dict(num_generations=cfg.eval.num_samples, max_new_tokens=t, stop_ids=(0,), pad_id=0)
     out["eval_sample"] = (_bind(sampling.sample_jit, graphdef, kw),
-                          (rollout, arr((e, p), jnp.int32, replicated),
-                           arr((e, p), jnp.int32, replicated), key), t)
+                          (rollout, arr((e, p), jnp.int32, batch_sh),
+                           arr((e, p), jnp.int32, batch_sh), key), t)
   return out
 
 
@@ -276,7 +282,7 @@ def analyze(cfg, topology: str, model_cfg, only=None) -> list[dict]:
   devices = aot_targets.devices(topology)
   mesh = config_lib.make_mesh(cfg, devices=devices)
   mesh_desc = {k: int(v) for k, v in mesh.shape.items()}
-  unsharded = programs(cfg, model_cfg, None)
+  unsharded = programs(cfg, model_cfg, None, rows_for=mesh)  # the shapes run on `mesh`
   records = []
   progs = programs(cfg, model_cfg, mesh)
   held = held_while_sampling(cfg, progs)

@@ -1,6 +1,7 @@
 """Processes: the one module that knows a run may span several hosts.
 
     rows = local_rows(batch_sharding, n)           # the rows of an n-row batch this host feeds
+    r = padded_rows(n, batch_sharding)             # n rounded up to a multiple of the shards
     x = to_global(x_local, batch_sharding)         # host-local numpy rows -> one global jax.Array
     y_local = to_local(y, batch_sharding)          # a global array -> this host's rows (numpy)
     whole = gather_rows({"rewards": r_local}, rows)  # every host's rows, in batch order
@@ -15,6 +16,8 @@ counting them twice.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import numpy as np
@@ -35,6 +38,18 @@ def local_rows(sharding: NamedSharding, n: int) -> slice:
   """The rows [start, stop) of an n-row batch placed with `sharding` that this process holds."""
   spans = [idx[0] for idx in sharding.addressable_devices_indices_map((n,)).values()]
   return slice(min(s.start or 0 for s in spans), max(n if s.stop is None else s.stop for s in spans))
+
+
+def padded_rows(n: int, sharding: NamedSharding | None) -> int:
+  """`n` rounded up to a multiple of the pieces `sharding` splits a batch's leading dim into
+  (data x fsdp for the batch sharding; no sharding: `n`), the rows a batch of n items is
+  filled up to so that it can be split evenly."""
+  if sharding is None or not sharding.spec or sharding.spec[0] is None:
+    return n
+  entry = sharding.spec[0]
+  pieces = math.prod(sharding.mesh.shape[a] for a in (entry if isinstance(entry, tuple)
+                                                      else (entry,)))
+  return -(-n // pieces) * pieces
 
 
 def to_global(tree, sharding: NamedSharding):

@@ -49,7 +49,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from grpo_jax import cli, rewards, sampling
+from grpo_jax import cli, distributed, rewards, sampling
 from grpo_jax.data import TASKS, TEMPLATES, batching, format_prompt, templates
 
 # (prompts, k) -> (k completion texts per prompt, their token lengths [len(prompts), k]).
@@ -142,29 +142,57 @@ def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_sam
                  max_new_tokens: int, temperature: float, key, stop_ids,
                  prompts_per_batch: int = 16, prompt_length: int | None = None,
                  top_p: float = 1.0, top_k: int = 0,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None, batch_sh=None):
   """k completions (text) per prompt, and their token lengths [len(prompts), k].
 
   Prompts go in fixed-size batches (the last one padded with repeats), so one
   program serves every batch. Lengths count the stop token when there is one.
   `on_batch(done, total)` is called after each batch (progress reports).
+
+  `batch_sh` (the run's `sharding.batch_sharding`, training's) splits each batch over the
+  mesh's batch axes, as training splits its prompts: the batch of `prompts_per_batch` prompts
+  is filled with repeats up to a multiple of the shards (their samples are dropped), each
+  process tokenizes only the rows its devices hold, at a prompt length every process agrees
+  on, and the sampled tokens are gathered, so every process returns the completions of all
+  prompts. They are the completions of batch_sh=None (one device, every prompt on it): a
+  row's sample depends on its key, row and prompt only. With several processes, call it on
+  every process with the same prompts.
   """
-  ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-  length = prompt_length or batching.bucket_length(max(len(i) for i in ids))
+  k, pad_id = num_samples, tokenizer.pad_token_id
+  rows = distributed.padded_rows(prompts_per_batch, batch_sh)  # [B] prompts per sampler call
+  mine = slice(0, rows) if batch_sh is None else distributed.local_rows(batch_sh, rows)
+  batches = []  # (start, this process's rows [b] of the batch as token ids, real prompts)
+  for start, chunk, real in batching.fixed_size_chunks(prompts, prompts_per_batch):
+    chunk = (chunk + [chunk[-1]] * (rows - len(chunk)))[mine]
+    batches.append((start, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk],
+                    real))
+  longest = max(len(i) for _, ids, _ in batches for i in ids)
+  if batch_sh is not None:
+    longest = distributed.global_max(longest)
+  length = prompt_length or batching.bucket_length(longest)
   texts, lengths = [], []
-  for start, chunk, real in batching.fixed_size_chunks(ids, prompts_per_batch):
-    tokens, mask = batching.left_pad(chunk, tokenizer.pad_token_id, length)
-    out = sampling.sample_jit(graphdef, params, tokens, mask, jax.random.fold_in(key, start),
-                              num_generations=num_samples, max_new_tokens=max_new_tokens,
-                              stop_ids=tuple(stop_ids), pad_id=tokenizer.pad_token_id,
-                              temperature=temperature, top_p=top_p, top_k=top_k)
-    toks, lens = jax.device_get((out.tokens, out.lengths))
-    for i in range(real * num_samples):
-      texts.append(tokenizer.decode(toks[i, :lens[i]], skip_special_tokens=True))
-      lengths.append(int(lens[i]))
+  for start, ids, real in batches:
+    tokens_BxP, mask_BxP = batching.left_pad(ids, pad_id, length)
+    mesh = contextlib.nullcontext()
+    if batch_sh is not None:
+      tokens_BxP, mask_BxP = distributed.to_global((tokens_BxP, mask_BxP), batch_sh)
+      mesh = jax.set_mesh(batch_sh.mesh)  # the model's activation layouts apply
+    with mesh:
+      out = sampling.sample_jit(graphdef, params, tokens_BxP, mask_BxP,
+                                jax.random.fold_in(key, start), num_generations=k,
+                                max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
+                                pad_id=pad_id, temperature=temperature, top_p=top_p, top_k=top_k)
+    if batch_sh is None:
+      toks_NxT, lens_N = jax.device_get((out.tokens, out.lengths))
+    else:  # this process's rows, then every process's: all of them decode the whole batch
+      local = distributed.to_local({"tokens": out.tokens, "lengths": out.lengths}, batch_sh)
+      whole = distributed.gather_rows(local, slice(mine.start * k, mine.stop * k))
+      toks_NxT, lens_N = whole["tokens"], whole["lengths"]
+    for i in range(real * k):
+      texts.append(tokenizer.decode(toks_NxT[i, :lens_N[i]], skip_special_tokens=True))
+      lengths.append(int(lens_N[i]))
     if on_batch is not None:
-      on_batch(start + real, len(ids))
-  k = num_samples
+      on_batch(start + real, len(prompts))
   return ([texts[i * k:(i + 1) * k] for i in range(len(prompts))],
           np.asarray(lengths).reshape(len(prompts), k))
 
@@ -172,14 +200,16 @@ def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_sam
 def model_sampler(graphdef, params, tokenizer, *, max_new_tokens: int, temperature: float, key,
                   stop_ids, prompts_per_batch: int = 16, prompt_length: int | None = None,
                   top_p: float = 1.0, top_k: int = 0,
-                  on_batch: Callable[[int, int], None] | None = None) -> Sampler:
+                  on_batch: Callable[[int, int], None] | None = None,
+                  batch_sh=None) -> Sampler:
   """A `Sampler` that draws from the model (graphdef, params) with `sample_texts`."""
 
   def sample(prompts, num_samples):
     return sample_texts(graphdef, params, tokenizer, prompts, num_samples=num_samples,
                         max_new_tokens=max_new_tokens, temperature=temperature, key=key,
                         stop_ids=stop_ids, prompts_per_batch=prompts_per_batch,
-                        prompt_length=prompt_length, top_p=top_p, top_k=top_k, on_batch=on_batch)
+                        prompt_length=prompt_length, top_p=top_p, top_k=top_k, on_batch=on_batch,
+                        batch_sh=batch_sh)
 
   return sample
 
@@ -216,12 +246,17 @@ def run(sampler: Sampler, examples: Sequence[dict], prompts: Sequence[str], *, n
 def evaluate(graphdef, params, tokenizer, examples: Sequence[dict], *, template: str,
              num_samples: int, temperature: float, max_new_tokens: int, key, stop_ids,
              prompts_per_batch: int = 16, prompt_length: int | None = None,
-             correct_fn: Callable = rewards.accuracy_reward) -> dict:
-  """Samples k completions per held-out example and scores them (see `score`)."""
+             correct_fn: Callable = rewards.accuracy_reward, batch_sh=None) -> dict:
+  """Samples k completions per held-out example and scores them (see `score`).
+
+  `batch_sh`: split each batch of prompts over the mesh's batch axes (see `sample_texts`);
+  with several processes every one of them returns the metrics of all examples.
+  """
   prompts = [format_prompt(ex, template, tokenizer) for ex in examples]
   sampler = model_sampler(graphdef, params, tokenizer, max_new_tokens=max_new_tokens,
                           temperature=temperature, key=key, stop_ids=stop_ids,
-                          prompts_per_batch=prompts_per_batch, prompt_length=prompt_length)
+                          prompts_per_batch=prompts_per_batch, prompt_length=prompt_length,
+                          batch_sh=batch_sh)
   return run(sampler, examples, prompts, num_samples=num_samples, correct_fn=correct_fn)[0]
 
 

@@ -22,7 +22,9 @@ group the judge cannot tell apart gets 0.5 throughout (no advantage, no gradient
 The judge can be another model (`make_judge_reward`) or the policy itself
 (`judge_reward_from_params`, with the policy's current params). One jitted,
 batched forward per call: prompts left-padded to one length bucket, the last
-position's logits.
+position's logits. The policy's params live on the training mesh, so its judge
+takes the run's batch sharding (`batch_sh`): the rows of each forward are split
+over the batch axes, as in training.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grpo_jax import rewards
+from grpo_jax import distributed, rewards
 from grpo_jax.data import batching
 
 JUDGE_PROMPT = ("Question: {question}\n"
@@ -87,7 +89,7 @@ def _preference(graphdef, params, tokens_BxL, mask_BxL, yes_no_2):
 
 
 def judge_scores(graphdef, params, tokenizer, questions: Sequence[str], answers: Sequence[str], *,
-                 template: str = "chat", batch_size: int = 16) -> np.ndarray:
+                 template: str = "chat", batch_size: int = 16, batch_sh=None) -> np.ndarray:
   """The judge's preference log P("Yes") - log P("No") for each answer: float32 [N].
 
   Args:
@@ -99,6 +101,12 @@ def judge_scores(graphdef, params, tokenizer, questions: Sequence[str], answers:
     template: see `judge_prompt`.
     batch_size: prompts per forward; the last batch is padded with repeats,
       so every batch runs the same compiled program.
+    batch_sh: for params placed on a mesh (the policy judging itself in training): the run's
+      batch sharding. Each forward is then a global batch of `batch_size` rows rounded up to a
+      multiple of the batch shards (data x fsdp), split over them; with several processes
+      each one passes its own N rows (its completions), fills its share of every forward with
+      them, and gets their N scores back. The prompt length is agreed by every process, so
+      all of them run one program; call it on every process.
   """
   if len(questions) != len(answers):
     raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
@@ -107,11 +115,26 @@ def judge_scores(graphdef, params, tokenizer, questions: Sequence[str], answers:
   yes_no = jnp.asarray(yes_no_ids(tokenizer), jnp.int32)
   ids = [tokenizer(judge_prompt(q, a, template, tokenizer), add_special_tokens=False)["input_ids"]
          for q, a in zip(questions, answers)]
-  length = batching.bucket_length(max(len(i) for i in ids))
+  longest = max(len(i) for i in ids)
+  if batch_sh is None:
+    length, per_forward, forwards = batching.bucket_length(longest), batch_size, None
+  else:
+    length = batching.bucket_length(distributed.global_max(longest))
+    mine = distributed.local_rows(batch_sh, distributed.padded_rows(batch_size, batch_sh))
+    per_forward = mine.stop - mine.start  # this process's rows of each forward
+    forwards = distributed.global_max(-(-len(ids) // per_forward))  # every process runs each
+  chunks = list(batching.fixed_size_chunks(ids, per_forward))
+  if forwards is not None:  # a process with fewer rows than another fills forwards with repeats
+    chunks += [(len(ids), [ids[-1]] * per_forward, 0)] * (forwards - len(chunks))
   scores = []
-  for _, chunk, real in batching.fixed_size_chunks(ids, batch_size):
-    tokens, mask = batching.left_pad(chunk, tokenizer.pad_token_id, length)
-    scores.append(np.asarray(_preference(graphdef, params, tokens, mask, yes_no))[:real])
+  for _, chunk, real in chunks:
+    tokens_BxL, mask_BxL = batching.left_pad(chunk, tokenizer.pad_token_id, length)
+    if batch_sh is not None:
+      tokens_BxL, mask_BxL = distributed.to_global((tokens_BxL, mask_BxL), batch_sh)
+    preference_B = _preference(graphdef, params, tokens_BxL, mask_BxL, yes_no)
+    if batch_sh is not None:
+      preference_B = distributed.to_local(preference_B, batch_sh)
+    scores.append(np.asarray(preference_B)[:real])
   return np.concatenate(scores).astype(np.float32)
 
 
@@ -153,7 +176,7 @@ def _question_texts(prompts, columns: dict, n: int) -> list[str]:
 
 def judge_reward_from_params(graphdef, params: Any | Callable[[], Any], tokenizer,
                              num_generations: int, *, template: str = "chat",
-                             batch_size: int = 16) -> rewards.RewardFn:
+                             batch_size: int = 16, batch_sh=None) -> rewards.RewardFn:
   """A TRL-signature reward function `judge(prompts, completions, **columns)`.
 
   The judge's rank rewards (`rank_rewards` of `judge_scores`) of each group of
@@ -167,6 +190,9 @@ def judge_reward_from_params(graphdef, params: Any | Callable[[], Any], tokenize
     tokenizer: the judge's tokenizer.
     num_generations: G, the group size.
     template, batch_size: see `judge_scores`.
+    batch_sh: the run's batch sharding when `params` are placed on its mesh (see
+      `judge_scores`); the reward function is then called with this process's completions, on
+      every process.
   """
   judge_prompt("", "", template, tokenizer)  # a bad template fails now, not at the first step
   yes_no_ids(tokenizer)
@@ -177,7 +203,7 @@ def judge_reward_from_params(graphdef, params: Any | Callable[[], Any], tokenize
     answers = [rewards.completion_text(c) for c in completions]
     current = params() if callable(params) else params
     scores = judge_scores(graphdef, current, tokenizer, questions, answers, template=template,
-                          batch_size=batch_size)
+                          batch_size=batch_size, batch_sh=batch_sh)
     return rank_rewards(scores, num_generations).tolist()
 
   judge.__name__ = "judge"

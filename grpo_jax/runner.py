@@ -179,7 +179,13 @@ def checkpoint_or_stop(run: Run, step: int, state: TrainState, preemption: Preem
 # -- evaluation ----------------------------------------------------------------------
 def task_evaluator(run: Run, task) -> EvalFn | None:
   """params -> the eval/* metrics of `task`'s held-out problems (config.eval); None when
-  config.eval.num_problems is 0. The sampling key is the same at every evaluation."""
+  config.eval.num_problems is 0. The sampling key is the same at every evaluation.
+
+  Each batch of config.eval.prompts_per_batch problems (fewer when there are fewer) is split
+  over the mesh's batch axes like a training batch (`evaluate.sample_texts` with the run's
+  batch sharding), filled up to a multiple of data x fsdp; every process gets the metrics of
+  all problems, the same as on one device.
+  """
   cfg = run.cfg
   if not cfg.eval.num_problems:
     return None
@@ -190,8 +196,8 @@ def task_evaluator(run: Run, task) -> EvalFn | None:
       run.graphdef, params, run.tokenizer, examples, template=cfg.task.template,
       num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
       max_new_tokens=cfg.rl.max_completion_length, key=key, stop_ids=stop_ids,
-      prompts_per_batch=cfg.eval.prompts_per_batch,
-      correct_fn=rewards.REWARD_FUNCTIONS[cfg.eval.reward])
+      prompts_per_batch=min(cfg.eval.prompts_per_batch, len(examples)),  # as compiled.programs
+      correct_fn=rewards.REWARD_FUNCTIONS[cfg.eval.reward], batch_sh=run.batch_sh)
 
 
 def combine_evaluators(*fns: EvalFn | None) -> EvalFn | None:

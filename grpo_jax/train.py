@@ -55,7 +55,7 @@ def reward_functions(cfg, run: runner.Run, params_fn):
 
     g = cfg.rl.num_generations
     judge_fn = (judge.judge_reward_from_params(run.graphdef, params_fn, run.tokenizer, g,
-                                               template=cfg.judge.template)
+                                               template=cfg.judge.template, batch_sh=run.batch_sh)
                 if cfg.judge.model == "policy" else
                 judge.make_judge_reward(cfg.judge.model, num_generations=g,
                                         template=cfg.judge.template))

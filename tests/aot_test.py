@@ -107,6 +107,26 @@ def test_update_flops_count_every_layer_and_micro_batch(overrides):
   assert measured == pytest.approx(_analytic_update_flops(cfg, m), rel=0.05)
 
 
+def test_eval_sample_has_the_evaluators_rows_split_over_the_batch_axes():
+  """As `evaluate.sample_texts` runs it on a mesh: eval.prompts_per_batch (3 here) filled up to
+  a multiple of data x fsdp (8), split over them; the unsharded program for its cost alike."""
+  from jax.sharding import AbstractMesh, AxisType
+
+  cfg = config_lib.from_file(TINY)
+  cfg.eval.num_problems, cfg.eval.prompts_per_batch = 5, 3
+  m = presets.shapes(cfg.model.name)
+  mesh = AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  _, args, _ = compiled.programs(cfg, m, mesh)["eval_sample"]
+  for x in args[1:3]:  # prompts, mask
+    assert x.shape == (8, cfg.rl.max_prompt_length)
+    assert x.sharding.spec[0] == ("data", "fsdp")
+  assert compiled.programs(cfg, m, None, rows_for=mesh)["eval_sample"][1][1].shape[0] == 8
+  assert compiled.programs(cfg, m, None)["eval_sample"][1][1].shape[0] == 3
+  cfg.eval.num_problems = 2  # fewer problems than a batch: the evaluator's batch is smaller
+  assert compiled.programs(cfg, m, mesh)["eval_sample"][1][1].shape[0] == 8
+  assert compiled.programs(cfg, m, None)["eval_sample"][1][1].shape[0] == 2
+
+
 def test_collectives_are_counted_from_hlo_text():
   hlo = """
   %ag = f32[8,4] all-gather-start(f32[1,4] %p), dimensions={0}

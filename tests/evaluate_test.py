@@ -276,3 +276,143 @@ def test_cli_end_to_end_with_tiny_random(tmp_path):
   assert len(records) == 4
   assert all(len(r["completions"]) == len(r["correct"]) == len(r["lengths"]) == 2 for r in records)
   assert np.mean([r["lengths"] for r in records]) == summary["mean_length"]
+
+
+# -- under a device mesh (training's evaluator) ---------------------------------------------
+def start_script(code, devices, *args):
+  """`python -c code args` on `devices` host devices (CPU), running."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc, timeout=300):
+  """Its stdout, once it exited 0."""
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, err[-3000:]
+  return out
+
+
+# Five prompts in batches of three (the last has two): a batch is filled up to 8 rows on a mesh
+# of data=2 x fsdp=4. Sampling at temperature 1, so a row that drew from another key would show.
+SAMPLE_KW = """
+prompts = [f"<|user|>What is {i} + {2 * i}?<|assistant|>" for i in range(5)]
+kw = dict(num_samples=2, max_new_tokens=12, temperature=1.0, key=jax.random.key(3),
+          stop_ids=templates.stop_ids(tok), prompts_per_batch=3)
+"""
+
+MESH_EVAL = """
+import types
+import jax, numpy as np
+from flax import nnx
+from grpo_jax import config as config_lib, evaluate, models, runner, sampling, sharding
+from grpo_jax.data import get_task, templates
+assert jax.device_count() == 8
+model, tok = models.load("tiny-random")
+graphdef, params = nnx.split(model)
+mesh = sharding.make_mesh(data=2, fsdp=4)
+batch_sh = sharding.batch_sharding(mesh)
+on_mesh = jax.device_put(params, sharding.param_shardings(mesh, params))
+passed = []  # the prompts and masks the sampler is given
+sample_jit = sampling.sample_jit
+def spy(graphdef, params, prompts, mask, key, **kw):
+  passed.extend([prompts, mask])
+  return sample_jit(graphdef, params, prompts, mask, key, **kw)
+sampling.sample_jit = spy
+def split_over_the_batch_axes(rows):
+  assert len(passed) > 0
+  for x in passed:
+    assert x.shape[0] == rows and x.sharding.is_equivalent_to(batch_sh, 2), x.sharding
+    assert {s.data.shape[0] for s in x.addressable_shards} == {rows // 8}
+""" + SAMPLE_KW + """
+want = evaluate.sample_texts(graphdef, params, tok, prompts, **kw)
+passed.clear()
+got = evaluate.sample_texts(graphdef, on_mesh, tok, prompts, batch_sh=batch_sh, **kw)
+assert got[0] == want[0], (got[0], want[0])
+np.testing.assert_array_equal(got[1], want[1])
+split_over_the_batch_axes(8)
+assert len(passed) == 4  # two calls
+
+# The evaluator training builds takes the run's batch sharding.
+cfg = config_lib.from_file("configs/tiny_arithmetic.py")
+cfg.eval.num_problems, cfg.eval.prompts_per_batch, cfg.eval.num_samples = 5, 3, 2
+cfg.eval.temperature = 1.0
+task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
+run = types.SimpleNamespace(cfg=cfg, graphdef=graphdef, tokenizer=tok, batch_sh=batch_sh)
+passed.clear()
+got = runner.task_evaluator(run, task)(on_mesh)
+split_over_the_batch_axes(8)
+want = runner.task_evaluator(types.SimpleNamespace(**dict(vars(run), batch_sh=None)), task)(params)
+assert got == want and got["eval/num_problems"] == 5, (got, want)
+print("OK")
+"""
+
+
+def test_evaluation_on_a_mesh_splits_the_prompts_and_equals_one_device():
+  """data=2 x fsdp=4 on 8 host devices: the sampler gets each batch split over the batch axes
+  (filled from 3 prompts up to 8 rows), and the completions and metrics are those of the
+  unsharded evaluation on one device."""
+  assert "OK" in finished(start_script(MESH_EVAL, 8))
+
+
+TWO_PROCESSES = """
+import json, sys
+import jax, numpy as np
+port, pid, mine = sys.argv[1:]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=int(pid))
+from flax import nnx
+from grpo_jax import evaluate, judge, models, sharding
+from grpo_jax.data import templates
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+model, tok = models.load("tiny-random")
+graphdef, params = nnx.split(model)
+mesh = sharding.make_mesh(data=2, fsdp=4)  # the data axis across the two processes
+batch_sh = sharding.batch_sharding(mesh)
+on_mesh = jax.device_put(params, sharding.param_shardings(mesh, params))
+""" + SAMPLE_KW + """
+texts, lengths = evaluate.sample_texts(graphdef, on_mesh, tok, prompts, batch_sh=batch_sh, **kw)
+# The policy judging its own completions: each process passes its own (6 and 3 answers), in
+# forwards of 8 rows (4 per process), so the second process fills its second forward.
+questions, answers = json.loads(mine)
+scores = judge.judge_scores(graphdef, on_mesh, tok, questions, answers, batch_size=3,
+                            batch_sh=batch_sh)
+print(json.dumps({"texts": texts, "lengths": lengths.tolist(), "scores": scores.tolist()}))
+"""
+JUDGE = [(["What is 3 + 4?"] * 6, ["7", "8", "seven", "<answer>7</answer>", "70", "7.0"]),
+         (["What is 12 + 30?"] * 3, ["42", "It is 42, I think.", "-1"])]  # per process
+
+
+def test_two_processes_evaluate_and_judge_like_one_device():
+  """Two processes of 4 devices, the mesh's data axis across them: each tokenizes and feeds
+  its rows; both get every completion of the unsharded evaluation, and the judge gives each
+  process the scores of its own answers."""
+  import socket
+
+  import jax
+  from flax import nnx
+
+  from grpo_jax import judge, models
+  from grpo_jax.data import templates
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [start_script(TWO_PROCESSES, 4, port, pid, json.dumps(JUDGE[pid])) for pid in range(2)]
+  try:
+    outs = [json.loads(finished(p).splitlines()[-1]) for p in procs]
+  finally:  # one that failed leaves the other waiting for it
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+  model, tok = models.load("tiny-random")
+  graphdef, params = nnx.split(model)
+  scope = {"jax": jax, "templates": templates, "tok": tok}
+  exec(SAMPLE_KW, scope)
+  texts, lengths = evaluate.sample_texts(graphdef, params, tok, scope["prompts"], **scope["kw"])
+  for pid, out in enumerate(outs):
+    assert out["texts"] == texts and out["lengths"] == lengths.tolist()
+    want = judge.judge_scores(graphdef, params, tok, *JUDGE[pid])
+    np.testing.assert_allclose(out["scores"], want, atol=1e-5)

@@ -1,4 +1,9 @@
-"""LLM-as-judge: rank rewards against a reference, scores against a full forward, a fake judge."""
+"""LLM-as-judge: rank rewards against a reference, scores against a full forward, a fake judge;
+the policy as judge on a device mesh."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +13,8 @@ from flax import nnx
 
 from grpo_jax import judge, models, rewards
 from grpo_jax.models import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- rank rewards -------------------------------------------------------------------
@@ -183,3 +190,54 @@ def test_make_judge_reward_ranks_each_group():
   graphdef, params = nnx.split(model)
   np.testing.assert_allclose(
       got, judge.rank_rewards(judge.judge_scores(graphdef, params, tok, questions, answers), g))
+
+
+# -- the policy as judge, its params on a device mesh ---------------------------------------
+MESH_JUDGE = """
+import jax, numpy as np
+from flax import nnx
+from grpo_jax import judge, models, sharding
+assert jax.device_count() == 8
+model, tok = models.load("tiny-random")
+graphdef, params = nnx.split(model)
+leaves, treedef = jax.tree.flatten(params)  # larger weights: answers get different scores
+keys = jax.random.split(jax.random.key(1), len(leaves))
+params = jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape)
+                                      for x, k in zip(leaves, keys)])
+mesh = sharding.make_mesh(data=2, fsdp=4)
+batch_sh = sharding.batch_sharding(mesh)
+on_mesh = jax.device_put(params, sharding.param_shardings(mesh, params))
+passed = []  # the prompts the forward is given
+preference = judge._preference
+def spy(graphdef, params, tokens, mask, yes_no):
+  passed.append(tokens)
+  return preference(graphdef, params, tokens, mask, yes_no)
+judge._preference = spy
+questions = ["What is 3 + 4?"] * 4 + ["What is 12 + 30 - 5?"] * 4
+answers = ["7", "8", "seven", "<answer>7</answer>", "37", "It is 37.", "-3", "thirty-seven"]
+want = judge.judge_scores(graphdef, params, tok, questions, answers, batch_size=3)
+passed.clear()
+got = judge.judge_scores(graphdef, on_mesh, tok, questions, answers, batch_size=3,
+                         batch_sh=batch_sh)
+np.testing.assert_allclose(got, want, atol=1e-5)
+assert np.ptp(want) > 0.05
+assert len(passed) == 1  # 3 rows filled up to 8: all 8 answers in one forward
+for x in passed:
+  assert x.shape[0] == 8 and x.sharding.is_equivalent_to(batch_sh, 2), x.sharding
+reward = judge.judge_reward_from_params(graphdef, lambda: on_mesh, tok, num_generations=4,
+                                        batch_size=3, batch_sh=batch_sh)
+np.testing.assert_allclose(reward(prompts=questions, completions=answers),
+                           judge.rank_rewards(want, 4))
+print("OK")
+"""
+
+
+def test_judge_on_a_mesh_splits_its_batch_and_scores_like_one_device():
+  """The policy's params on data=2 x fsdp=4 (8 host devices): the judge's forward gets its
+  prompts split over the batch axes (3 per forward filled up to 8 rows), and its scores and
+  rank rewards are those of the unsharded judge."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", MESH_JUDGE], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
