@@ -9,7 +9,9 @@ length P, completion length T, the batch split over data x fsdp):
 - persistent: the policy's params, AdamW's two moments (as large as the
   params), and the reference params when beta != 0;
 - while sampling: the KV cache (each prompt's keys/values once, shared by its
-  G rows, plus G x T slots per prompt) and the next-token logits;
+  G rows, plus G x T slots per prompt; of B / rl.rollout_parts prompts at a
+  time), the next-token logits, and the sampler's copy of the weights
+  (compute dtype, split over tensor only) unless it would equal the params;
 - while updating (per micro-batch of B / grad_accum_steps prompts): the
   gradients, and the activations the backward pass keeps: per layer and token
   the residual stream and its norms, q/k/v before and after RoPE, the
@@ -79,10 +81,13 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
   persistent = {"params": param_bytes, "optimizer state": 2 * param_bytes}
   if rl.beta != 0:
     persistent["reference params"] = param_bytes
+  parts = rl.get("rollout_parts", 1)  # sampling.sample_in_parts: B / parts prompts at a time
   sampling = {
-      "KV cache": m.num_layers * kv_width * (prompts * p_len + rows * t_len) * act,
-      "next-token logits": 3 * rows * m.vocab_size * 4,
+      "KV cache": m.num_layers * kv_width * (prompts * p_len + rows * t_len) * act // parts,
+      "next-token logits": 3 * rows * m.vocab_size * 4 // parts,
   }
+  if shards > 1 or cfg.model.dtype != "float32":  # sampling.rollout_copier makes a copy
+    sampling["weights (rollout copy)"] = m.num_params() * act // tp
 
   micro_prompts = max(prompts // train.grad_accum_steps, 1)
   micro_rows = micro_prompts * rl.num_generations
