@@ -22,7 +22,9 @@ sharding rules laid over the topology's devices:
 
 Each program gets a table row and one JSON line (stdout) with XLA's memory
 analysis per device (argument, output, temp, peak = argument + output + temp +
-code - aliased), whether it fits the chip's HBM, its FLOPs and bytes accessed
+code - aliased; for a sampler also "held": the training params, optimizer state and
+reference that stay on the chip while it runs, which count in whether it fits),
+whether it fits the chip's HBM, its FLOPs and bytes accessed
 per device per call, the collectives in the compiled HLO (for a sampler also
 those of one decode step, "per decode" in the table: what runs inside the
 decode loop; the weights' all-gathers would show here), the compile time,

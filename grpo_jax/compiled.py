@@ -269,7 +269,8 @@ def compile_program(fn, args):
 
 
 ADVICE = ("to fit: more devices on config.mesh.fsdp or "
-          "config.mesh.tensor, config.model.remat=full (recompute each layer's activations in "
+          "config.mesh.tensor, config.rl.rollout_parts (a sampler's KV cache a part at a time), "
+          "config.model.remat=full (recompute each layer's activations in "
           "the backward), more config.train.grad_accum_steps, a shorter "
           "config.rl.max_completion_length, config.model.dtype=bfloat16, or config.rl.beta=0")
 
@@ -384,13 +385,14 @@ def check_compiled(peaks: dict[str, dict], limit: int) -> None:
 
 
 def table(records: list[dict]) -> str:
-  rows = [f"{'program':12s} {'peak GiB':>9s} {'HBM GiB':>8s} {'fits':>5s} {'TFLOP':>9s} "
-          f"{'roofline s':>10s} {'all-gather':>10s} {'per decode':>10s} {'compile s':>9s}"]
+  rows = [f"{'program':12s} {'peak GiB':>9s} {'+held GiB':>9s} {'HBM GiB':>8s} {'fits':>5s} "
+          f"{'TFLOP':>9s} {'roofline s':>10s} {'all-gather':>10s} {'per decode':>10s} {'compile s':>9s}"]
   for r in records:
     peak = r.get("peak_bytes")
     step = r.get("decode_step_collectives")
     per_step = "-" if step is None else str(step["all-gather"])
     rows.append(f"{r['program']:12s} {peak / GIB if peak else float('nan'):9.2f} "
+                f"{r.get('held_bytes', 0) / GIB:9.2f} "
                 f"{r['hbm_bytes'] / GIB:8.2f} {str(r['fits']):>5s} {r['flops'] / 1e12:9.3f} "
                 f"{r['roofline_s']:10.4f} {r.get('collectives', {}).get('all-gather', 0):10d} "
                 f"{per_step:>10s} {r['compile_s']:9.1f}")
@@ -403,11 +405,13 @@ def shortfalls(records: list[dict]) -> list[str]:
     if r["fits"]:
       continue
     if "peak_bytes" in r:
-      short = (r["peak_bytes"] - r["hbm_bytes"]) / GIB
+      need = r["peak_bytes"] + r.get("held_bytes", 0)
       least = "at least " if "error" in r else ""
-      out.append(f"{r['program']} needs {least}{r['peak_bytes'] / GIB:.2f} GiB per device on "
-                 f"{r['topology']}, {short:.2f} GiB more than the {r['hbm_bytes'] / GIB:.2f} GiB "
-                 f"of HBM; {ADVICE}")
+      held = (f" ({r['held_bytes'] / GIB:.2f} GiB of it the training state it leaves on the "
+              "device)" if r.get("held_bytes") else "")
+      out.append(f"{r['program']} needs {least}{need / GIB:.2f} GiB per device on "
+                 f"{r['topology']}{held}, {(need - r['hbm_bytes']) / GIB:.2f} GiB more than the "
+                 f"{r['hbm_bytes'] / GIB:.2f} GiB of HBM; {ADVICE}")
     else:
       out.append(f"{r['program']} does not fit on {r['topology']} (XLA: {r['error']}); {ADVICE}")
   return out
