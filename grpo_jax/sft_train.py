@@ -121,9 +121,8 @@ def _loss_evaluator(run: runner.Run, encoded: list, local: slice):
   """params -> {"eval/loss"}: the token mean of -log p over the held-out rows' completions, in
   batches of train.prompts_per_step rows (the last one filled with masked repeats)."""
   b, max_length = run.cfg.train.prompts_per_step, run.cfg.sft.max_length
-  batch_sh = jax.tree.map(lambda _: run.batch_sh, sft.Batch(0, 0, 0, 0))
-  loss_fn = jax.jit(lambda params, batch: sft.loss_and_metrics(params, run.graphdef, batch)[0],
-                    in_shardings=(run.param_sh, batch_sh))
+  # Its params are the samplers' copy (runner.evaluate_if_due): laid out as they come.
+  loss_fn = jax.jit(lambda params, batch: sft.loss_and_metrics(params, run.graphdef, batch)[0])
   total_tokens = sum(len(e[1]) for e in encoded)
 
   def evaluate(params) -> dict:
