@@ -128,28 +128,45 @@ class _PendingRecord:
 
   def __init__(self, log_: runner.Log):
     self.log = log_
-    self.item = None
+    self.step = None  # the pending step, None when nothing is pending
+    self.finished = None  # when the last update finished (perf_counter)
 
-  def set(self, step, rec, device_metrics, samples, t_dispatch):
+  def set(self, step, rec, device_metrics, samples, t_start, t_dispatch):
+    """Step `step` began at `t_start` and dispatched its update at `t_dispatch`. Until it is
+    flushed, `rec` may still be added to (an evaluation)."""
     for leaf in jax.tree.leaves(device_metrics):
-      leaf.copy_to_host_async()  # starts the transfer; `flush` waits for it
-    self.item = (step, rec, device_metrics, samples, t_dispatch)
+      leaf.copy_to_host_async()  # starts the transfer; `wait` and `flush` wait for it
+    self.step, self.rec, self.samples = step, rec, samples
+    self.device_metrics, self.t_start, self.t_dispatch = device_metrics, t_start, t_dispatch
+    self.t_done = None
 
-  def flush(self):
-    """Writes the pending record (blocks until its update has run); returns when that
-    update finished (perf_counter), or None when nothing was pending."""
-    if self.item is None:
-      return None
-    step, rec, device_metrics, samples, t_dispatch = self.item
-    self.item = None
-    metrics = jax.device_get(device_metrics)
-    finished = time.perf_counter()
-    rec = dict(rec, **{k: float(v) for k, v in metrics.items()})
-    rec["time/update_s"] = finished - t_dispatch
-    rec["time/step_s"] += rec["time/update_s"]
-    if self.log.write(step, rec):  # a group of completions per logged step
-      self.log.write_samples(step, samples)
-    return finished
+  def start(self, t: float) -> float:
+    """When a step that began at `t` really started: not before the last update finished
+    (its rollout needs those params), so that overlapping steps' times do not add up twice."""
+    return t if self.finished is None else max(t, self.finished)
+
+  def wait(self) -> None:
+    """Blocks until the pending update has run, and notes when (time/update_s ends there)."""
+    if self.step is not None and self.t_done is None:
+      jax.block_until_ready(self.device_metrics)
+      self.t_done = time.perf_counter()
+
+  def flush(self) -> None:
+    """Writes the pending record, if any (blocks until its update has run). time/update_s:
+    from the update's dispatch until it had run; time/step_s: from the step's start (`start`)
+    until its record is complete (an evaluation included)."""
+    if self.step is None:
+      return
+    self.wait()
+    metrics = jax.device_get(self.device_metrics)
+    t_start = self.start(self.t_start)
+    self.finished = self.t_done
+    rec = dict(self.rec, **{k: float(v) for k, v in metrics.items()})
+    rec["time/update_s"] = self.t_done - self.t_dispatch
+    rec["time/step_s"] = time.perf_counter() - t_start
+    if self.log.write(self.step, rec):  # a group of completions per logged step
+      self.log.write_samples(self.step, self.samples)
+    self.step = None
 
 
 def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
@@ -223,11 +240,11 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
             max_new_tokens=rl.max_completion_length, stop_ids=stop_ids, pad_id=pad_id,
             temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
             parts=rl.rollout_parts, shards=shards)
-      t_sample = pending.flush() or t_step  # the previous step's metrics, while this rollout runs
+      pending.flush()  # the previous step's metrics, written while this rollout runs
       # Only what the rewards read comes to the host; log-probs and masks stay on the devices.
       host = distributed.to_local(dict(tokens=out.tokens, lengths=out.lengths,
                                        truncated=out.truncated), batch_sh)
-      t_sample = time.perf_counter() - max(t_sample, t_step)
+      t_sample = time.perf_counter() - pending.start(t_step)
 
       texts, whole, reward, reward_info = score(cfg, tokenizer, reward_fns, weights, examples,
                                                 prompt_texts, host, rows)
@@ -255,14 +272,14 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
           "completions/mean_length": float(whole["lengths"].mean()),
           "completions/clipped_ratio": float(whole["truncated"].mean()),
           "learning_rate": float(run.lr_schedule(step * rl.num_iterations)),
-          "time/sample_s": t_sample,
-          "time/step_s": t_update - t_step,  # + the update's time, added when it is known
+          "time/sample_s": t_sample,  # time/update_s and time/step_s: when the update is done
       })
-      # An evaluation due now samples from the updated params: it waits for the update.
-      rec.update(runner.evaluate_if_due(run, eval_fn, done, state.params))
       samples = {"prompt": prompt_texts[0], "completions": [
           {"text": t, "reward": float(r)} for t, r in zip(texts[:g], reward[rows][:g])]}
-      pending.set(done, rec, update_metrics, samples, t_update)
+      pending.set(done, rec, update_metrics, samples, t_step, t_update)
+      if runner.eval_due(run, eval_fn, done):  # it samples from the updated params: waits
+        pending.wait()
+        rec.update(runner.evaluate_if_due(run, eval_fn, done, state.params))
       if runner.checkpoint_or_stop(run, done, state, preemption, data_position=done * b,
                                    before_save=pending.flush):
         break
