@@ -39,7 +39,7 @@ def abstract_model(cfg, model_cfg):
   from grpo_jax.models import transformer
 
   return nnx.split(nnx.eval_shape(lambda: transformer.init_model(
-      model_cfg, dtype=jnp.dtype(cfg.model.dtype))))
+      model_cfg, dtype=jnp.dtype(cfg.model.dtype), attention_block=cfg.model.attention_block)))
 
 
 def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tuple, int]]:
@@ -271,7 +271,8 @@ def compile_program(fn, args):
 ADVICE = ("to fit: more devices on config.mesh.fsdp or "
           "config.mesh.tensor, config.rl.rollout_parts (a sampler's KV cache a part at a time), "
           "config.model.remat=full (recompute each layer's activations in "
-          "the backward), more config.train.grad_accum_steps, a shorter "
+          "the backward), more config.train.grad_accum_steps, a smaller "
+          "config.model.attention_block (attention scores held at once), a shorter "
           "config.rl.max_completion_length, config.model.dtype=bfloat16, or config.rl.beta=0")
 
 

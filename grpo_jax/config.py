@@ -55,6 +55,9 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("model.remat", "none", 'what the update\'s backward keeps of each layer: "none" (all '
       'activations), "full" (only its input; the forward runs again), "dots_saveable", '
       '"nothing_saveable"')
+  key("model.attention_block", transformer.ATTENTION_BLOCK,
+      "queries per attention block: a forward of more tokens holds one block's scores at a time "
+      "(the backward recomputes them); 0 = all scores at once")
 
   key("task.name", "arithmetic", f"the prompt source, one of {sorted(TASKS)}")
   key("task.template", "chat", 'how a question becomes a prompt: "chat" | "r1_zero" | "plain"')
@@ -295,6 +298,10 @@ def validate(cfg, *, data: bool = True) -> None:
   _check(cfg.mode in MODES, f"config.mode={cfg.mode!r}; expected one of {list(MODES)}")
   _check(cfg.model.remat in transformer.REMAT, f"config.model.remat={cfg.model.remat!r}; "
          f"expected one of {list(transformer.REMAT)}")
+  block = cfg.model.attention_block
+  _check(isinstance(block, int) and not isinstance(block, bool) and block >= 0,
+         f"config.model.attention_block={block!r} must be an integer >= 0 "
+         "(queries per attention block, e.g. 512; 0: never blocked)")
   if cfg.mode == "sft" and data:
     _validate_sft(cfg.sft)
   _check(rl.num_generations >= 2,

@@ -105,14 +105,13 @@ def completion_logps(model, prompts_BxP, prompt_mask_BxP, completions_NxT, compl
   when sampling), so the log-probs are the sampling policy's. `remat`: what the
   backward keeps of each layer (`transformer.REMAT`).
   """
-  n, t = completions_NxT.shape
+  t = completions_NxT.shape[1]
   h_prompt, prefix = model.prefill(prompts_BxP, prompt_mask_BxP, remat=remat)
-  cache = model.init_cache(n, t - 1, prefix=prefix) if t > 1 else None
   first = jnp.repeat(h_prompt[:, -1:], num_generations, axis=0)  # [N, 1, D]
-  if t > 1:
-    h_rest, _ = model.hidden_states(completions_NxT[:, :-1],
-                                    attention_mask_BxL=completion_mask_NxT[:, :-1], cache=cache,
-                                    remat=remat)
+  if t > 1:  # no cache: nothing is written, and no empty slots are attended to
+    h_rest = model.hidden_states(completions_NxT[:, :-1],
+                                 attention_mask_BxL=completion_mask_NxT[:, :-1],
+                                 prefix=prefix, remat=remat)
     hidden = jnp.concatenate([first, h_rest], axis=1)
   else:
     hidden = first

@@ -15,10 +15,12 @@ length P, completion length T, the batch split over data x fsdp):
 - while updating (per micro-batch of B / grad_accum_steps prompts): the
   gradients, and the activations the backward pass keeps: per layer and token
   the residual stream and its norms, q/k/v before and after RoPE, the
-  attention scores and probabilities over the prompt and completion, and the
-  MLP's F-wide arrays (with config.model.remat "full": each layer's input, and
-  those of one layer at a time); plus one chunk
-  of logits (`losses.token_logps_and_entropy` works a chunk at a time).
+  attention scores and probabilities over the prompt and completion (only for
+  a forward no longer than config.model.attention_block; a longer one keeps
+  none and holds one block's at a time), and the MLP's F-wide arrays (with
+  config.model.remat "full": each layer's input, and those of one layer at a
+  time); plus one chunk of logits (`losses.token_logps_and_entropy` works a
+  chunk at a time).
 The estimate is of the arrays' sizes; XLA's buffer reuse and workspace move the
 real peak by tens of percent either way (tests compare it with XLA's own
 memory analysis of the compiled programs).
@@ -92,23 +94,34 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
   micro_prompts = max(prompts // train.grad_accum_steps, 1)
   micro_rows = micro_prompts * rl.num_generations
 
-  def per_token(context):  # activations kept for the backward, per token and layer
-    heads = m.num_heads // tp
+  heads, block = m.num_heads // tp, cfg.model.attention_block
+
+  def blocked(length):  # a forward of `length` tokens attends a block of queries at a time
+    return 0 < block < length
+
+  def scores(context, length):  # fp32 scores and probabilities of one query, if kept
+    return 0 if blocked(length) else 3 * heads * context * 4
+
+  def per_token(context, length):  # activations kept for the backward, per token and layer
     return (8 * m.hidden_size * 4 + (3 * heads * m.head_dim + 2 * kv_width) * act
-            + 4 * m.intermediate_size // tp * act + 3 * heads * context * 4)
+            + 4 * m.intermediate_size // tp * act + scores(context, length))
 
   def kept(layers, per_token):  # activations of `layers` layers, over the micro-batch's tokens
-    return layers * (micro_prompts * p_len * per_token(p_len)
-                     + micro_rows * t_len * per_token(p_len + t_len))
+    return layers * (micro_prompts * p_len * per_token(p_len, p_len)
+                     + micro_rows * t_len * per_token(p_len + t_len, t_len - 1))
 
   if cfg.model.remat in ("full", "nothing_saveable"):
     # Each layer's input (fp32 residual stream) is kept; one layer's activations exist at a time.
-    layers = kept(m.num_layers, lambda _: m.hidden_size * 4) + kept(1, per_token)
+    layers = kept(m.num_layers, lambda *_: m.hidden_size * 4) + kept(1, per_token)
   else:  # "dots_saveable" keeps most of it (the attention scores are matmul outputs)
     layers = kept(m.num_layers, per_token)
   chunk = min(64, t_len)
   update = {"gradients": param_bytes, "activations": layers,
             "logits (one chunk)": 3 * micro_rows * chunk * m.vocab_size * 4 // tp}
+  one_block = max(micro_prompts * 3 * heads * block * p_len * 4 if blocked(p_len) else 0,
+                  micro_rows * 3 * heads * block * (p_len + t_len) * 4 if blocked(t_len - 1) else 0)
+  if one_block:
+    update["attention (one block)"] = one_block
   return Estimate(persistent, sampling, update)
 
 
@@ -130,7 +143,8 @@ def check(est: Estimate, limit: int | None) -> None:
       f"{_size(limit).strip()} a device has:\n{est.table()}\n"
       "To fit: config.model.remat = \"full\" (each layer recomputed in the backward), fewer "
       "prompts per step (config.train.prompts_per_step) or more gradient accumulation"
-      " (config.train.grad_accum_steps) for activations; shorter "
+      " (config.train.grad_accum_steps) for activations; a smaller config.model.attention_block "
+      "for the attention scores; shorter "
       "config.rl.max_completion_length / max_prompt_length for activations and the KV cache; "
       "config.mesh.fsdp or config.mesh.tensor > 1 to split params, optimizer state and "
       "activations over devices; config.rl.beta = 0 drops the reference params.")

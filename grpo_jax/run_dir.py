@@ -25,12 +25,12 @@ CONFIG_FILE = "config.json"
 
 # Keys a resumed run may change without --allow_config_change: how long to train, how often to
 # log, evaluate and save, how the evaluation samples, and how the run is laid out on the devices
-# (the same update on any mesh and any number of micro-batches). Every other key changes what is
-# trained. docs/config.md lists them too.
+# (the same update on any mesh, any number of micro-batches and any attention block). Every other
+# key changes what is trained. docs/config.md lists them too.
 RESUMABLE_KEYS = frozenset({
     "train.steps", "sft.epochs", "train.log_every", "train.eval_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.device_memory_gb",
-    "train.grad_accum_steps", "mesh.data", "mesh.fsdp", "mesh.tensor",
+    "train.grad_accum_steps", "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor",
     "eval.num_problems", "eval.num_samples", "eval.temperature", "eval.prompts_per_batch",
 })
 _ABSENT = "<absent>"

@@ -96,7 +96,8 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
   mesh = config_lib.make_mesh(cfg)
   log.info("loading model %s", cfg.model.name)
   try:
-    model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype)
+    model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype,
+                                   attention_block=cfg.model.attention_block)
   except (ValueError, FileNotFoundError) as e:  # a file that is not a model, a missing file
     raise config_lib.ConfigError(f"config.model.name={cfg.model.name!r}: {e}") from None
   config_lib.validate_with_model(cfg, model.cfg)

@@ -50,6 +50,17 @@ def test_every_key_has_a_meaning_and_a_row_in_docs_config_md():
   assert sorted(documented) == sorted(keys)  # each once, none stale
 
 
+@pytest.mark.parametrize("value", [-1, True])
+def test_attention_block_must_be_a_count(value):
+  cfg = load_config("tiny_arithmetic.py")
+  cfg.model.attention_block = 0  # never blocked: valid
+  config_lib.validate(cfg)
+  cfg.model.attention_block = value  # (a float is refused by ml_collections itself)
+  with pytest.raises(config_lib.ConfigError, match="config.model.attention_block=.* must be an "
+                     "integer >= 0"):
+    config_lib.validate(cfg)
+
+
 def test_from_file_needs_a_python_config():
   with pytest.raises(config_lib.ConfigError, match="README.md: not a Python config file"):
     config_lib.from_file(os.path.join(ROOT, "configs", "README.md"))

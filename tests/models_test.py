@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from grpo_jax import models
 from grpo_jax.models import checkpoints
@@ -277,6 +278,114 @@ def test_padding_does_not_change_real_positions():
   forward = models.jit_forward(model)
   np.testing.assert_allclose(np.asarray(forward(tokens, attention_mask_BxL=mask))[:, :4],
                              np.asarray(forward(tokens[:, :4])), atol=1e-5)
+
+
+# -- attention in blocks of queries --------------------------------------------------
+def scans(fn, *args) -> int:
+  """Scans in fn's trace: the layer scan, plus one per forward whose attention is blocked."""
+  return str(jax.make_jaxpr(fn)(*args)).count(" scan[")
+
+
+def assert_grads_close(got, want, rtol=1e-4, atol=1e-5):
+  """Two gradients (nnx.State of the model's params) are equal, parameter by parameter."""
+  got, want = nnx.to_pure_dict(got), nnx.to_pure_dict(want)
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=rtol,
+                               atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("block", [4, 5])
+def test_blocked_attention_gives_the_same_values_and_gradients(block):
+  """13 left-padded tokens with their queries in blocks of 4 or 5 (the last block padded):
+  hidden states and parameter gradients equal those of all scores at once (attention_block=0,
+  the unblocked path)."""
+  graphdef, params = nnx.split(models.init_model(TINY, seed=3))
+  rng = np.random.default_rng(3)
+  b, l = 3, 13
+  tokens = jnp.asarray(rng.integers(1, 97, (b, l)))
+  mask = jnp.asarray((np.arange(l)[None] >= np.array([0, 3, 6])[:, None]).astype(np.int32))
+  weights = jnp.asarray(rng.normal(size=(b, l, TINY.hidden_size)), jnp.float32) * mask[..., None]
+
+  def loss(params, attention_block):
+    hidden = nnx.merge(graphdef, params).hidden_states(tokens, attention_mask_BxL=mask,
+                                                       attention_block=attention_block)
+    return jnp.sum(jnp.sin(hidden) * weights), hidden
+
+  grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+  (g_all, h_all), (g_blocked, h_blocked) = grad(params, 0), grad(params, block)
+  np.testing.assert_allclose(np.asarray(h_blocked), np.asarray(h_all), rtol=1e-5, atol=1e-5)
+  assert_grads_close(g_blocked, g_all)
+  assert float(jnp.abs(g_all["q_proj"][...]).max()) > 1e-3  # attention has a gradient to compare
+  # The blocked forward did run in blocks: one more scan than the unblocked one.
+  assert scans(lambda p: loss(p, block), params) == scans(lambda p: loss(p, 0), params) + 1
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_blocked_attention_in_the_updates_log_probs(remat):
+  """grpo.completion_logps: 2 completions per left-padded prompt attend to their prompt as a
+  shared prefix. With the model's attention_block = 4 (the 6-token prompts and the 11
+  completion queries in blocks, the last one padded), log-probs, entropies and gradients equal
+  those of attention_block = 0, with and without remat of the layers."""
+  from grpo_jax import grpo
+
+  rng = np.random.default_rng(5)
+  g, t = 2, 12
+  prompts = jnp.asarray(rng.integers(1, 97, (2, 6)))
+  prompt_mask = jnp.asarray([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+  completion_mask = jnp.asarray((np.arange(t)[None] < np.array([12, 7, 3, 10])[:, None])
+                                .astype(np.int32))
+  completions = jnp.asarray(rng.integers(1, 97, (4, t))) * completion_mask
+  models_by_block = {blk: nnx.split(models.init_model(TINY, seed=5, attention_block=blk))
+                     for blk in (0, 4)}
+  params = models_by_block[0][1]
+
+  def loss(params, graphdef):
+    logps, entropy = grpo.completion_logps(
+        nnx.merge(graphdef, params), prompts, prompt_mask, completions, completion_mask,
+        num_generations=g, chunk_size=5, remat=remat)
+    return jnp.sum(logps * completion_mask) + 0.3 * jnp.sum(entropy * completion_mask), logps
+
+  out = {blk: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(params, graphdef)
+         for blk, (graphdef, _) in models_by_block.items()}
+  np.testing.assert_allclose(np.asarray(out[4][1]), np.asarray(out[0][1]), rtol=1e-5, atol=1e-5)
+  assert_grads_close(out[4][0], out[0][0])
+  # The setting travels in the graphdef: prefill and completions blocked, 2 scans more.
+  traced = {blk: scans(lambda p: loss(p, graphdef)[0], params)
+            for blk, (graphdef, _) in models_by_block.items()}
+  assert traced[4] == traced[0] + 2, traced
+
+
+def test_blocked_attention_holds_one_blocks_scores_in_the_backward():
+  """XLA's temporaries for the gradient of a 2048-token forward: with all scores at once they
+  hold [L, L] scores per layer; in blocks of 256 they are a fraction (CPU, measured 707 MiB
+  -> 111 MiB for this model)."""
+  graphdef, params = nnx.split(models.load("tiny-random")[0])
+  tokens = jnp.zeros((2, 2048), jnp.int32)
+
+  def temp_bytes(attention_block):
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p).hidden_states(  # noqa: E731
+        tokens, attention_block=attention_block) ** 2)
+    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  scores = 2 * 4 * 2048 * 2048 * 4  # one layer's fp32 scores: rows x heads x L x L
+  all_at_once, blocked = temp_bytes(0), temp_bytes(256)
+  assert all_at_once > 2 * scores and blocked < scores, (all_at_once, blocked)
+
+
+def test_smollm2_blocked_attention_gives_the_same_hidden_states(smollm2):
+  """The real model, 2 left-padded rows in blocks of 16 queries: the same as unblocked."""
+  model, tokenizer = smollm2
+  rows = [tokenizer(text)["input_ids"] for text in (TEXTS[2], TEXTS[1] + " " + TEXTS[3])]
+  length = max(map(len, rows))
+  tokens = np.array([[0] * (length - len(r)) + r for r in rows])
+  mask = np.array([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+  graphdef, params = nnx.split(model)
+  forward = jax.jit(lambda p, blk: nnx.merge(graphdef, p).hidden_states(
+      tokens, attention_mask_BxL=mask, attention_block=blk), static_argnums=1)
+  assert length > 16 * 3 and length % 16  # 3 blocks and a padded one
+  np.testing.assert_allclose(np.asarray(forward(params, 16))[mask == 1],
+                             np.asarray(forward(params, 0))[mask == 1], rtol=1e-4, atol=1e-4)
 
 
 # -- errors -----------------------------------------------------------------------

@@ -117,8 +117,21 @@ def short_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("short"))
   cfg = tiny_config({"train.steps": 2, "rl.beta": 0.04, "eval.num_problems": 4,
                      "eval.prompts_per_batch": 4})
+  t = time.perf_counter()
   records = train.train_and_evaluate(cfg, workdir)
+  _SHORT_RUN_WALL_S.append(time.perf_counter() - t)
   return workdir, records
+
+
+_SHORT_RUN_WALL_S = []
+
+
+def test_step_times_do_not_count_overlapping_work_twice(short_run):
+  # The update of step s runs while step s + 1 starts: the steps' times add up to no more
+  # than the run's wall clock.
+  _, records = short_run
+  steps = [r["time/step_s"] for r in records if "time/step_s" in r]
+  assert len(steps) == 2 and sum(steps) <= _SHORT_RUN_WALL_S[0]
 
 
 def test_steps_change_every_param_by_adam_sized_updates(short_run):

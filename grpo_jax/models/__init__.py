@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax.models import checkpoints, presets, tiny
-from grpo_jax.models.transformer import ModelConfig, Transformer, init_model, model_from_params
+from grpo_jax.models.transformer import (ATTENTION_BLOCK, ModelConfig, Transformer, init_model,
+                                         model_from_params)
 
 __all__ = ["load", "export", "ModelConfig", "Transformer", "init_model", "model_from_params",
            "KNOWN_MODELS", "embedded_gguf_path", "jit_forward", "params_dict"]
@@ -102,7 +103,8 @@ def resolve(name_or_path: str) -> tuple[str, str]:
       f"(no such file or folder: {os.path.abspath(name_or_path)})")
 
 
-def load(name_or_path: str, dtype: Any = None, param_dtype: Any = "float32"):
+def load(name_or_path: str, dtype: Any = None, param_dtype: Any = "float32",
+         attention_block: int = ATTENTION_BLOCK):
   """Loads a model and its tokenizer.
 
   Args:
@@ -113,34 +115,37 @@ def load(name_or_path: str, dtype: Any = None, param_dtype: Any = "float32"):
       accumulation, softmax and logits stay fp32).
       None: a workdir's config.model.dtype, else "float32".
     param_dtype: storage dtype of the params (fp32 master weights by default).
+    attention_block: queries per attention block (`Transformer`; config.model.attention_block).
   Returns:
     (model, tokenizer): a `Transformer` (Flax NNX) and a transformers tokenizer
     with the model's chat template.
   """
   kind, path = resolve(name_or_path)
   if kind == "workdir":
-    return _load_workdir(path, dtype, param_dtype)
+    return _load_workdir(path, dtype, param_dtype, attention_block)
   dtype, param_dtype = jnp.dtype(dtype or "float32"), jnp.dtype(param_dtype)
   if kind == "tiny":
     tokenizer = tiny.tokenizer()
-    return init_model(tiny.config(len(tokenizer)), dtype=dtype, param_dtype=param_dtype), tokenizer
+    return init_model(tiny.config(len(tokenizer)), dtype=dtype, param_dtype=param_dtype,
+                      attention_block=attention_block), tokenizer
   if kind == "gguf":
     cfg, params = checkpoints.read_gguf(path)
     tokenizer = _tokenizer(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
   else:
     cfg, params = checkpoints.read_hf_folder(path)
     tokenizer = _tokenizer(path)
-  model = model_from_params(cfg, params, dtype=dtype, param_dtype=param_dtype)
+  model = model_from_params(cfg, params, dtype=dtype, param_dtype=param_dtype,
+                            attention_block=attention_block)
   return model, tokenizer
 
 
-def _load_workdir(workdir: str, dtype: Any, param_dtype: Any):
+def _load_workdir(workdir: str, dtype: Any, param_dtype: Any, attention_block: int):
   """The run's base model (config.json's model.name) with its latest checkpoint's params."""
   from grpo_jax import checkpointing  # lazy: orbax is only needed here
 
   model_cfg = _workdir_model_config(workdir)
   model, tokenizer = load(model_cfg["name"], dtype=dtype or model_cfg.get("dtype", "float32"),
-                          param_dtype=param_dtype)
+                          param_dtype=param_dtype, attention_block=attention_block)
   _, params = nnx.split(model)  # the tree a run saves
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           params)

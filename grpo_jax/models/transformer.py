@@ -26,15 +26,34 @@ nothing more than `attention_mask`. The layer scan only reads the cache; the
 call's keys/values are written once, after it, in place. (Writing inside the
 scan, or concatenating cache and new keys, copies the whole cache every layer:
 measured 2x slower decoding on CPU.) The [B, KV, S, D] layout makes both
-attention products plain batched matmuls, with no transpose of the cache.
+attention products plain batched matmuls, with no transpose of the cache. A
+call can also read a prefix with no cache (`hidden_states(prefix=...)`): the
+update's completions attend to their prompt that way and write nothing.
+
+Attention in blocks of queries (`attention_block`, config.model.attention_block):
+a call of L tokens has fp32 scores [B, KV, G, L, S] against its S keys (its own
+L, the cache's slots, the shared prefix), quadratic in L: 8192 completion
+tokens are 256 MiB per row and head. A call of more than `attention_block`
+queries runs them through `attention` in blocks of that many (the last one
+padded), one block at a time in a `lax.scan`, each block against every key
+with the causal mask at its queries' places, so only one block's scores
+[B, KV, G, block, S] exist at a time. Each block is under `jax.checkpoint`
+saving nothing: for the backward the scan keeps its blocks' queries (q itself,
+padded to whole blocks) and the keys it shares, and recomputes a block's scores
+and softmax before differentiating them: one more query-key product than
+keeping them. Keys in a block's causal future are
+masked, not skipped (the scan's blocks all have one shape). The layer's other
+activations, and what `remat` keeps of the layer, are unchanged. Decoding
+(L = 1) is never blocked; 0 turns blocking off.
 
 Rematerialisation (`remat`, config.model.remat): the backward of the layer scan
-normally keeps every layer's activations, the fp32 attention scores among them.
-With "full" (or "nothing_saveable") it keeps only each layer's input (the
-residual stream) and runs the layer's forward again during the backward, one
-layer at a time; with "dots_saveable" it keeps the matmul outputs (the
-attention scores too: they are batched matmuls) and recomputes the rest. Only
-the update asks for it: the sampler has no backward.
+normally keeps every layer's activations, the fp32 attention scores of an
+unblocked call among them. With "full" (or "nothing_saveable") it keeps only
+each layer's input (the residual stream) and runs the layer's forward again
+during the backward, one layer at a time; with "dots_saveable" it keeps the
+matmul outputs (an unblocked call's attention scores too: they are batched
+matmuls) and recomputes the rest. Only the update asks for it: the sampler has
+no backward.
 """
 
 from __future__ import annotations
@@ -207,6 +226,107 @@ def remat_layer(layer, remat: str = "none"):
   return jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
 
+# (k, v [rows, KV, S, D], mask [rows, S]): keys and values held outside the call
+Keys = tuple[Array, Array, Array]
+
+
+def _dot(spec: str, x: Array, y: Array, dtype: Any) -> Array:
+  """einsum of x and y with operands in `dtype`, accumulated in fp32."""
+  return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _attend(q_BxKxGxQxD: Array, first: Array | int, k_BxKxLxD: Array, v_BxKxLxD: Array,
+            mask_BxL: Array, cache: Keys | None, prefix: Keys | None, dtype: Any) -> Array:
+  """Attention of the call's queries first .. first + Q - 1 over every key: [B, KV, G, Q, D].
+
+  The scores of these Q queries over all keys (the call's L, the cache's S, the
+  prefix's Sp) exist at once, fp32; nothing else does.
+  """
+  b, kv, g, nq, hd = q_BxKxGxQxD.shape
+  l = k_BxKxLxD.shape[2]
+  q = q_BxKxGxQxD
+  scale = 1.0 / math.sqrt(hd)
+  f32 = jnp.float32
+  # The call's keys: real ones, at or before the query's place in the call.
+  causal_QxL = jnp.arange(l)[None, :] <= (first + jnp.arange(nq))[:, None]
+  new_ok = (causal_QxL[None] & mask_BxL[:, None, :])[:, None, None]  # [B, 1, 1, Q, L]
+  s_new = jnp.where(new_ok, _dot("bkgld,bksd->bkgls", q, k_BxKxLxD, dtype) * scale, -jnp.inf)
+  m = jnp.max(s_new, axis=-1, keepdims=True)
+  if cache is not None:  # the cache's real slots
+    k_cache, v_cache, cache_mask_BxS = cache
+    s_cache = jnp.where(cache_mask_BxS[:, None, None, None, :],
+                        _dot("bkgld,bksd->bkgls", q, k_cache, dtype) * scale, -jnp.inf)
+    m = jnp.maximum(m, jnp.max(s_cache, axis=-1, keepdims=True))
+  if prefix is not None:
+    # Rows of a group share their prompt's keys. fp32 operands: XLA's CPU dot has
+    # no bf16 x bf16 -> f32 kernel for this grouped product, and the prefix is
+    # small (read once per group).
+    k_prefix, v_prefix, prefix_mask_PxS = prefix
+    n_prompts = prefix_mask_PxS.shape[0]
+    group = b // n_prompts
+    q_grouped = q.reshape(n_prompts, group, kv, g, nq, hd)
+    s_prefix = jnp.where(prefix_mask_PxS[:, None, None, None, None, :],
+                         _dot("pjkgld,pksd->pjkgls", q_grouped, k_prefix, f32) * scale,
+                         -jnp.inf).reshape(b, kv, g, nq, -1)
+    m = jnp.maximum(m, jnp.max(s_prefix, axis=-1, keepdims=True))
+  # Softmax is shift-invariant: no gradient through the shift. A padding query
+  # sees no key: shift 0, denominator 1, output 0 (and no NaN gradient).
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p_new = jnp.exp(s_new - m)
+  denom = jnp.sum(p_new, axis=-1, keepdims=True)
+  out = _dot("bkgls,bksd->bkgld", p_new, v_BxKxLxD, dtype)
+  if cache is not None:
+    p_cache = jnp.exp(s_cache - m)
+    denom = denom + jnp.sum(p_cache, axis=-1, keepdims=True)
+    out = out + _dot("bkgls,bksd->bkgld", p_cache, v_cache, dtype)
+  if prefix is not None:
+    p_prefix = jnp.exp(s_prefix - m)
+    denom = denom + jnp.sum(p_prefix, axis=-1, keepdims=True)
+    p_grouped = p_prefix.reshape(n_prompts, group, kv, g, nq, -1)
+    out = out + _dot("pjkgls,pksd->pjkgld", p_grouped, v_prefix, f32).reshape(b, kv, g, nq, hd)
+  return out / jnp.where(denom > 0, denom, 1.0)
+
+
+def attention(q_BxKxGxLxD: Array, k_BxKxLxD: Array, v_BxKxLxD: Array, mask_BxL: Array, *,
+              cache: Keys | None = None, prefix: Keys | None = None, dtype: Any = jnp.float32,
+              block: int = 0) -> Array:
+  """Grouped-query attention of a call's L queries, fp32: [B, KV, G, L, D].
+
+  Keys come from up to three places, each with its own mask:
+  - the call's own k/v [B, KV, L, D]: causal by place in the call, real tokens
+    only (`mask_BxL`, bool);
+  - `cache` (k, v [B, KV, S, D], mask [B, S]): the slots that hold real tokens;
+  - `prefix` (k, v [P, KV, Sp, D], mask [P, Sp]): row r reads prompt r // (B / P);
+    each prompt's keys are read once per group of B / P rows, never copied.
+  Query-key products run in `dtype` (the prefix's in fp32), accumulated in fp32.
+
+  block > 0 and L > block: the queries go through in blocks of `block` (the last
+  one padded with zero queries whose outputs are dropped), one block at a time
+  in a `lax.scan`, each under `jax.checkpoint`: only one block's scores
+  [B, KV, G, block, L + S + Sp] exist at a time, and the backward recomputes a
+  block's scores from its queries instead of keeping them (module doc). Each
+  row's result is the same as unblocked (up to the order of fp32 sums).
+  """
+  b, kv, g, l, hd = q_BxKxGxLxD.shape
+  keys = (k_BxKxLxD, v_BxKxLxD, mask_BxL, cache, prefix)
+  if block <= 0 or l <= block:
+    return _attend(q_BxKxGxLxD, 0, *keys, dtype)
+  n_blocks = -(-l // block)
+  q = jnp.pad(q_BxKxGxLxD, ((0, 0),) * 3 + ((0, n_blocks * block - l), (0, 0)))
+  q_NxBxKxGxQxD = q.reshape(b, kv, g, n_blocks, block, hd).transpose(3, 0, 1, 2, 4, 5)
+  # Saves nothing: the backward recomputes the block's scores from its inputs.
+  one_block = jax.checkpoint(
+      lambda q_blk, first, *key_args: _attend(q_blk, first, *key_args, dtype), prevent_cse=False)
+
+  def step(carry, xs):
+    q_blk, first = xs
+    return carry, one_block(q_blk, first, *keys)
+
+  firsts = jnp.arange(n_blocks, dtype=jnp.int32) * block
+  _, out = jax.lax.scan(step, None, (q_NxBxKxGxQxD, firsts), unroll=flop_count.SCAN_UNROLL.get())
+  return out.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, n_blocks * block, hd)[:, :, :, :l]
+
+
 def positions_from_mask(mask_BxL: Array, offset_B: Array | int = 0) -> Array:
   """Position of each token = real tokens before it (padding does not count)."""
   return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=1) - 1, 0) + jnp.asarray(
@@ -214,13 +334,26 @@ def positions_from_mask(mask_BxL: Array, offset_B: Array | int = 0) -> Array:
   ).reshape(-1, 1)
 
 
+# config.model.attention_block's default: queries per attention block (0: never blocked).
+ATTENTION_BLOCK = 512
+
+
 class Transformer(nnx.Module):
-  """Llama-family decoder. `model(tokens) -> logits [B, L, V]` in fp32."""
+  """Llama-family decoder. `model(tokens) -> logits [B, L, V]` in fp32.
+
+  `attention_block`: a call of more queries than this computes attention in
+  blocks of this many queries (`attention`; 0: all at once). Like `dtype`, part
+  of the module's structure (its graphdef), not of its params.
+  """
 
   def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Any = jnp.float32, attention_block: int = ATTENTION_BLOCK,
+               rngs: nnx.Rngs):
+    if attention_block < 0:
+      raise ValueError(f"attention_block={attention_block}; expected >= 0 (0: never blocked)")
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
+    self.attention_block = int(attention_block)
     nl, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -289,12 +422,9 @@ class Transformer(nnx.Module):
 
   def hidden_states(self, tokens_BxL: Array, positions_BxL: Array | None = None,
                     attention_mask_BxL: Array | None = None, cache: Cache | None = None,
-                    new_cache_len: int | None = None, remat: str = "none"):
+                    new_cache_len: int | None = None, remat: str = "none",
+                    attention_block: int | None = None, prefix: Cache | None = None):
     """Final-norm hidden states [B, L, D] (fp32), and the updated cache if given.
-
-    Long because the layer (attention with its cache update, MLP) is the body of one
-    `lax.scan` over the stacked layers: splitting it would spread one layer over several
-    functions that only this scan calls.
 
     Args:
       tokens_BxL: int token ids.
@@ -306,6 +436,12 @@ class Transformer(nnx.Module):
         slots holding this call's keys/values (see `prefill`).
       remat: what the backward keeps of each layer, one of REMAT (module doc);
         "none" keeps everything. Only matters under differentiation.
+      attention_block: queries per attention block (`attention`); None: the
+        module's `attention_block`.
+      prefix: with cache=None, a filled cache {k, v, mask} of P prompts (P
+        dividing B) that each group of B / P rows attends to, as a cache's
+        "prefix" is; nothing else is cached or returned. For a forward that
+        reads a shared prompt but writes nothing (the update's log-probs).
     """
     cfg = self.cfg
     b, l = tokens_BxL.shape
@@ -313,27 +449,19 @@ class Transformer(nnx.Module):
     g = h // kv
     mask_BxL = (jnp.ones((b, l), bool) if attention_mask_BxL is None
                 else attention_mask_BxL.astype(bool))
-    prefix = None if cache is None else cache.get("prefix")
+    if cache is not None:
+      if prefix is not None:
+        raise ValueError("give a cache's prefix inside it (init_cache(..., prefix=...))")
+      prefix = cache.get("prefix")
     if positions_BxL is None:
       offset = 0 if cache is None else jnp.sum(cache["mask"], axis=1)
       if prefix is not None:
         offset = offset + jnp.repeat(jnp.sum(prefix["mask"], axis=1), b // prefix["mask"].shape[0])
       positions_BxL = positions_from_mask(mask_BxL, offset)
-    # New tokens: causal among themselves, real keys only. Cached slots: real ones.
-    new_ok_BxLxL = jnp.tril(jnp.ones((l, l), bool))[None] & mask_BxL[:, None, :]
-    new_ok = new_ok_BxLxL[:, None, None]  # [B, 1, 1, L, L] against [B, KV, G, L, L]
-    if cache is not None:
-      cache_ok = cache["mask"][:, None, None, None, :]  # [B, 1, 1, 1, S]
-    if prefix is not None:
-      n_prompts = prefix["mask"].shape[0]
-      group = b // n_prompts
-      prefix_ok = prefix["mask"][:, None, None, None, None, :]  # [P, 1, 1, 1, 1, Sp]
     inv_freq = rope_inv_freq(cfg)
-    scale = 1.0 / math.sqrt(hd)
-    f32 = jnp.float32
-
-    def dot(spec, x, y, dtype=dt):
-      return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+    block = self.attention_block if attention_block is None else attention_block
+    cache_mask = None if cache is None else cache["mask"]
+    prefix_mask = None if prefix is None else prefix["mask"]
 
     def layer(x, inputs):
       p, k_cache, v_cache, k_prefix, v_prefix = inputs
@@ -349,35 +477,10 @@ class Transformer(nnx.Module):
       # Grouped-query attention in the cache's layout: q [B, KV, G, L, hd], k/v [B, KV, L, hd].
       q = q.reshape(b, l, kv, g, hd).transpose(0, 2, 3, 1, 4)
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-      s_new = jnp.where(new_ok, dot("bkgld,bksd->bkgls", q, k) * scale, -jnp.inf)
-      m = jnp.max(s_new, axis=-1, keepdims=True)
-      if k_cache is not None:
-        s_cache = jnp.where(cache_ok, dot("bkgld,bksd->bkgls", q, k_cache) * scale, -jnp.inf)
-        m = jnp.maximum(m, jnp.max(s_cache, axis=-1, keepdims=True))
-      if k_prefix is not None:
-        # Rows of a group share their prompt's keys. fp32 operands: XLA's CPU
-        # dot has no bf16 x bf16 -> f32 kernel for this grouped product, and the
-        # prefix is small (read once per group).
-        q_grouped = q.reshape(n_prompts, group, kv, g, l, hd)
-        s_prefix = jnp.where(prefix_ok, dot("pjkgld,pksd->pjkgls", q_grouped, k_prefix, f32) * scale,
-                             -jnp.inf).reshape(b, kv, g, l, -1)
-        m = jnp.maximum(m, jnp.max(s_prefix, axis=-1, keepdims=True))
-      # Softmax is shift-invariant: no gradient through the shift. A padding
-      # query sees no key: shift 0, denominator 1, output 0 (and no NaN gradient).
-      m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-      p_new = jnp.exp(s_new - m)
-      denom = jnp.sum(p_new, axis=-1, keepdims=True)
-      attn = dot("bkgls,bksd->bkgld", p_new, v)
-      if k_cache is not None:
-        p_cache = jnp.exp(s_cache - m)
-        denom = denom + jnp.sum(p_cache, axis=-1, keepdims=True)
-        attn = attn + dot("bkgls,bksd->bkgld", p_cache, v_cache)
-      if k_prefix is not None:
-        p_prefix = jnp.exp(s_prefix - m)
-        denom = denom + jnp.sum(p_prefix, axis=-1, keepdims=True)
-        p_grouped = p_prefix.reshape(n_prompts, group, kv, g, l, -1)
-        attn = attn + dot("pjkgls,pksd->pjkgld", p_grouped, v_prefix, f32).reshape(b, kv, g, l, hd)
-      attn = attn / jnp.where(denom > 0, denom, 1.0)
+      attn = attention(q, k, v, mask_BxL,
+                       cache=None if k_cache is None else (k_cache, v_cache, cache_mask),
+                       prefix=None if k_prefix is None else (k_prefix, v_prefix, prefix_mask),
+                       dtype=dt, block=block)
       attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, l, h * hd)
       x = x + matmul(attn, p["o_proj"], dt)
       y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
@@ -425,16 +528,19 @@ class Transformer(nnx.Module):
 
 
 def init_model(cfg: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               seed: int = 0) -> Transformer:
+               attention_block: int = ATTENTION_BLOCK, seed: int = 0) -> Transformer:
   """A randomly initialised model (for tests and from-scratch runs)."""
-  return Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+  return Transformer(cfg, dtype=dtype, param_dtype=param_dtype, attention_block=attention_block,
+                     rngs=nnx.Rngs(seed))
 
 
 def model_from_params(cfg: ModelConfig, params: dict[str, Any], *, dtype: Any = jnp.float32,
-                      param_dtype: Any = jnp.float32) -> Transformer:
+                      param_dtype: Any = jnp.float32,
+                      attention_block: int = ATTENTION_BLOCK) -> Transformer:
   """Builds the module around given arrays without a random init (no wasted memory)."""
   abstract = nnx.eval_shape(
-      lambda: Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+      lambda: Transformer(cfg, dtype=dtype, param_dtype=param_dtype,
+                          attention_block=attention_block, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   expected = nnx.to_pure_dict(state)
   if set(expected) != set(params):
