@@ -9,6 +9,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: a multi-process or multi-device end-to-end run (minutes); the README's "
+      "test command leaves these out (-m 'not slow'), .ci/run runs them as a second job")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
   """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32."""

@@ -349,6 +349,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_evaluation_on_a_mesh_splits_the_prompts_and_equals_one_device():
   """data=2 x fsdp=4 on 8 host devices: the sampler gets each batch split over the batch axes
   (filled from 3 prompts up to 8 rows), and the completions and metrics are those of the
@@ -384,6 +385,7 @@ JUDGE = [(["What is 3 + 4?"] * 6, ["7", "8", "seven", "<answer>7</answer>", "70"
          (["What is 12 + 30?"] * 3, ["42", "It is 42, I think.", "-1"])]  # per process
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_and_judge_like_one_device():
   """Two processes of 4 devices, the mesh's data axis across them: each tokenizes and feeds
   its rows; both get every completion of the unsharded evaluation, and the judge gives each

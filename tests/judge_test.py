@@ -232,6 +232,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_judge_on_a_mesh_splits_its_batch_and_scores_like_one_device():
   """The policy's params on data=2 x fsdp=4 (8 host devices): the judge's forward gets its
   prompts split over the batch axes (3 per forward filled up to 8 rows), and its scores and

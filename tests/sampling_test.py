@@ -255,6 +255,7 @@ def test_left_pad_and_buckets():
     batching.left_pad([[1, 2, 3]], pad_id=0, length=2)
 
 
+@pytest.mark.slow
 def test_sharded_sampling_equals_single_device():
   """Batch over the "data" axis of an 8-device host mesh: same samples as on one device."""
   code = textwrap.dedent("""

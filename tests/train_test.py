@@ -278,6 +278,7 @@ def test_sigterm_checkpoints_the_last_step_and_restart_finishes_exactly(full_run
   assert_params_equal(saved_params(workdir), saved_params(full_run[0]))
 
 
+@pytest.mark.slow
 def test_2x2x2_mesh_on_8_devices_matches_one_device(full_run, tmp_path, compile_cache):
   overrides = dict(RUN, **{"train.steps": 2, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   proc = run_cli(cli_args(tmp_path, overrides), subprocess_env(compile_cache, devices=8))
@@ -368,6 +369,7 @@ def _launch_two_processes(workdir, overrides, compile_cache):
   return logs
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_two_devices_and_resume(tmp_path,
                                                                           compile_cache):
   """Multi-host: two processes (the mesh's data axis across them, each sampling and scoring
@@ -396,6 +398,7 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume(tmp_pa
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(tmp_path, compile_cache):
   """Multi-host preemption: SIGTERM reaches one host only (as a scheduler may send it); JAX's
   preemption service makes both agree on a step, both checkpoint it and stop."""
