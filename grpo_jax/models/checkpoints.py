@@ -4,7 +4,9 @@ Our params (see transformer.py) are a flat dict of arrays with layer weights
 stacked on a leading axis and kernels stored [in, out]. Hugging Face stores one
 tensor per layer, [out, in]. GGUF (llama.cpp) uses its own tensor names and,
 for the Llama architecture only, permutes the rows of q and k for its
-interleaved RoPE; we undo that on import.
+interleaved RoPE; we undo that on import. For Gemma, llama.cpp stores each
+RMSNorm weight as its scale 1 + w, where Hugging Face (and we) keep w: we
+subtract 1 on import.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
 _HF_ARCH_NAME = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
@@ -41,6 +44,16 @@ _LAYER_NAMES = {
     "up_proj": "model.layers.{}.mlp.up_proj.weight",
     "down_proj": "model.layers.{}.mlp.down_proj.weight",
 }
+# Gemma's four norms a layer: mlp_norm is the one before the MLP.
+_SANDWICH_LAYER_NAMES = {
+    "mlp_norm": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "post_attn_norm": "model.layers.{}.post_attention_layernorm.weight",
+    "post_mlp_norm": "model.layers.{}.post_feedforward_layernorm.weight",
+}
+
+
+def _layer_names(cfg: ModelConfig) -> dict[str, str]:
+  return {**_LAYER_NAMES, **_SANDWICH_LAYER_NAMES} if cfg.sandwich_norm else _LAYER_NAMES
 _GLOBAL_NAMES = {
     "embed": "model.embed_tokens.weight",
     "final_norm": "model.norm.weight",
@@ -55,11 +68,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   archs = hf.get("architectures") or []
   arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
   if arch is None:
-    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(hf.get("model_type"))
+    arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+            "gemma3_text": "gemma3"}.get(hf.get("model_type"))
   if arch is None:
     raise ValueError(
         f"unsupported architecture {archs or hf.get('model_type')!r}; supported: "
         f"{sorted(SUPPORTED_ARCHITECTURES)}")
+  if arch == "gemma3":
+    return _gemma3_config_from_hf(hf)
   if hf.get("use_sliding_window"):
     raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
   if hf.get("mlp_bias"):
@@ -99,6 +115,52 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   )
 
 
+def _gemma3_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """A Gemma3ForCausalLM (gemma3_text) config.json; defaults are transformers' Gemma3TextConfig's."""
+  for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if hf.get(key) is not None:
+      raise ValueError(f"{key}={hf[key]} is not supported")
+  if hf.get("use_bidirectional_attention"):
+    raise ValueError("use_bidirectional_attention=true is not supported")
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+  if act != "gelu_pytorch_tanh":
+    raise ValueError(f"hidden_activation={act!r} is not supported; only 'gelu_pytorch_tanh'")
+  layers = hf.get("num_hidden_layers", 26)
+  types = hf.get("layer_types")
+  if types is None:  # every sliding_window_pattern-th layer is global
+    pattern = hf.get("sliding_window_pattern", 6)
+    types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+  # transformers >= 5: rope_parameters per layer type; before: rope_theta, rope_local_base_freq
+  # and rope_scaling (global layers only).
+  rope = dict(hf.get("rope_parameters") or {})
+  full, sliding = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+  theta = hf.get("rope_theta", full.get("rope_theta", 1_000_000.0))
+  local_theta = hf.get("rope_local_base_freq", sliding.get("rope_theta", 10_000.0))
+  scaling = hf.get("rope_scaling") or (full if full.get("rope_type", "default") != "default"
+                                       else None)
+  rope_scaling = None
+  if scaling:
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "linear":
+      raise ValueError(f"Gemma 3 rope scaling {kind!r} is not supported; supported: 'linear'")
+    rope_scaling = (("factor", float(scaling["factor"])),)
+  if sliding.get("rope_type", "default") != "default":
+    raise ValueError("RoPE scaling of the sliding-window layers is not supported")
+  heads = hf.get("num_attention_heads", 8)
+  return ModelConfig(
+      vocab_size=hf.get("vocab_size", 262_208), hidden_size=hf.get("hidden_size", 2304),
+      intermediate_size=hf.get("intermediate_size", 9216), num_layers=layers, num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads", 4), head_dim=hf.get("head_dim", 256),
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+      rope_scaling=rope_scaling, max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+      tie_word_embeddings=hf.get("tie_word_embeddings", True),
+      attention_bias=bool(hf.get("attention_bias", False)), qk_norm=True, architecture="gemma3",
+      sliding_window=int(hf.get("sliding_window") or 4096), layer_types=tuple(types),
+      rope_local_theta=float(local_theta),
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+      hidden_act="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norm=True, embed_scale=True)
+
+
 def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
   hf = {
       "architectures": [_HF_ARCH_NAME[cfg.architecture]],
@@ -122,6 +184,17 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
   }
   if cfg.architecture == "llama":
     hf["mlp_bias"] = False
+  if cfg.architecture == "gemma3":
+    # Written the pre-5 way (rope_theta, rope_local_base_freq, rope_scaling); transformers 5
+    # turns them into its rope_parameters.
+    hf.update(model_type="gemma3_text", hidden_activation=cfg.hidden_act,
+              sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types or ()),
+              rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta,
+              query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+              final_logit_softcapping=None, attn_logit_softcapping=None,
+              rope_scaling=(dict(rope_type="linear", factor=cfg.rope_scaling_dict["factor"])
+                            if cfg.rope_scaling else None))
+    del hf["hidden_act"]
   hf.update({k: v for k, v in extra.items() if v is not None})
   return hf
 
@@ -138,8 +211,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
     return np.asarray(tensors[name], dtype=np.float32)
 
   params = {}
+  names = _layer_names(cfg)
   for ours in layer_param_names(cfg):
-    layers = [get(_LAYER_NAMES[ours].format(i)) for i in range(cfg.num_layers)]
+    layers = [get(names[ours].format(i)) for i in range(cfg.num_layers)]
     if not missing:
       stacked = np.stack(layers)
       params[ours] = np.swapaxes(stacked, 1, 2) if ours in _KERNELS else stacked
@@ -156,11 +230,12 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str
 def params_to_hf(params: dict[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Our params -> Hugging Face state dict of contiguous fp32 numpy arrays."""
   out = {}
+  names = _layer_names(cfg)
   for ours in layer_param_names(cfg):
     stacked = np.asarray(params[ours], dtype=np.float32)
     for i in range(cfg.num_layers):
       w = stacked[i].T if ours in _KERNELS else stacked[i]
-      out[_LAYER_NAMES[ours].format(i)] = np.ascontiguousarray(w)
+      out[names[ours].format(i)] = np.ascontiguousarray(w)
   out[_GLOBAL_NAMES["embed"]] = np.asarray(params["embed"], np.float32)
   out[_GLOBAL_NAMES["final_norm"]] = np.asarray(params["final_norm"], np.float32)
   if not cfg.tie_word_embeddings:
@@ -260,9 +335,17 @@ _GGUF_LAYER = {
     "ffn_up": "mlp.up_proj.weight",
     "ffn_down": "mlp.down_proj.weight",
 }
+_GGUF_GEMMA_LAYER = {  # Gemma's ffn_norm is the norm before the MLP
+    "ffn_norm": "pre_feedforward_layernorm.weight",
+    "post_attention_norm": "post_attention_layernorm.weight",
+    "post_ffw_norm": "post_feedforward_layernorm.weight",
+}
 _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+# llama.cpp's Gemma 3 constants, not in the file's metadata: every 6th layer is global, local
+# layers use RoPE base 10000.
+_GGUF_GEMMA3_PATTERN, _GGUF_GEMMA3_LOCAL_THETA = 6, 10_000.0
 
 
 def _unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -327,6 +410,8 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
   g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
   heads, kv_heads, d = g("attention.head_count"), g("attention.head_count_kv"), g("embedding_length")
   vocab = g("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+  if arch == "gemma3":
+    return _read_gemma3_gguf(reader, path, names, g, int(vocab))
   cfg = ModelConfig(
       vocab_size=int(vocab), hidden_size=int(d), intermediate_size=int(g("feed_forward_length")),
       num_layers=int(g("block_count")), num_heads=int(heads), num_kv_heads=int(kv_heads or heads),
@@ -336,6 +421,43 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
       max_position_embeddings=int(g("context_length", 2048)),
       tie_word_embeddings="output.weight" not in names,
       attention_bias=arch == "qwen2", qk_norm=arch == "qwen3", architecture=arch)
+  return cfg, params_from_hf(_gguf_tensors(reader, path, cfg), cfg)
+
+
+def _read_gemma3_gguf(reader, path, names, g, vocab) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  heads, layers = int(g("attention.head_count")), int(g("block_count"))
+  scaling = None
+  if g("rope.scaling.type") not in (None, "none"):
+    if g("rope.scaling.type") != "linear":
+      raise ValueError(f"Gemma 3 rope scaling {g('rope.scaling.type')!r} is not supported")
+    scaling = (("factor", float(g("rope.scaling.factor"))),)
+  head_dim = int(g("attention.key_length"))
+  cfg = ModelConfig(
+      vocab_size=vocab, hidden_size=int(g("embedding_length")),
+      intermediate_size=int(g("feed_forward_length")), num_layers=layers, num_heads=heads,
+      num_kv_heads=int(g("attention.head_count_kv") or heads), head_dim=head_dim,
+      rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+      rope_theta=float(g("rope.freq_base", 1_000_000.0)), rope_scaling=scaling,
+      max_position_embeddings=int(g("context_length", 32768)),
+      tie_word_embeddings="output.weight" not in names, qk_norm=True, architecture="gemma3",
+      sliding_window=int(g("attention.sliding_window")),
+      layer_types=tuple("sliding_attention" if (i + 1) % _GGUF_GEMMA3_PATTERN else
+                        "full_attention" for i in range(layers)),
+      rope_local_theta=_GGUF_GEMMA3_LOCAL_THETA, query_pre_attn_scalar=float(head_dim),
+      hidden_act="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norm=True, embed_scale=True)
+  tensors = _gguf_tensors(reader, path, cfg)
+  for name in tensors:  # llama.cpp's (1 + w) back to w
+    if name.endswith("norm.weight"):
+      tensors[name] = tensors[name] - 1.0
+  return cfg, params_from_hf(tensors, cfg)
+
+
+def _gguf_tensors(reader, path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """The file's tensors, dequantised to fp32, under Hugging Face's names."""
+  import gguf
+
+  layer_names = {**_GGUF_LAYER, **_GGUF_GEMMA_LAYER} if cfg.sandwich_norm else _GGUF_LAYER
+  arch = cfg.architecture
   tensors = {}
   for t in reader.tensors:
     if t.name in _GGUF_GLOBAL:
@@ -344,9 +466,9 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
       # blk.N.attn_q.weight -> "attn_q"; blk.N.attn_q.bias -> "attn_q.bias"
       _, layer, rest = t.name.split(".", 2) if t.name.startswith("blk.") else ("", "", t.name)
       key = rest.removesuffix(".weight")
-      if not layer or key not in _GGUF_LAYER:
+      if not layer or key not in layer_names:
         raise ValueError(f"unexpected tensor {t.name!r} in {path}")
-      hf_name = f"model.layers.{layer}.{_GGUF_LAYER[key]}"
+      hf_name = f"model.layers.{layer}.{layer_names[key]}"
     try:
       w = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
@@ -358,4 +480,4 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
       w = _unpermute_qk(w, cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads)
     tensors[hf_name] = w
-  return cfg, params_from_hf(tensors, cfg)
+  return tensors

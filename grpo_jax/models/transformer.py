@@ -4,6 +4,15 @@ Covers Llama 2/3 (RoPE with optional Llama-3 frequency scaling), SmolLM2,
 Qwen2 (q/k/v bias) and Qwen3 (RMSNorm on each head of q and k): RMSNorm,
 grouped-query attention, SwiGLU MLP, tied or untied embeddings.
 
+Gemma 3 (text) is the same family with a few switches in ModelConfig: local
+layers (sliding-window attention, their own RoPE base) interleaved with global
+ones, q/k RMSNorm, RMSNorm scaling by (1 + weight) with zero-centred weights,
+a norm on the attention's and the MLP's outputs as well ("sandwich"), a GeGLU
+MLP (tanh-approximated GELU), embeddings scaled by sqrt(hidden_size) and query
+scaling by query_pre_attn_scalar ** -0.5. What differs between a local and a
+global layer (the window, 0 for global, and the RoPE inverse frequencies) goes
+into the layer scan as per-layer inputs, so the layers still share one body.
+
 The layers' params are stacked along a leading axis of size `num_layers` and
 applied with `lax.scan`: a 30-layer model compiles as one layer does, which
 matters for a sampler that jits a `while_loop` around the whole forward.
@@ -20,6 +29,12 @@ KV cache: a dict pytree, passed in and returned (never stored on the module):
         each group of G consecutive rows (GRPO's G answers to one prompt): the
         prompt is prefilled once and its keys/values are read once per group,
         never copied G times.
+The cache stays full length in every layer, local ones included (no ring
+buffer of `sliding_window` slots): a local layer reads all its slots and masks
+those out of its window. Positions of cached keys are not stored: a slot's
+position is the count of real tokens before it (the prefix's first), the
+default positions of `hidden_states`; the window is measured in those
+positions, so padding never counts towards it.
 A call's queries attend to the cached slots that hold real tokens and, causally,
 to the call's own real tokens, so left-padded prompts and per-row stopping need
 nothing more than `attention_mask`. The layer scan only reads the cache; the
@@ -93,13 +108,44 @@ class ModelConfig:
   tie_word_embeddings: bool = True
   attention_bias: bool = False  # Qwen2: bias on q, k, v projections
   qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of q and k
-  architecture: str = "llama"  # "llama" | "qwen2" | "qwen3": for export
+  architecture: str = "llama"  # "llama" | "qwen2" | "qwen3" | "gemma3": for export
+  # Gemma 3. sliding_window: a local layer's query at position i sees keys at
+  # positions i - sliding_window < j <= i. layer_types: per layer,
+  # "sliding_attention" (local) or "full_attention" (global); None: all global.
+  sliding_window: int = 0
+  layer_types: tuple[str, ...] | None = None
+  rope_local_theta: float | None = None  # RoPE base of local layers (None: rope_theta)
+  query_pre_attn_scalar: float | None = None  # scores times its ** -0.5 (None: head_dim)
+  hidden_act: str = "silu"  # "silu": SwiGLU | "gelu_pytorch_tanh": GeGLU with tanh GELU
+  norm_plus_one: bool = False  # RMSNorm scales by (1 + weight); weights start at 0
+  sandwich_norm: bool = False  # RMSNorm also on the attention's and the MLP's outputs
+  embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
       )
+    if self.hidden_act not in HIDDEN_ACTS:
+      raise ValueError(f"hidden_act={self.hidden_act!r}; supported: {HIDDEN_ACTS}")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                         f"{self.num_layers} layers")
+      unknown = set(self.layer_types) - set(LAYER_TYPES)
+      if unknown:
+        raise ValueError(f"layer_types {sorted(unknown)}; supported: {LAYER_TYPES}")
+      if "sliding_attention" in self.layer_types and self.sliding_window <= 0:
+        raise ValueError("sliding_attention layers need sliding_window > 0")
+
+  @property
+  def has_local_layers(self) -> bool:
+    return self.layer_types is not None and "sliding_attention" in self.layer_types
+
+  def layer_windows(self) -> tuple[int, ...]:
+    """Per layer: its sliding window, 0 for a global layer."""
+    types = self.layer_types or ("full_attention",) * self.num_layers
+    return tuple(self.sliding_window if t == "sliding_attention" else 0 for t in types)
 
   @property
   def rope_scaling_dict(self) -> dict[str, float] | None:
@@ -111,8 +157,13 @@ class ModelConfig:
     per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
     per_layer += (q + 2 * kv) if self.attention_bias else 0
     per_layer += 2 * self.head_dim if self.qk_norm else 0
+    per_layer += 2 * d if self.sandwich_norm else 0
     head = 0 if self.tie_word_embeddings else d * self.vocab_size
     return self.vocab_size * d + l * per_layer + d + head
+
+
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def layer_param_names(cfg: ModelConfig) -> list[str]:
@@ -123,16 +174,24 @@ def layer_param_names(cfg: ModelConfig) -> list[str]:
     names += ["q_bias", "k_bias", "v_bias"]
   if cfg.qk_norm:
     names += ["q_norm", "k_norm"]
+  if cfg.sandwich_norm:
+    names += ["post_attn_norm", "post_mlp_norm"]
   return names
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
-  """Inverse frequencies [head_dim // 2], with Llama-3 scaling if configured."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jnp.ndarray:
+  """Inverse frequencies [head_dim // 2], with Llama-3 or linear scaling if configured.
+
+  local: those of a local (sliding-window) layer: base rope_local_theta, never scaled.
+  """
   d = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   s = cfg.rope_scaling_dict
-  if not s:
+  if not s or local:
     return inv_freq
+  if "low_freq_factor" not in s:  # linear: positions divided by `factor`
+    return inv_freq / s["factor"]
   factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
   old_len = s["original_max_position_embeddings"]
   wavelen = 2 * math.pi / inv_freq
@@ -151,10 +210,11 @@ def apply_rope(x_BxLxHxD: Array, positions_BxL: Array, inv_freq: Array) -> Array
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+def rms_norm(x: Array, scale: Array, eps: float, plus_one: bool = False) -> Array:
+  """RMSNorm over the last axis, fp32; plus_one: scaled by (1 + scale) (Gemma)."""
   x = x.astype(jnp.float32)
   x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-  return x * scale.astype(jnp.float32)
+  return x * (1.0 + scale.astype(jnp.float32) if plus_one else scale.astype(jnp.float32))
 
 
 def matmul(x: Array, w: Array, dtype: Any) -> Array:
@@ -164,22 +224,36 @@ def matmul(x: Array, w: Array, dtype: Any) -> Array:
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _swiglu(y: Array, w_gate: Array, w_up: Array, w_down: Array, dtype: Any) -> Array:
-  return matmul(jax.nn.silu(matmul(y, w_gate, dtype)) * matmul(y, w_up, dtype), w_down, dtype)
+def _gelu_tanh(x: Array) -> Array:
+  return jax.nn.gelu(x, approximate=True)
 
 
-def _swiglu_fwd(y, w_gate, w_up, w_down, dtype):
+_ACT = {"silu": jax.nn.silu, "gelu_pytorch_tanh": _gelu_tanh}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _swiglu(y: Array, w_gate: Array, w_up: Array, w_down: Array, dtype: Any,
+            act_name: str = "silu") -> Array:
+  gate = _ACT[act_name](matmul(y, w_gate, dtype))
+  return matmul(gate * matmul(y, w_up, dtype), w_down, dtype)
+
+
+def _swiglu_fwd(y, w_gate, w_up, w_down, dtype, act_name):
   gate, up = matmul(y, w_gate, dtype), matmul(y, w_up, dtype)
-  return matmul(jax.nn.silu(gate) * up, w_down, dtype), (y, gate, up, w_gate, w_up, w_down)
+  out = matmul(_ACT[act_name](gate) * up, w_down, dtype)
+  return out, (y, gate, up, w_gate, w_up, w_down)
 
 
-def _swiglu_bwd(dtype, res, d_out):
+def _swiglu_bwd(dtype, act_name, res, d_out):
   y, gate, up, w_gate, w_up, w_down = res
-  sig = jax.nn.sigmoid(gate)
-  act = gate * sig
   d_hidden = matmul(d_out, w_down.T, dtype)
-  d_gate = d_hidden * up * (sig * (1 + gate * (1 - sig)))
+  if act_name == "silu":
+    sig = jax.nn.sigmoid(gate)
+    act = gate * sig
+    d_gate = d_hidden * up * (sig * (1 + gate * (1 - sig)))
+  else:  # elementwise: its derivative is a forward-mode product with ones
+    act, slope = jax.jvp(_ACT[act_name], (gate,), (jnp.ones_like(gate),))
+    d_gate = d_hidden * up * slope
   d_up = d_hidden * act
 
   def weight_grad(x, d, w):  # x^T d summed over all tokens, in w's dtype
@@ -194,8 +268,11 @@ def _swiglu_bwd(dtype, res, d_out):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def swiglu(y: Array, w_gate: Array, w_up: Array, w_down: Array, dtype: Any) -> Array:
+def swiglu(y: Array, w_gate: Array, w_up: Array, w_down: Array, dtype: Any,
+           act: str = "silu") -> Array:
   """(silu(y @ w_gate) * (y @ w_up)) @ w_down: operands in `dtype`, fp32 accumulation.
+
+  act="gelu_pytorch_tanh": GeGLU, tanh-approximated GELU in place of silu (Gemma).
 
   The backward is written out because XLA:CPU, differentiating the plain
   expression, fuses silu's derivative into a transposing copy for the weight
@@ -203,7 +280,7 @@ def swiglu(y: Array, w_gate: Array, w_up: Array, w_down: Array, dtype: Any) -> A
   (the MLP's backward 1.6x slower than this one; tests/models_test.py checks
   the gradients against PyTorch autograd).
   """
-  return _swiglu(y, w_gate, w_up, w_down, jnp.dtype(dtype))
+  return _swiglu(y, w_gate, w_up, w_down, jnp.dtype(dtype), act)
 
 
 # config.model.remat -> jax.checkpoint policy (None: save nothing). "none" is no checkpoint.
@@ -235,26 +312,63 @@ def _dot(spec: str, x: Array, y: Array, dtype: Any) -> Array:
   return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """A sliding window for `attention`: a query at position i sees keys at positions j with
+  i - size < j (and the causal / padding masks); size 0 (or less) sees every key.
+
+  size: int scalar (may be traced: one per layer in the layer scan).
+  q_pos: [B, L] the call's positions (its queries' and its keys').
+  cache_pos: [B, S] the cache slots' positions, if a cache is read.
+  prefix_pos: [P, Sp] the prefix's positions, if a prefix is read.
+  """
+
+  size: Array | int
+  q_pos: Array
+  cache_pos: Array | None = None
+  prefix_pos: Array | None = None
+
+
+jax.tree_util.register_dataclass(Window, data_fields=["size", "q_pos", "cache_pos", "prefix_pos"],
+                                 meta_fields=[])
+
+
+def _in_window(size: Array | int, q_pos_XxQ: Array, k_pos_XxS: Array) -> Array:
+  """[X, Q, S] bool: key within the window of the query (size <= 0: always)."""
+  return (size <= 0) | (q_pos_XxQ[..., :, None] - k_pos_XxS[..., None, :] < size)
+
+
 def _attend(q_BxKxGxQxD: Array, first: Array | int, k_BxKxLxD: Array, v_BxKxLxD: Array,
-            mask_BxL: Array, cache: Keys | None, prefix: Keys | None, dtype: Any) -> Array:
+            mask_BxL: Array, cache: Keys | None, prefix: Keys | None, dtype: Any,
+            scale: float | None = None, window: Window | None = None) -> Array:
   """Attention of the call's queries first .. first + Q - 1 over every key: [B, KV, G, Q, D].
 
   The scores of these Q queries over all keys (the call's L, the cache's S, the
-  prefix's Sp) exist at once, fp32; nothing else does.
+  prefix's Sp) exist at once, fp32; nothing else does. `window.q_pos` holds
+  these Q queries' positions ([B, Q]) and the call's keys' ([B, L]) as
+  (q_pos, key_pos) when given as a pair.
   """
   b, kv, g, nq, hd = q_BxKxGxQxD.shape
   l = k_BxKxLxD.shape[2]
   q = q_BxKxGxQxD
-  scale = 1.0 / math.sqrt(hd)
+  scale = 1.0 / math.sqrt(hd) if scale is None else scale
   f32 = jnp.float32
+  if window is not None:
+    q_pos_BxQ, new_pos_BxL = window.q_pos
   # The call's keys: real ones, at or before the query's place in the call.
   causal_QxL = jnp.arange(l)[None, :] <= (first + jnp.arange(nq))[:, None]
-  new_ok = (causal_QxL[None] & mask_BxL[:, None, :])[:, None, None]  # [B, 1, 1, Q, L]
+  new_ok_BxQxL = causal_QxL[None] & mask_BxL[:, None, :]
+  if window is not None:
+    new_ok_BxQxL = new_ok_BxQxL & _in_window(window.size, q_pos_BxQ, new_pos_BxL)
+  new_ok = new_ok_BxQxL[:, None, None]  # [B, 1, 1, Q, L]
   s_new = jnp.where(new_ok, _dot("bkgld,bksd->bkgls", q, k_BxKxLxD, dtype) * scale, -jnp.inf)
   m = jnp.max(s_new, axis=-1, keepdims=True)
   if cache is not None:  # the cache's real slots
     k_cache, v_cache, cache_mask_BxS = cache
-    s_cache = jnp.where(cache_mask_BxS[:, None, None, None, :],
+    cache_ok = cache_mask_BxS[:, None, :]  # [B, 1 or Q, S]
+    if window is not None:
+      cache_ok = cache_ok & _in_window(window.size, q_pos_BxQ, window.cache_pos)
+    s_cache = jnp.where(cache_ok[:, None, None],
                         _dot("bkgld,bksd->bkgls", q, k_cache, dtype) * scale, -jnp.inf)
     m = jnp.maximum(m, jnp.max(s_cache, axis=-1, keepdims=True))
   if prefix is not None:
@@ -265,7 +379,11 @@ def _attend(q_BxKxGxQxD: Array, first: Array | int, k_BxKxLxD: Array, v_BxKxLxD:
     n_prompts = prefix_mask_PxS.shape[0]
     group = b // n_prompts
     q_grouped = q.reshape(n_prompts, group, kv, g, nq, hd)
-    s_prefix = jnp.where(prefix_mask_PxS[:, None, None, None, None, :],
+    prefix_ok = prefix_mask_PxS[:, None, None, :]  # [P, 1 or J, 1 or Q, Sp]
+    if window is not None:
+      prefix_ok = prefix_ok & _in_window(window.size, q_pos_BxQ.reshape(n_prompts, group, nq),
+                                         window.prefix_pos[:, None, :])
+    s_prefix = jnp.where(prefix_ok[:, :, None, None],
                          _dot("pjkgld,pksd->pjkgls", q_grouped, k_prefix, f32) * scale,
                          -jnp.inf).reshape(b, kv, g, nq, -1)
     m = jnp.maximum(m, jnp.max(s_prefix, axis=-1, keepdims=True))
@@ -289,7 +407,7 @@ def _attend(q_BxKxGxQxD: Array, first: Array | int, k_BxKxLxD: Array, v_BxKxLxD:
 
 def attention(q_BxKxGxLxD: Array, k_BxKxLxD: Array, v_BxKxLxD: Array, mask_BxL: Array, *,
               cache: Keys | None = None, prefix: Keys | None = None, dtype: Any = jnp.float32,
-              block: int = 0) -> Array:
+              block: int = 0, scale: float | None = None, window: Window | None = None) -> Array:
   """Grouped-query attention of a call's L queries, fp32: [B, KV, G, L, D].
 
   Keys come from up to three places, each with its own mask:
@@ -299,6 +417,8 @@ def attention(q_BxKxGxLxD: Array, k_BxKxLxD: Array, v_BxKxLxD: Array, mask_BxL: 
   - `prefix` (k, v [P, KV, Sp, D], mask [P, Sp]): row r reads prompt r // (B / P);
     each prompt's keys are read once per group of B / P rows, never copied.
   Query-key products run in `dtype` (the prefix's in fp32), accumulated in fp32.
+  Scores are scaled by `scale` (None: head_dim ** -0.5). `window`: a sliding
+  window by position over all three key sources (`Window`; None: none).
 
   block > 0 and L > block: the queries go through in blocks of `block` (the last
   one padded with zero queries whose outputs are dropped), one block at a time
@@ -309,21 +429,30 @@ def attention(q_BxKxGxLxD: Array, k_BxKxLxD: Array, v_BxKxLxD: Array, mask_BxL: 
   """
   b, kv, g, l, hd = q_BxKxGxLxD.shape
   keys = (k_BxKxLxD, v_BxKxLxD, mask_BxL, cache, prefix)
+  if window is not None:  # the call's queries and keys have the same positions
+    window = dataclasses.replace(window, q_pos=(window.q_pos, window.q_pos))
   if block <= 0 or l <= block:
-    return _attend(q_BxKxGxLxD, 0, *keys, dtype)
+    return _attend(q_BxKxGxLxD, 0, *keys, dtype, scale, window)
   n_blocks = -(-l // block)
   q = jnp.pad(q_BxKxGxLxD, ((0, 0),) * 3 + ((0, n_blocks * block - l), (0, 0)))
   q_NxBxKxGxQxD = q.reshape(b, kv, g, n_blocks, block, hd).transpose(3, 0, 1, 2, 4, 5)
+  # Each block's query positions (the padding queries' are never used).
+  q_pos_NxBxQ = None if window is None else jnp.pad(
+      window.q_pos[0], ((0, 0), (0, n_blocks * block - l))).reshape(b, n_blocks, block).swapaxes(0, 1)
   # Saves nothing: the backward recomputes the block's scores from its inputs.
   one_block = jax.checkpoint(
-      lambda q_blk, first, *key_args: _attend(q_blk, first, *key_args, dtype), prevent_cse=False)
+      lambda q_blk, first, win, *key_args: _attend(q_blk, first, *key_args, dtype, scale, win),
+      prevent_cse=False)
 
   def step(carry, xs):
-    q_blk, first = xs
-    return carry, one_block(q_blk, first, *keys)
+    q_blk, first, q_pos_blk = xs
+    win = None if window is None else dataclasses.replace(
+        window, q_pos=(q_pos_blk, window.q_pos[1]))
+    return carry, one_block(q_blk, first, win, *keys)
 
   firsts = jnp.arange(n_blocks, dtype=jnp.int32) * block
-  _, out = jax.lax.scan(step, None, (q_NxBxKxGxQxD, firsts), unroll=flop_count.SCAN_UNROLL.get())
+  _, out = jax.lax.scan(step, None, (q_NxBxKxGxQxD, firsts, q_pos_NxBxQ),
+                        unroll=flop_count.SCAN_UNROLL.get())
   return out.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, n_blocks * block, hd)[:, :, :, :l]
 
 
@@ -366,9 +495,11 @@ class Transformer(nnx.Module):
     def zeros(*shape):
       return nnx.Param(jnp.zeros(shape, param_dtype))
 
+    # A norm's weight is its scale, or (norm_plus_one) the scale's offset from 1.
+    norm = zeros if cfg.norm_plus_one else ones
     self.embed = normal(cfg.vocab_size, d)
     # Per-layer weights, stacked: [num_layers, ...]; kernels are [in, out].
-    self.attn_norm = ones(nl, d)
+    self.attn_norm = norm(nl, d)
     self.q_proj = normal(nl, d, h * hd)
     self.k_proj = normal(nl, d, kv * hd)
     self.v_proj = normal(nl, d, kv * hd)
@@ -376,12 +507,14 @@ class Transformer(nnx.Module):
     if cfg.attention_bias:
       self.q_bias, self.k_bias, self.v_bias = zeros(nl, h * hd), zeros(nl, kv * hd), zeros(nl, kv * hd)
     if cfg.qk_norm:
-      self.q_norm, self.k_norm = ones(nl, hd), ones(nl, hd)
-    self.mlp_norm = ones(nl, d)
+      self.q_norm, self.k_norm = norm(nl, hd), norm(nl, hd)
+    if cfg.sandwich_norm:
+      self.post_attn_norm, self.post_mlp_norm = norm(nl, d), norm(nl, d)
+    self.mlp_norm = norm(nl, d)
     self.gate_proj = normal(nl, d, f)
     self.up_proj = normal(nl, d, f)
     self.down_proj = normal(nl, f, d)
-    self.final_norm = ones(d)
+    self.final_norm = norm(d)
     if not cfg.tie_word_embeddings:
       self.lm_head = normal(d, cfg.vocab_size)
 
@@ -458,44 +591,72 @@ class Transformer(nnx.Module):
       if prefix is not None:
         offset = offset + jnp.repeat(jnp.sum(prefix["mask"], axis=1), b // prefix["mask"].shape[0])
       positions_BxL = positions_from_mask(mask_BxL, offset)
-    inv_freq = rope_inv_freq(cfg)
     block = self.attention_block if attention_block is None else attention_block
     cache_mask = None if cache is None else cache["mask"]
     prefix_mask = None if prefix is None else prefix["mask"]
+    eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    # Local and global layers differ in their window and RoPE frequencies: scan inputs.
+    if cfg.has_local_layers:
+      inv_freq = None
+      per_layer = (jnp.asarray(cfg.layer_windows(), jnp.int32),
+                   jnp.stack([rope_inv_freq(cfg, local=w > 0) for w in cfg.layer_windows()]))
+      window_pos = dict(q_pos=positions_BxL)
+      if prefix is not None:
+        window_pos["prefix_pos"] = positions_from_mask(prefix_mask)
+      if cache is not None:
+        window_pos["cache_pos"] = positions_from_mask(
+            cache_mask, 0 if prefix is None else
+            jnp.repeat(jnp.sum(prefix_mask, axis=1), b // prefix_mask.shape[0]))
+    else:
+      inv_freq, per_layer = rope_inv_freq(cfg), None
 
     def layer(x, inputs):
-      p, k_cache, v_cache, k_prefix, v_prefix = inputs
-      y = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+      p, k_cache, v_cache, k_prefix, v_prefix, layer_xs = inputs
+      window, freqs = None, inv_freq
+      if layer_xs is not None:
+        window_size, freqs = layer_xs
+        window = Window(size=window_size, **window_pos)
+      y = rms_norm(x, p["attn_norm"], eps, plus_one)
       q, k, v = matmul(y, p["q_proj"], dt), matmul(y, p["k_proj"], dt), matmul(y, p["v_proj"], dt)
       if cfg.attention_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
       q, k, v = q.reshape(b, l, h, hd), k.reshape(b, l, kv, hd), v.reshape(b, l, kv, hd)
       if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-      q, k = apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq)
+        q = rms_norm(q, p["q_norm"], eps, plus_one)
+        k = rms_norm(k, p["k_norm"], eps, plus_one)
+      q, k = apply_rope(q, positions_BxL, freqs), apply_rope(k, positions_BxL, freqs)
       # Grouped-query attention in the cache's layout: q [B, KV, G, L, hd], k/v [B, KV, L, hd].
       q = q.reshape(b, l, kv, g, hd).transpose(0, 2, 3, 1, 4)
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
       attn = attention(q, k, v, mask_BxL,
                        cache=None if k_cache is None else (k_cache, v_cache, cache_mask),
                        prefix=None if k_prefix is None else (k_prefix, v_prefix, prefix_mask),
-                       dtype=dt, block=block)
+                       dtype=dt, block=block, scale=scale, window=window)
       attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, l, h * hd)
-      x = x + matmul(attn, p["o_proj"], dt)
-      y = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-      x = x + swiglu(y, p["gate_proj"], p["up_proj"], p["down_proj"], dt)
+      out = matmul(attn, p["o_proj"], dt)
+      if cfg.sandwich_norm:
+        out = rms_norm(out, p["post_attn_norm"], eps, plus_one)
+      x = x + out
+      y = rms_norm(x, p["mlp_norm"], eps, plus_one)
+      out = swiglu(y, p["gate_proj"], p["up_proj"], p["down_proj"], dt, cfg.hidden_act)
+      if cfg.sandwich_norm:
+        out = rms_norm(out, p["post_mlp_norm"], eps, plus_one)
+      x = x + out
       x = sharding.constrain(x, sharding.ACTIVATIONS)
       return x, (k, v) if keep_kv else None
 
     keep_kv = cache is not None or new_cache_len is not None
-    x = sharding.constrain(self.embed[...][tokens_BxL].astype(jnp.float32), sharding.ACTIVATIONS)
+    x = self.embed[...][tokens_BxL]
+    if cfg.embed_scale:  # rounded to the compute dtype first, as Hugging Face's Gemma does
+      x = x.astype(dt) * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+    x = sharding.constrain(x.astype(jnp.float32), sharding.ACTIVATIONS)
     caches = (None, None) if cache is None else (cache["k"], cache["v"])
     prefixes = (None, None) if prefix is None else (prefix["k"], prefix["v"])
     x, new_kv = jax.lax.scan(remat_layer(layer, remat), x,
-                             (self._layer_params(), *caches, *prefixes),
+                             (self._layer_params(), *caches, *prefixes, per_layer),
                              unroll=flop_count.SCAN_UNROLL.get())
-    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    x = rms_norm(x, self.final_norm[...], eps, plus_one)
     if not keep_kv:
       return x
     if cache is None:
