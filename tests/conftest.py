@@ -39,6 +39,47 @@ def smollm2_torch():
   return model, tokenizer
 
 
+# Gemma 3 parity runs with this sliding window (the 270M's is 512): short texts then cross it.
+GEMMA3_TEST_WINDOW = 16
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+  """(model, tokenizer) of the embedded Gemma 3 270M (GGUF, Q4_K_M dequantised), fp32."""
+  from grpo_jax import models
+
+  return models.load("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_torch(gemma3):
+  """(ours, reference) with sliding window GEMMA3_TEST_WINDOW: our model, and transformers'
+  Gemma3ForCausalLM on PyTorch holding the same (dequantised) weights."""
+  import dataclasses
+
+  import numpy as np
+  import torch
+  import transformers
+
+  from grpo_jax import models
+  from grpo_jax.models import checkpoints
+
+  model = gemma3[0]
+  cfg = dataclasses.replace(model.cfg, sliding_window=GEMMA3_TEST_WINDOW)
+  params = models.params_dict(model)
+  ours = models.model_from_params(cfg, params)
+  hf_cfg = transformers.Gemma3TextConfig.from_dict(checkpoints.config_to_hf(cfg))
+  hf_cfg._attn_implementation = "eager"
+  torch.manual_seed(0)
+  ref = transformers.Gemma3ForCausalLM(hf_cfg)
+  state = checkpoints.params_to_hf({k: np.asarray(v) for k, v in params.items()}, cfg)
+  missing, unexpected = ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                                            strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+  assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()  # tied
+  return ours, ref.eval()
+
+
 
 def write_tiny_workdir(path, template="chat", noise=0.5, seed=0):
   """A training workdir as train.py leaves one, without training: config.json naming the tiny

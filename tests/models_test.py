@@ -436,3 +436,218 @@ def test_missing_tensor_is_named():
                                     "num_hidden_layers": 1, "num_attention_heads": 2})
   with pytest.raises(ValueError, match="model.layers.0.input_layernorm.weight"):
     checkpoints.params_from_hf({}, cfg)
+
+
+# -- Gemma 3 ------------------------------------------------------------------------
+def test_gemma3_config_from_gguf(gemma3):
+  cfg = gemma3[0].cfg
+  assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+          cfg.head_dim, cfg.vocab_size) == ("gemma3", 18, 640, 4, 1, 256, 262144)
+  assert cfg.layer_windows() == (512,) * 5 + (0,) + (512,) * 5 + (0,) + (512,) * 5 + (0,)
+  assert (cfg.rope_theta, cfg.rope_local_theta, cfg.query_pre_attn_scalar) == (1e6, 1e4, 256)
+  assert cfg.tie_word_embeddings and cfg.num_params() == 268_098_176
+
+
+def test_gemma3_predicts_sensible_text(gemma3):
+  """The weights' conventions (llama.cpp's 1 + w norms undone) give a low loss on plain English;
+  the same weights with the norms left at 1 + w do not."""
+  model, tokenizer = gemma3
+  text = "The quick brown fox jumps over the lazy dog. The capital of France is Paris."
+  ids = np.asarray(tokenizer(text)["input_ids"])[None]
+  assert ids[0, 0] == tokenizer.bos_token_id == 2
+
+  def loss(m):
+    logp = jax.nn.log_softmax(models.jit_forward(m)(ids)[0, :-1])
+    return -float(jnp.mean(jnp.take_along_axis(logp, ids[0, 1:, None], -1)))
+
+  params = models.params_dict(model)
+  shifted = {k: v + 1.0 if k.endswith("norm") else v for k, v in params.items()}
+  good, bad = loss(model), loss(models.model_from_params(model.cfg, shifted))
+  print(f"Gemma 3 270M mean NLL {good:.2f} (norms left at 1 + w: {bad:.2f})")
+  assert good < 3.0 < bad
+
+
+def test_gemma3_logits_match_transformers(gemma3, gemma3_torch):
+  """The 270M's dequantised weights in transformers' Gemma3ForCausalLM, both with a sliding
+  window of 16 so that every text but the first crosses it in the local layers."""
+  from conftest import GEMMA3_TEST_WINDOW
+
+  tokenizer = gemma3[1]
+  ours, ref = gemma3_torch
+  forward = models.jit_forward(ours)
+  worst, lengths = 0.0, []
+  for text in TEXTS:
+    ids = tokenizer(text, return_tensors="np")["input_ids"]
+    got, want = np.asarray(forward(ids)), torch_logits(ref, ids)
+    assert got.shape == want.shape == (1, ids.shape[1], 262144)
+    worst = max(worst, float(np.abs(got - want).max()))
+    lengths.append(ids.shape[1])
+  print(f"Gemma 3 270M max |logit diff| vs transformers: {worst:.2e} (lengths {lengths})")
+  assert max(lengths) > 3 * GEMMA3_TEST_WINDOW
+  assert worst < 2e-3
+  # The window matters: the full model's (window 512) logits differ past 16 tokens.
+  ids = tokenizer(TEXTS[3], return_tensors="np")["input_ids"]
+  full = np.asarray(models.jit_forward(gemma3[0])(ids))
+  assert np.abs(full - np.asarray(forward(ids)))[0, GEMMA3_TEST_WINDOW + 1:].max() > 0.1
+
+
+def test_gemma3_cached_decoding_crosses_the_window(gemma3_torch, gemma3):
+  """Prefill 10 tokens, then decode 14 one at a time (past the window of 16): the logits equal
+  the uncached forward's."""
+  ours = gemma3_torch[0]
+  ids = gemma3[1](TEXTS[3], return_tensors="np")["input_ids"][:, :24]
+  want = np.asarray(models.jit_forward(ours)(ids))
+  graphdef, state = nnx.split(ours)
+  step = jax.jit(lambda st, t, c: nnx.merge(graphdef, st)(t, cache=c))
+  logits, cache = step(state, ids[:, :10], ours.init_cache(1, 24))
+  got = [np.asarray(logits)]
+  for t in range(10, 24):
+    logits, cache = step(state, ids[:, t:t + 1], cache)
+    got.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=2e-4, rtol=0)
+
+
+TINY_GEMMA = ModelConfig(
+    vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
+    num_kv_heads=2, head_dim=8, rope_theta=10000.0, rope_scaling=(("factor", 2.0),), qk_norm=True,
+    architecture="gemma3", sliding_window=5,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention", "sliding_attention"),
+    rope_local_theta=100.0, query_pre_attn_scalar=12.0, hidden_act="gelu_pytorch_tanh",
+    norm_plus_one=True, sandwich_norm=True, embed_scale=True)
+
+
+def tiny_gemma(seed=0):
+  """TINY_GEMMA with random weights, norms included (zero-centred, so 0 would hide a mistake)."""
+  model = models.init_model(TINY_GEMMA, seed=seed)
+  rng = np.random.default_rng(seed)
+  params = {k: np.asarray(v) + (0.3 * rng.standard_normal(v.shape) if k.endswith("norm") else 0)
+            for k, v in models.params_dict(model).items()}
+  params["embed"] = params["embed"] * 20  # the embedding scale sqrt(32) then matters
+  return models.model_from_params(TINY_GEMMA, params)
+
+
+def tiny_gemma_torch(model, tmp_path):
+  """The same weights in transformers' Gemma3ForCausalLM, through a checkpoint folder we write
+  and transformers reads (config_to_hf, params_to_hf)."""
+  from transformers import AutoModelForCausalLM
+
+  checkpoints.write_hf_folder(str(tmp_path), model.cfg, models.params_dict(model))
+  ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+  assert type(ref).__name__ == "Gemma3ForCausalLM"
+  assert ref.config.layer_types == list(TINY_GEMMA.layer_types)
+  return ref
+
+
+def test_tiny_gemma3_logits_and_gradients_match_torch_autograd(tmp_path):
+  """Logits and the training gradient (GeGLU's hand-written VJP, the chunked log-prob/entropy
+  head) against transformers with PyTorch autograd; 24 tokens, window 5, linear RoPE scaling
+  in the global layer."""
+  from grpo_jax import losses
+
+  model = tiny_gemma(seed=1)
+  ref = tiny_gemma_torch(model, tmp_path)
+  again, params_again = checkpoints.read_hf_folder(str(tmp_path))  # config.json read back
+  assert again == TINY_GEMMA
+  rng = np.random.default_rng(3)
+  # No token 0: transformers' Gemma embedding treats it as padding_idx (no gradient to its row).
+  ids = rng.integers(1, 128, (2, 24))
+  targets = rng.integers(0, 128, (2, 24))
+  w_logp, w_ent = rng.normal(size=(2, 2, 24))
+  diff = np.abs(np.asarray(models.jit_forward(model)(ids)) - torch_logits(ref, ids)).max()
+  assert diff < 1e-4, diff
+
+  graphdef, params = nnx.split(model)
+
+  def objective(params):
+    m = nnx.merge(graphdef, params)
+    hidden = m.hidden_states(jnp.asarray(ids))
+    logps, entropy = losses.token_logps_and_entropy(hidden, jnp.asarray(targets), m.logits,
+                                                    chunk_size=10)
+    return jnp.sum(logps * w_logp) + jnp.sum(entropy * w_ent)
+
+  ours = checkpoints.params_to_hf(nnx.to_pure_dict(jax.jit(jax.grad(objective))(params)),
+                                  model.cfg)
+  ref.zero_grad()
+  logp_all = torch.log_softmax(ref(torch.tensor(ids)).logits.double(), -1)
+  logps = logp_all.gather(-1, torch.tensor(targets)[..., None])[..., 0]
+  entropy = -(logp_all.exp() * logp_all).sum(-1)
+  (torch.sum(logps * torch.tensor(w_logp)) + torch.sum(entropy * torch.tensor(w_ent))).backward()
+  theirs = {n: p.grad.numpy() for n, p in ref.named_parameters() if p.grad is not None}
+  assert set(ours) == set(theirs) and len(theirs) == 2 + 4 * 13
+  for name, want in theirs.items():
+    scale = np.abs(want).max()
+    assert scale > 0, name
+    np.testing.assert_allclose(ours[name], want, atol=2e-4 * scale, rtol=0, err_msg=name)
+
+
+def test_tiny_gemma3_window_is_by_position_across_cache_prefix_and_blocks():
+  """Two left-padded prompts as a shared prefix, 2 rows each decoding 9 tokens past the window
+  of 5: every row's logits equal its unpadded uncached forward; so do blocked (3 queries) and
+  unblocked forwards with the prefix and no cache."""
+  model = tiny_gemma(seed=2)
+  rng = np.random.default_rng(4)
+  g, p_len, new = 2, 7, 9
+  prompts = rng.integers(1, 128, (2, p_len))
+  prompt_mask = (np.arange(p_len)[None] >= np.array([0, 3])[:, None]).astype(np.int32)
+  completions = rng.integers(1, 128, (4, new))
+  forward = models.jit_forward(model)
+  refs = [np.asarray(forward(np.concatenate([prompts[r // g, prompt_mask[r // g] == 1],
+                                              completions[r]])[None]))[0] for r in range(4)]
+  n_prompt = prompt_mask.sum(1)
+
+  graphdef, state = nnx.split(model)
+  prefill = jax.jit(lambda st, t, m: nnx.merge(graphdef, st).prefill(t, m))
+  step = jax.jit(lambda st, t, c: nnx.merge(graphdef, st).hidden_states(t, cache=c))
+  hidden, prefix = prefill(state, prompts, prompt_mask)
+  cache = model.init_cache(4, new, prefix=prefix)
+  got = []
+  for t in range(new):
+    hidden, cache = step(state, completions[:, t:t + 1], cache)
+    got.append(np.asarray(model.logits(hidden)))
+  got = np.concatenate(got, axis=1)
+  for r in range(4):
+    np.testing.assert_allclose(got[r], refs[r][n_prompt[r // g]:], atol=1e-4, rtol=0)
+
+  with_prefix = jax.jit(lambda st, blk: nnx.merge(graphdef, st).hidden_states(
+      jnp.asarray(completions), prefix=prefix, attention_block=blk), static_argnums=1)
+  for blk in (0, 3):
+    logits = np.asarray(model.logits(with_prefix(state, blk)))
+    for r in range(4):
+      np.testing.assert_allclose(logits[r], refs[r][n_prompt[r // g]:], atol=1e-4, rtol=0)
+
+
+def test_tiny_gemma3_blocked_attention_gradients():
+  """Left-padded rows of 13 tokens, queries in blocks of 4 vs all at once: the same hidden
+  states and gradients with local layers."""
+  graphdef, params = nnx.split(tiny_gemma(seed=3))
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(1, 128, (3, 13)))
+  mask = jnp.asarray((np.arange(13)[None] >= np.array([0, 3, 6])[:, None]).astype(np.int32))
+  weights = jnp.asarray(rng.normal(size=(3, 13, 32)), jnp.float32) * mask[..., None]
+
+  def loss(params, attention_block):
+    hidden = nnx.merge(graphdef, params).hidden_states(tokens, attention_mask_BxL=mask,
+                                                       attention_block=attention_block)
+    return jnp.sum(jnp.sin(hidden) * weights), hidden
+
+  grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+  (g_all, h_all), (g_blocked, h_blocked) = grad(params, 0), grad(params, 4)
+  np.testing.assert_allclose(np.asarray(h_blocked), np.asarray(h_all), rtol=1e-5, atol=1e-5)
+  assert_grads_close(g_blocked, g_all)
+
+
+def test_gemma3_presets_and_config_errors():
+  from grpo_jax.models import presets
+
+  for name, (layers, hidden, window) in {"gemma3-1b": (26, 1152, 512),
+                                         "gemma3-4b": (34, 2560, 1024),
+                                         "gemma3-12b": (48, 3840, 1024)}.items():
+    cfg = presets.shapes(name)
+    assert (cfg.architecture, cfg.num_layers, cfg.hidden_size) == ("gemma3", layers, hidden)
+    assert cfg.layer_windows().count(0) == layers // 6 and max(cfg.layer_windows()) == window
+  with pytest.raises(ValueError, match="final_logit_softcapping"):
+    checkpoints.config_from_hf({"architectures": ["Gemma3ForCausalLM"],
+                                "final_logit_softcapping": 30.0})
+  with pytest.raises(ValueError, match="layer_types has 3 entries for 4 layers"):
+    ModelConfig(**{**TINY_GEMMA.__dict__, "layer_types": ("full_attention",) * 3})

@@ -161,6 +161,10 @@ def _gemma3_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       hidden_act="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norm=True, embed_scale=True)
 
 
+def _int_if_whole(x: float) -> float | int:  # transformers' Gemma 3 config wants an int
+  return int(x) if float(x).is_integer() else x
+
+
 def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
   hf = {
       "architectures": [_HF_ARCH_NAME[cfg.architecture]],
@@ -190,7 +194,7 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
     hf.update(model_type="gemma3_text", hidden_activation=cfg.hidden_act,
               sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types or ()),
               rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta,
-              query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+              query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
               final_logit_softcapping=None, attn_logit_softcapping=None,
               rope_scaling=(dict(rope_type="linear", factor=cfg.rope_scaling_dict["factor"])
                             if cfg.rope_scaling else None))

@@ -17,6 +17,14 @@ config.json works as well (`shapes("path/to/folder")`).
 | llama-3.2-1b | 16 | 2048 | 8192 | 32 / 8 (head 64) | 128256 | yes | meta-llama/Llama-3.2-1B-Instruct |
 | llama-3.2-3b | 28 | 3072 | 8192 | 24 / 8 (head 128) | 128256 | yes | meta-llama/Llama-3.2-3B-Instruct |
 | llama-3.1-8b | 32 | 4096 | 14336 | 32 / 8 (head 128) | 128256 | no | meta-llama/Llama-3.1-8B-Instruct |
+| gemma3-1b | 26 | 1152 | 6912 | 4 / 1 (head 256) | 262144 | yes | google/gemma-3-1b-it |
+| gemma3-4b | 34 | 2560 | 10240 | 8 / 4 (head 256) | 262208 | yes | google/gemma-3-4b-it (text_config) |
+| gemma3-12b | 48 | 3840 | 15360 | 16 / 8 (head 256) | 262208 | yes | google/gemma-3-12b-it (text_config) |
+
+Gemma 3: every 6th layer global, the others local with a sliding window of 512
+(1B) or 1024 (4B, 12B); RoPE base 1e6 global (4B, 12B: linear scaling by 8),
+1e4 local; query_pre_attn_scalar 256. The 4B and 12B are multimodal
+checkpoints: these are the shapes of their language model alone.
 """
 
 from __future__ import annotations
@@ -53,6 +61,18 @@ def _llama3(layers, hidden, mlp, heads, head_dim, tied, factor):
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
 
 
+def _gemma3(layers, hidden, mlp, heads, kv, window, vocab, linear_rope):
+  return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+          "num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": mlp,
+          "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": 256,
+          "vocab_size": vocab, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+          "rope_local_base_freq": 10000.0, "sliding_window": window, "sliding_window_pattern": 6,
+          "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
+          "hidden_activation": "gelu_pytorch_tanh",
+          "max_position_embeddings": 131072 if linear_rope else 32768,
+          "rope_scaling": {"rope_type": "linear", "factor": 8.0} if linear_rope else None}
+
+
 PRESETS: dict[str, dict] = {
     "qwen2.5-0.5b": _qwen2(24, 896, 4864, 14, 2),
     "qwen2.5-1.5b": _qwen2(28, 1536, 8960, 12, 2),
@@ -64,6 +84,9 @@ PRESETS: dict[str, dict] = {
     "llama-3.2-1b": _llama3(16, 2048, 8192, 32, 64, True, 32.0),
     "llama-3.2-3b": _llama3(28, 3072, 8192, 24, 128, True, 32.0),
     "llama-3.1-8b": _llama3(32, 4096, 14336, 32, 128, False, 8.0),
+    "gemma3-1b": _gemma3(26, 1152, 6912, 4, 1, 512, 262144, False),
+    "gemma3-4b": _gemma3(34, 2560, 10240, 8, 4, 1024, 262208, True),
+    "gemma3-12b": _gemma3(48, 3840, 15360, 16, 8, 1024, 262208, True),
 }
 
 
