@@ -448,6 +448,18 @@ def test_gemma3_config_from_gguf(gemma3):
   assert cfg.tie_word_embeddings and cfg.num_params() == 268_098_176
 
 
+def test_gemma3_tokenizer_ids(gemma3):
+  """Ours is built from the GGUF (read_gguf_tokenizer); the ids are those transformers'
+  AutoTokenizer gives for the same file (checked once by hand: loading it takes ~50 s)."""
+  tokenizer = gemma3[1]
+  assert tokenizer("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
+  turn = "<start_of_turn>user\nhi<end_of_turn>\n"
+  assert tokenizer(turn)["input_ids"] == [2, 105, 2364, 107, 2202, 106, 107]
+  assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<bos>", "<eos>", "<pad>")
+  assert len(tokenizer) == 262144 and tokenizer.decode([818, 5279]) == "The capital"
+  assert tokenizer.chat_template is None  # the pretrained model, not the instruction-tuned one
+
+
 def test_gemma3_predicts_sensible_text(gemma3):
   """The weights' conventions (llama.cpp's 1 + w norms undone) give a low loss on plain English;
   the same weights with the norms left at 1 + w do not."""
