@@ -653,11 +653,14 @@ def test_tiny_gemma3_blocked_attention_gradients():
 def test_gemma3_presets_and_config_errors():
   from grpo_jax.models import presets
 
-  for name, (layers, hidden, window) in {"gemma3-1b": (26, 1152, 512),
-                                         "gemma3-4b": (34, 2560, 1024),
-                                         "gemma3-12b": (48, 3840, 1024)}.items():
+  # Billions of params: 1B as published; 4B / 12B: the published totals (4.3, 12.2) less
+  # their ~0.42B vision tower.
+  for name, (layers, hidden, window, billions) in {"gemma3-1b": (26, 1152, 512, 1.00),
+                                                   "gemma3-4b": (34, 2560, 1024, 3.88),
+                                                   "gemma3-12b": (48, 3840, 1024, 11.77)}.items():
     cfg = presets.shapes(name)
     assert (cfg.architecture, cfg.num_layers, cfg.hidden_size) == ("gemma3", layers, hidden)
+    assert cfg.num_params() / 1e9 == pytest.approx(billions, abs=0.01), name
     assert cfg.layer_windows().count(0) == layers // 6 and max(cfg.layer_windows()) == window
   with pytest.raises(ValueError, match="final_logit_softcapping"):
     checkpoints.config_from_hf({"architectures": ["Gemma3ForCausalLM"],
