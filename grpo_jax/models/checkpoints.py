@@ -116,7 +116,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def _gemma3_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-  """A Gemma3ForCausalLM (gemma3_text) config.json; defaults are transformers' Gemma3TextConfig's."""
+  """A Gemma3ForCausalLM (gemma3_text) config.json; defaults: transformers' Gemma3TextConfig."""
   for key in ("final_logit_softcapping", "attn_logit_softcapping"):
     if hf.get(key) is not None:
       raise ValueError(f"{key}={hf[key]} is not supported")

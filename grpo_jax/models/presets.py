@@ -18,8 +18,8 @@ config.json works as well (`shapes("path/to/folder")`).
 | llama-3.2-3b | 28 | 3072 | 8192 | 24 / 8 (head 128) | 128256 | yes | meta-llama/Llama-3.2-3B-Instruct |
 | llama-3.1-8b | 32 | 4096 | 14336 | 32 / 8 (head 128) | 128256 | no | meta-llama/Llama-3.1-8B-Instruct |
 | gemma3-1b | 26 | 1152 | 6912 | 4 / 1 (head 256) | 262144 | yes | google/gemma-3-1b-it |
-| gemma3-4b | 34 | 2560 | 10240 | 8 / 4 (head 256) | 262208 | yes | google/gemma-3-4b-it (text_config) |
-| gemma3-12b | 48 | 3840 | 15360 | 16 / 8 (head 256) | 262208 | yes | google/gemma-3-12b-it (text_config) |
+| gemma3-4b | 34 | 2560 | 10240 | 8 / 4 (head 256) | 262208 | yes | google/gemma-3-4b-it (text) |
+| gemma3-12b | 48 | 3840 | 15360 | 16 / 8 (head 256) | 262208 | yes | google/gemma-3-12b-it (text) |
 
 Gemma 3: every 6th layer global, the others local with a sliding window of 512
 (1B) or 1024 (4B, 12B); RoPE base 1e6 global (4B, 12B: linear scaling by 8),

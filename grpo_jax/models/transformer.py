@@ -437,8 +437,10 @@ def attention(q_BxKxGxLxD: Array, k_BxKxLxD: Array, v_BxKxLxD: Array, mask_BxL: 
   q = jnp.pad(q_BxKxGxLxD, ((0, 0),) * 3 + ((0, n_blocks * block - l), (0, 0)))
   q_NxBxKxGxQxD = q.reshape(b, kv, g, n_blocks, block, hd).transpose(3, 0, 1, 2, 4, 5)
   # Each block's query positions (the padding queries' are never used).
-  q_pos_NxBxQ = None if window is None else jnp.pad(
-      window.q_pos[0], ((0, 0), (0, n_blocks * block - l))).reshape(b, n_blocks, block).swapaxes(0, 1)
+  q_pos_NxBxQ = None
+  if window is not None:
+    q_pos_NxBxQ = jnp.pad(window.q_pos[0], ((0, 0), (0, n_blocks * block - l)))
+    q_pos_NxBxQ = q_pos_NxBxQ.reshape(b, n_blocks, block).swapaxes(0, 1)
   # Saves nothing: the backward recomputes the block's scores from its inputs.
   one_block = jax.checkpoint(
       lambda q_blk, first, win, *key_args: _attend(q_blk, first, *key_args, dtype, scale, win),
