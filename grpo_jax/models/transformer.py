@@ -318,19 +318,21 @@ class Window:
   i - size < j (and the causal / padding masks); size 0 (or less) sees every key.
 
   size: int scalar (may be traced: one per layer in the layer scan).
-  q_pos: [B, L] the call's positions (its queries' and its keys').
+  q_pos: [B, L] the queries' positions (in a block of queries: [B, Q], the block's).
+  k_pos: [B, L] the call's keys' positions (None: q_pos; the call's queries are its keys).
   cache_pos: [B, S] the cache slots' positions, if a cache is read.
   prefix_pos: [P, Sp] the prefix's positions, if a prefix is read.
   """
 
   size: Array | int
   q_pos: Array
+  k_pos: Array | None = None
   cache_pos: Array | None = None
   prefix_pos: Array | None = None
 
 
-jax.tree_util.register_dataclass(Window, data_fields=["size", "q_pos", "cache_pos", "prefix_pos"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+    Window, data_fields=["size", "q_pos", "k_pos", "cache_pos", "prefix_pos"], meta_fields=[])
 
 
 def _in_window(size: Array | int, q_pos_XxQ: Array, k_pos_XxS: Array) -> Array:
@@ -344,9 +346,8 @@ def _attend(q_BxKxGxQxD: Array, first: Array | int, k_BxKxLxD: Array, v_BxKxLxD:
   """Attention of the call's queries first .. first + Q - 1 over every key: [B, KV, G, Q, D].
 
   The scores of these Q queries over all keys (the call's L, the cache's S, the
-  prefix's Sp) exist at once, fp32; nothing else does. `window.q_pos` holds
-  these Q queries' positions ([B, Q]) and the call's keys' ([B, L]) as
-  (q_pos, key_pos) when given as a pair.
+  prefix's Sp) exist at once, fp32; nothing else does. `window.q_pos`: these Q
+  queries' positions [B, Q]; `window.k_pos`: the call's L keys' [B, L].
   """
   b, kv, g, nq, hd = q_BxKxGxQxD.shape
   l = k_BxKxLxD.shape[2]
@@ -354,7 +355,7 @@ def _attend(q_BxKxGxQxD: Array, first: Array | int, k_BxKxLxD: Array, v_BxKxLxD:
   scale = 1.0 / math.sqrt(hd) if scale is None else scale
   f32 = jnp.float32
   if window is not None:
-    q_pos_BxQ, new_pos_BxL = window.q_pos
+    q_pos_BxQ, new_pos_BxL = window.q_pos, window.k_pos
   # The call's keys: real ones, at or before the query's place in the call.
   causal_QxL = jnp.arange(l)[None, :] <= (first + jnp.arange(nq))[:, None]
   new_ok_BxQxL = causal_QxL[None] & mask_BxL[:, None, :]
@@ -429,8 +430,8 @@ def attention(q_BxKxGxLxD: Array, k_BxKxLxD: Array, v_BxKxLxD: Array, mask_BxL: 
   """
   b, kv, g, l, hd = q_BxKxGxLxD.shape
   keys = (k_BxKxLxD, v_BxKxLxD, mask_BxL, cache, prefix)
-  if window is not None:  # the call's queries and keys have the same positions
-    window = dataclasses.replace(window, q_pos=(window.q_pos, window.q_pos))
+  if window is not None and window.k_pos is None:  # the call's keys are its queries
+    window = dataclasses.replace(window, k_pos=window.q_pos)
   if block <= 0 or l <= block:
     return _attend(q_BxKxGxLxD, 0, *keys, dtype, scale, window)
   n_blocks = -(-l // block)
@@ -439,7 +440,7 @@ def attention(q_BxKxGxLxD: Array, k_BxKxLxD: Array, v_BxKxLxD: Array, mask_BxL: 
   # Each block's query positions (the padding queries' are never used).
   q_pos_NxBxQ = None
   if window is not None:
-    q_pos_NxBxQ = jnp.pad(window.q_pos[0], ((0, 0), (0, n_blocks * block - l)))
+    q_pos_NxBxQ = jnp.pad(window.q_pos, ((0, 0), (0, n_blocks * block - l)))
     q_pos_NxBxQ = q_pos_NxBxQ.reshape(b, n_blocks, block).swapaxes(0, 1)
   # Saves nothing: the backward recomputes the block's scores from its inputs.
   one_block = jax.checkpoint(
@@ -448,8 +449,7 @@ def attention(q_BxKxGxLxD: Array, k_BxKxLxD: Array, v_BxKxLxD: Array, mask_BxL: 
 
   def step(carry, xs):
     q_blk, first, q_pos_blk = xs
-    win = None if window is None else dataclasses.replace(
-        window, q_pos=(q_pos_blk, window.q_pos[1]))
+    win = None if window is None else dataclasses.replace(window, q_pos=q_pos_blk)
     return carry, one_block(q_blk, first, win, *keys)
 
   firsts = jnp.arange(n_blocks, dtype=jnp.int32) * block
