@@ -11,8 +11,9 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "slow: a multi-process or multi-device end-to-end run (minutes); the README's "
-      "test command leaves these out (-m 'not slow'), .ci/run runs them as a second job")
+      "markers", "slow: a multi-process, multi-device or restart end-to-end run, or a parity "
+      "test of the 270M Gemma (minutes); the README's test command leaves these out "
+      "(-m 'not slow'), .ci/run runs them as a second job")
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +74,8 @@ def gemma3_torch(gemma3):
   torch.manual_seed(0)
   ref = transformers.Gemma3ForCausalLM(hf_cfg)
   state = checkpoints.params_to_hf({k: np.asarray(v) for k, v in params.items()}, cfg)
-  missing, unexpected = ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
-                                            strict=False)
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}  # writable copies
+  missing, unexpected = ref.load_state_dict(tensors, strict=False)
   assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
   assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()  # tied
   return ours, ref.eval()

@@ -439,6 +439,7 @@ def test_missing_tensor_is_named():
 
 
 # -- Gemma 3 ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_gemma3_config_from_gguf(gemma3):
   cfg = gemma3[0].cfg
   assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
@@ -448,6 +449,7 @@ def test_gemma3_config_from_gguf(gemma3):
   assert cfg.tie_word_embeddings and cfg.num_params() == 268_098_176
 
 
+@pytest.mark.slow
 def test_gemma3_tokenizer_ids(gemma3):
   """Ours is built from the GGUF (read_gguf_tokenizer); the ids are those transformers'
   AutoTokenizer gives for the same file (checked once by hand: loading it takes ~50 s)."""
@@ -461,6 +463,7 @@ def test_gemma3_tokenizer_ids(gemma3):
   assert tokenizer.chat_template is None  # the pretrained model, not the instruction-tuned one
 
 
+@pytest.mark.slow
 def test_gemma3_predicts_sensible_text(gemma3):
   """The weights' conventions (llama.cpp's 1 + w norms undone) give a low loss on plain English;
   the same weights with the norms left at 1 + w do not."""
@@ -480,6 +483,7 @@ def test_gemma3_predicts_sensible_text(gemma3):
   assert good < 3.0 < bad
 
 
+@pytest.mark.slow
 def test_gemma3_logits_match_transformers(gemma3, gemma3_torch):
   """The 270M's dequantised weights in transformers' Gemma3ForCausalLM, both with a sliding
   window of 16 so that every text but the first crosses it in the local layers (the last
@@ -504,6 +508,7 @@ def test_gemma3_logits_match_transformers(gemma3, gemma3_torch):
   assert np.abs(full - np.asarray(forward(ids)))[0, window + 1:].max() > 0.1
 
 
+@pytest.mark.slow
 def test_gemma3_cached_decoding_crosses_the_window(gemma3_torch, gemma3):
   """Prefill 10 tokens, then decode 14 one at a time (past the window of 16): the logits equal
   the uncached forward's."""

@@ -219,6 +219,7 @@ def test_reward_rises(full_run):
   assert np.mean(reward[-5:]) > np.mean(reward[:5]) + 0.1, reward
 
 
+@pytest.mark.slow
 def test_restart_resumes_exactly(full_run, tmp_path):
   workdir = str(tmp_path)
   first = train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 10})), workdir)
@@ -261,6 +262,7 @@ def signal_mid_run(workdir, args, signum, tmp_path, compile_cache) -> tuple[int,
   return rc, (tmp_path / "stderr.txt").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_last_step_and_restart_finishes_exactly(full_run, tmp_path,
                                                                         compile_cache):
   workdir = str(tmp_path / "run")
