@@ -71,6 +71,7 @@ def run(name, tmp_path, monkeypatch) -> dict:
   return json.loads(lines[0][len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_quickstart(tmp_path, monkeypatch):
   result = run("quickstart.ipynb", tmp_path, monkeypatch)
   assert len(result["group_rewards"]) == 8
@@ -88,6 +89,7 @@ def test_custom_loss(tmp_path, monkeypatch):
     assert r["reward_first"] < 0.2 and r["reward_last"] > 0.5, (name, r)  # random -> learned
 
 
+@pytest.mark.slow
 def test_tpu_training(tmp_path, monkeypatch):
   result = run("tpu_training.ipynb", tmp_path, monkeypatch)
   assert result["backend"] == "cpu" and result["devices"] == 4
