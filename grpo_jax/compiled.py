@@ -88,7 +88,7 @@ def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tup
                       arr((b, length), jnp.int32, batch_sh), arr((b, length), jnp.int32, batch_sh))
     out["update"] = (step, (params, opt_state, batch), 0)
   else:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    shards = sharding.batch_shards(mesh) if mesh is not None else 1
     sample_kw = dict(num_generations=g, max_new_tokens=t, stop_ids=(0,), pad_id=0,
                      parts=rl.rollout_parts, shards=shards)
     out["sample"] = (_bind(sampling.sample_jit, graphdef, sample_kw),

@@ -403,7 +403,7 @@ def make_mesh(cfg, devices=None):
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   micro = cfg.train.prompts_per_step // cfg.train.grad_accum_steps
   _check(micro % shards == 0,
          f"config.train.prompts_per_step / grad_accum_steps = {micro} prompts per micro-batch "

@@ -32,6 +32,7 @@ import dataclasses
 
 import jax
 
+from grpo_jax import sharding
 from grpo_jax.config import ConfigError
 
 GIB = 2 ** 30
@@ -72,7 +73,7 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
     param_bytes: bytes of the policy's params on one device (after sharding).
   """
   m, rl, train = model_cfg, cfg.rl, cfg.train
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   tp = mesh.shape["tensor"]
   act = 2 if cfg.model.dtype == "bfloat16" else 4  # matmul operands and the KV cache
   prompts = max(train.prompts_per_step // shards, 1)

@@ -222,6 +222,11 @@ KV = (BATCH_AXES, "tensor", None, None)  # [B, KV, L, hd] a call's keys / values
 KV_CACHE = (None, *KV)  # [layers, B, KV, S, hd]
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces the batch axes (data x fsdp) split a batch into."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """For arrays whose leading dim is the batch: split over data x fsdp."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import (advantages, config as config_lib, distributed, grpo, metrics_io, rewards,
-                      run_dir, runner, sampling)
+                      run_dir, runner, sampling, sharding)
 from grpo_jax.data import batching, format_prompt, get_task, templates
 
 log = logging.getLogger("grpo_jax")
@@ -204,7 +204,7 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
                                  batch_sharding=batch_sh)
   stop_ids, pad_id = templates.stop_ids(tokenizer), tokenizer.pad_token_id
   prompt_rows = distributed.local_rows(batch_sh, b)  # this process's share of each batch
-  shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]  # blocks of rows (sample_in_parts)
+  shards = sharding.batch_shards(run.mesh)  # blocks of rows (sample_in_parts)
   rows = slice(prompt_rows.start * g, prompt_rows.stop * g)
   base_key = jax.random.key(train.seed)
   eval_fn = runner.task_evaluator(run, task)
