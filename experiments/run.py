@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/run.py r1_zero r1 distill    # all three, ~1 hour on 2 CPU cores
     .venv/bin/python experiments/run.py r1 --root=runs/experiments --dry_run   # print the commands
+    .venv/bin/python experiments/run.py r1_zero_base   # Gemma 3 270M base, ~1.5 hours
 
 Every stage is one command a user could type (`grpo_jax.main` for GRPO and SFT,
 `grpo_jax.rejection` for rejection sampling and teacher traces,
@@ -20,6 +21,9 @@ default experiment's task, chat template with the R1 system prompt).
 - distill: the R1 pipeline's final policy as teacher writes traces for the
   training problems, filtered like rejection sampling; the instruct model is
   SFT-ed on them. Compared with direct RL (r1_zero's result) from the same start.
+- r1_zero_base: R1-Zero from a base model, DeepSeek-R1-Zero's own setting: Gemma 3
+  270M (pretrained only) with the R1-Zero template, GRPO 30 steps on arithmetic
+  and on Countdown (configs/gemma3_arithmetic.py), each evaluated before and after.
 """
 
 from __future__ import annotations
@@ -37,17 +41,23 @@ COLD_START = os.path.join(REPO, "configs", "data", "arithmetic_sft.jsonl")
 TASK_KWARGS = {"min_digits": 1, "max_digits": 1, "operators": "+-"}
 GRPO_CONFIG = os.path.join(REPO, "configs", "smollm2_arithmetic.py")
 SFT_CONFIG = os.path.join(REPO, "configs", "smollm2_sft.py")
-EVAL = dict(num_problems=48, num_samples=4, temperature=1.0, max_new_tokens=48,
-            reward="accuracy_lenient")
-EXPERIMENTS = ("r1_zero", "r1", "distill")
+GEMMA_CONFIG = os.path.join(REPO, "configs", "gemma3_arithmetic.py")
+EVAL = dict(num_problems=48, num_samples=4, temperature=1.0, max_new_tokens=48)
+# What a model is evaluated on: the task, its kwargs, the template and the reward.
+ARITHMETIC = dict(task="arithmetic", task_kwargs=TASK_KWARGS, template="chat",
+                  reward="accuracy_lenient")
+BASE_ARITHMETIC = dict(ARITHMETIC, template="r1_zero")
+BASE_COUNTDOWN = dict(task="countdown", template="r1_zero", reward="countdown",
+                      task_kwargs=dict(min_numbers=2, max_numbers=3, max_number=10, max_target=30))
+EXPERIMENTS = ("r1_zero", "r1", "distill", "r1_zero_base")
 
 _ROOT = flags.DEFINE_string("root", os.path.join(REPO, "runs", "experiments"),
                             "where the runs and results.json go")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
 
 
-def grpo(workdir, model, steps):
-  return [sys.executable, "-m", "grpo_jax.main", f"--config={GRPO_CONFIG}", f"--workdir={workdir}",
+def grpo(workdir, model, steps, config=GRPO_CONFIG):
+  return [sys.executable, "-m", "grpo_jax.main", f"--config={config}", f"--workdir={workdir}",
           f"--config.model.name={model}", f"--config.train.steps={steps}",
           "--config.eval.num_problems=0", f"--config.train.checkpoint_every={steps}"]
 
@@ -64,10 +74,10 @@ def rejection(output, model, num_problems, start_index=0):
           "--reward=accuracy", f"--start_index={start_index}", f"--output={output}"]
 
 
-def evaluate(output, model):
-  return [sys.executable, "-m", "grpo_jax.evaluate", f"--model={model}", "--task=arithmetic",
-          f"--task_kwargs={json.dumps(TASK_KWARGS)}", f"--output={output}",
-          *(f"--{k}={v}" for k, v in EVAL.items())]
+def evaluate(output, model, on=ARITHMETIC):
+  flags_ = dict(on, task_kwargs=json.dumps(on["task_kwargs"]), **EVAL)
+  return [sys.executable, "-m", "grpo_jax.evaluate", f"--model={model}", f"--output={output}",
+          *(f"--{k}={v}" for k, v in flags_.items())]
 
 
 def concatenate(output, *inputs):
@@ -80,7 +90,8 @@ def concatenate(output, *inputs):
 
 
 def stages(name, root):
-  """(stage name, command or callable, the file or folder it makes, model to evaluate or None)."""
+  """(stage name, command or callable, the file or folder it makes, model to evaluate or None[,
+  what to evaluate it on: ARITHMETIC unless given])."""
   d = lambda *p: os.path.join(root, name, *p)  # noqa: E731
   base = "smollm2-135m-instruct"
   if name == "r1_zero":
@@ -101,13 +112,21 @@ def stages(name, root):
              None),
             ("student_sft", sft(d("student"), base, d("traces.jsonl")), d("student"),
              d("student"))]
-  raise ValueError(f"unknown experiment {name!r}; expected r1_zero, r1 or distill")
+  if name == "r1_zero_base":
+    gemma = "gemma3-270m"
+    return [("base_arithmetic", None, None, gemma, BASE_ARITHMETIC),
+            ("grpo_arithmetic", grpo(d("grpo_arithmetic"), gemma, 30, GEMMA_CONFIG),
+             d("grpo_arithmetic"), d("grpo_arithmetic"), BASE_ARITHMETIC),
+            ("base_countdown", None, None, gemma, BASE_COUNTDOWN),
+            ("grpo_countdown", grpo(d("grpo_countdown"), gemma, 30, GEMMA_CONFIG + ":countdown"),
+             d("grpo_countdown"), d("grpo_countdown"), BASE_COUNTDOWN)]
+  raise ValueError(f"unknown experiment {name!r}; expected one of {list(EXPERIMENTS)}")
 
 
 def run(name, root, dry_run=False):
   results_path = os.path.join(root, "results.json")
   results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-  for stage, command, product, model in stages(name, root):
+  for stage, command, product, model, *on in stages(name, root):
     key = f"{name}/{stage}"
     if command is not None and not os.path.exists(os.path.join(root, name, f".{stage}.done")):
       print(f"[{key}] " + (" ".join(command) if isinstance(command, list) else "(concatenate)"),
@@ -125,7 +144,7 @@ def run(name, root, dry_run=False):
         if stats and product.endswith(".jsonl") and os.path.exists(stats):
           results[key]["data"] = json.load(open(stats))
     if model is not None and "eval" not in results.get(key, {}):
-      command = evaluate(os.path.join(root, name, f"eval_{stage}.jsonl"), model)
+      command = evaluate(os.path.join(root, name, f"eval_{stage}.jsonl"), model, *on)
       print(f"[{key}] " + " ".join(command), file=sys.stderr, flush=True)
       if not dry_run:
         out = subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)

@@ -115,3 +115,14 @@ def test_real_scale_config_runs_a_step_on_a_tiny_qwen2(tmp_path):
   assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in steps)
   assert steps[-1]["kl"] > 0  # beta = 0.04: the reference forward ran and the policy moved
   assert "eval/pass@1" in records[-1]
+
+
+def test_gemma3_config_presets_pick_task_and_reward():
+  countdown = load_config("gemma3_arithmetic.py", "countdown")
+  config_lib.validate(countdown)
+  assert (countdown.task.name, countdown.eval.reward, countdown.task.template) == (
+      "countdown", "countdown", "r1_zero")
+  assert dict(countdown.rewards)["countdown"] == 1.0
+  assert load_config("gemma3_arithmetic.py").task.name == "arithmetic"
+  with pytest.raises(ValueError, match="use one of .*countdown"):
+    load_config("gemma3_arithmetic.py", "gsm8k")
