@@ -73,6 +73,11 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rl.kl_estimator", "k3", f"KL estimator, one of {list(losses.KL_ESTIMATORS)}")
   key("rl.scale_rewards", "group",
       "advantage scaling: group std | batch std | none (mean only, Dr. GRPO)")
+  key("rl.advantage_estimator", "grpo",
+      f"how rewards become advantages, one of {list(advantages.ESTIMATORS)}")
+  key("rl.multi_objective_aggregation", "sum_then_normalize",
+      '"sum_then_normalize" (weighted sum of the rewards, then the estimator) | '
+      '"normalize_then_sum" (GDPO: each reward normalised in its group, then summed)')
   key("rl.num_iterations", 1, "mu, optimizer updates per rollout")
   key("rl.importance_sampling_level", "token", 'importance ratios: "token" (GRPO) | '
       '"sequence" (GSPO)')
@@ -323,6 +328,7 @@ def validate(cfg, *, data: bool = True) -> None:
          f"{list(losses.IMPORTANCE_SAMPLING_LEVELS)}")
   _check(rl.scale_rewards in advantages.SCALES,
          f"config.rl.scale_rewards={rl.scale_rewards!r}; expected one of {list(advantages.SCALES)}")
+  _validate_advantages(rl)
   _check(rl.num_iterations >= 1, "config.rl.num_iterations must be >= 1")
   _check(rl.max_completion_length >= 1 and rl.max_prompt_length >= 1,
          "config.rl.max_prompt_length and max_completion_length must be >= 1")
@@ -364,6 +370,23 @@ def validate(cfg, *, data: bool = True) -> None:
     metrics_io.check_wandb_config(cfg.logging.wandb)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def _validate_advantages(rl) -> None:
+  """advantage_estimator, multi_objective_aggregation and scale_rewards go together."""
+  _check(rl.advantage_estimator in advantages.ESTIMATORS,
+         f"config.rl.advantage_estimator={rl.advantage_estimator!r}; expected one of "
+         f"{list(advantages.ESTIMATORS)}")
+  _check(rl.advantage_estimator == "grpo" or rl.scale_rewards == "group",
+         f"config.rl.scale_rewards={rl.scale_rewards!r} applies to advantage_estimator='grpo' "
+         f"only; {rl.advantage_estimator!r} has its own scaling (leave scale_rewards at 'group')")
+  _check(rl.multi_objective_aggregation in advantages.MULTI_OBJECTIVE_AGGREGATIONS,
+         f"config.rl.multi_objective_aggregation={rl.multi_objective_aggregation!r}; expected one "
+         f"of {list(advantages.MULTI_OBJECTIVE_AGGREGATIONS)}")
+  _check(rl.multi_objective_aggregation == "sum_then_normalize" or rl.advantage_estimator == "grpo",
+         "config.rl.multi_objective_aggregation='normalize_then_sum' (GDPO) normalises each "
+         "reward within its group, GRPO's way: it needs advantage_estimator='grpo', not "
+         f"{rl.advantage_estimator!r}")
 
 
 def _validate_schedule(train) -> None:

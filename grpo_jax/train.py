@@ -68,8 +68,9 @@ def score(cfg, tokenizer, reward_fns, weights, examples, prompt_texts, out, rows
   the sampler's "tokens", "lengths" and "truncated", numpy) decoded and scored, then only
   numbers all-gathered, so the whole batch's rewards give its advantages and metrics.
 
-  Returns (this process's completion texts, the whole batch's {"lengths", "truncated"},
-  the weighted reward [N], the reward metrics).
+  Returns (this process's completion texts, the whole batch's {"lengths", "truncated",
+  "scores": each reward function's unweighted rewards [N, K], NaN = None}, the weighted
+  reward [N], the reward metrics).
   """
   g = cfg.rl.num_generations
   tokens, lengths = out["tokens"], out["lengths"]
@@ -110,11 +111,21 @@ def update_batch(rl, out, lengths, adv_local, prompts, prompt_mask, batch_sh) ->
                     advantages=distributed.to_global(adv_local, batch_sh))
 
 
-@functools.partial(jax.jit, static_argnames=("num_generations", "scale"))
-def _advantages_and_metrics(reward_N, *, num_generations: int, scale: str):
-  """Group advantages [N] and the reward metrics of the whole batch's rewards: one program."""
-  return (advantages.group_advantages(reward_N, num_generations, scale=scale),
-          advantages.reward_metrics(reward_N, num_generations))
+@functools.partial(jax.jit, static_argnames=("num_generations", "scale", "estimator",
+                                             "aggregation"))
+def _advantages_and_metrics(reward_N, scores_NxK, weights_K, *, num_generations: int, scale: str,
+                            estimator: str = "grpo", aggregation: str = "sum_then_normalize"):
+  """Advantages [N] and the reward metrics of the whole batch's rewards: one program.
+
+  reward_N is the weighted sum of the reward functions' columns scores_NxK (NaN = None) with
+  weights_K: "sum_then_normalize" gives it to `estimator`; "normalize_then_sum" (GDPO) uses the
+  columns. The metrics are always of reward_N.
+  """
+  if aggregation == "normalize_then_sum":
+    adv = advantages.multi_reward_advantages(scores_NxK, weights_K, num_generations, scale=scale)
+  else:
+    adv = advantages.group_advantages(reward_N, num_generations, estimator=estimator, scale=scale)
+  return adv, advantages.reward_metrics(reward_N, num_generations)
 
 
 class _PendingRecord:
@@ -249,7 +260,9 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
       texts, whole, reward, reward_info = score(cfg, tokenizer, reward_fns, weights, examples,
                                                 prompt_texts, host, rows)
       adv, reward_stats = jax.device_get(_advantages_and_metrics(
-          reward, num_generations=g, scale=rl.scale_rewards))
+          reward, whole["scores"], np.asarray(weights, np.float32), num_generations=g,
+          scale=rl.scale_rewards, estimator=rl.advantage_estimator,
+          aggregation=rl.multi_objective_aggregation))
       batch = update_batch(rl, out, whole["lengths"], np.asarray(adv)[rows], prompts,
                            prompt_mask, batch_sh)
       del out
