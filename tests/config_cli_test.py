@@ -91,6 +91,10 @@ def test_every_key_can_be_set_from_flags(env):
       flags.append("--config.rewards=accuracy:2,tag_count:0.25")
       want[key] = "'accuracy:2,tag_count:0.25'"
       continue
+    if key == "reward_kwargs":
+      flags.append("--config.reward_kwargs.rouge1.tokenizer=characters")
+      want[key] = repr({"rouge1": {"tokenizer": "characters"}})
+      continue
     if isinstance(value, bool):
       new = not value
     elif isinstance(value, (int, float)):
