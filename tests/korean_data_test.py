@@ -81,3 +81,28 @@ def test_the_config_trains_on_it_and_rewards_the_reference(cfg, rows):
   korean = fns["language_consistency"](prompts=None, completions=[r["reason"] for r in rows])
   assert min(korean) > 0.5 and sum(korean) / len(korean) > 0.9
   assert fns["language_consistency"](prompts=None, completions=["It is right."]) == [0.0]
+
+
+def test_the_documented_command_line_template_is_the_configs(cfg, rows):
+  """The one-line Korean template of docs/config.md and docs/maths.md, read as a shell reads it
+  and applied as grpo_jax.main applies it, is configs/gemma3_korean.py's pattern and accepts
+  every reference answer."""
+  import shlex
+
+  from grpo_jax import config_cli
+
+  for doc in ("config.md", "maths.md"):
+    with open(os.path.join(ROOT, "docs", doc), encoding="utf-8") as f:
+      lines = [line.strip().rstrip("\\").strip() for line in f
+               if line.strip().startswith("--config.reward_kwargs.")]
+    assert lines, doc
+    args = [arg for line in lines for arg in shlex.split(line)]
+    _, own, keys = config_cli.split_overrides(["main", *args])
+    assert not keys
+    parsed = config_lib.defaults()
+    config_cli.apply_own(parsed, own, task_renamed=False)
+    pattern = parsed.reward_kwargs.regex_format.pattern
+    assert pattern == cfg.reward_kwargs.regex_format.pattern, doc
+    fn = rewards.reward_fn("regex_format", parsed.reward_kwargs)
+    answers = [row["answer"] for row in rows]
+    assert fn(prompts=None, completions=answers) == [1.0] * len(rows)
