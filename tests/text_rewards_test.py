@@ -253,6 +253,7 @@ def test_policy_tokenizer_is_put_in_place_of_policy():
     ({"exact_match": {"pattern": "(a)", "answer_group": 2}}, "has no such group"),
     ({"exact_match": {"pattern": "(?P<x>a)", "answer_group": "y"}}, "has no such group"),
     ({"exact_match": {"answer_group": 1}}, "needs a pattern"),
+    ({"language_consistency": {"language": "klingon"}}, "unknown target language 'klingon'"),
     ({}, "reward 'regex_format' needs the keyword 'pattern': set "
      "--config.reward_kwargs.regex_format.pattern=VALUE"),
 ])

@@ -60,6 +60,22 @@ def script_word_counts(text: str, hangul: bool = False) -> dict[str, int]:
   return counts
 
 
+def _target_script(language) -> str:
+  """The script a `language` value names (None: latin); ValueError for an unknown one."""
+  target = (language or "latin").lower()
+  target = _SCRIPT_ALIASES.get(target, target)
+  if target not in SCRIPTS:
+    raise ValueError(f"unknown target language {target!r}; expected one of "
+                     f"{list(SCRIPTS)} or {sorted(_SCRIPT_ALIASES)}.")
+  return target
+
+
+def _check_kwargs(language=None) -> None:
+  """Start-up check of config.reward_kwargs.language_consistency: a known language."""
+  if language is None or isinstance(language, str):
+    _target_script(language)
+
+
 def language_consistency_reward(prompts, completions, language=None, **unused_columns):
   """Share of the reasoning's words written in the target script (DeepSeek-R1).
 
@@ -80,11 +96,7 @@ def language_consistency_reward(prompts, completions, language=None, **unused_co
     language = [language or "latin"] * len(completions)
   rewards = []
   for completion, target in zip(completions, language, strict=True):
-    target = (target or "latin").lower()
-    target = _SCRIPT_ALIASES.get(target, target)
-    if target not in SCRIPTS:
-      raise ValueError(f"unknown target language {target!r}; expected one of "
-                       f"{list(SCRIPTS)} or {sorted(_SCRIPT_ALIASES)}.")
+    target = _target_script(target)
     text = completion_text(completion)
     thoughts = _THINK_RE.findall(text)
     counts = script_word_counts(_TAG_RE.sub(" ", " ".join(thoughts) if thoughts else text),
@@ -92,3 +104,6 @@ def language_consistency_reward(prompts, completions, language=None, **unused_co
     total = sum(counts.values())
     rewards.append(counts.get(target, 0) / total if total else 1.0)
   return rewards
+
+
+language_consistency_reward.check_kwargs = _check_kwargs
