@@ -403,8 +403,8 @@ def validate(cfg, *, data: bool = True) -> None:
   except (KeyError, ValueError, TypeError) as e:
     raise ConfigError(f"config.rewards: {e}") from None
   try:  # the keywords of every reward, and the reward_kwargs of unused ones
-    rewards.get_reward_fns(cfg.rewards, cfg.reward_kwargs)
-    rewards.reward_fn(cfg.eval.reward, cfg.reward_kwargs)
+    rewards.get_reward_fns(cfg.rewards, cfg.get("reward_kwargs"))
+    rewards.reward_fn(cfg.eval.reward, cfg.get("reward_kwargs"))
   except (KeyError, ValueError, TypeError) as e:
     message = str(e)
     raise ConfigError(message if message.startswith("config.") else

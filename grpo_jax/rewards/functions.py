@@ -212,8 +212,8 @@ def _reference_text(reference, pattern, answer_group) -> str:
 def regex_format_reward(prompts, completions, *, pattern: str,
                         answer_group: int | str | None = None, **unused_columns):
   """1.0 if the completion, stripped, matches the regular expression `pattern` as a whole
-  (re.DOTALL), else 0.0. With `answer_group` (a group name or index) that group must also
-  have matched something other than whitespace.
+  (re.DOTALL) and is not empty, else 0.0. With `answer_group` (a group name or index) that
+  group must also have matched something other than whitespace.
 
   `pattern` comes from the config: --config.reward_kwargs.regex_format.pattern='...'.
   """
