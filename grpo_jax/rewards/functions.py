@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+import unicodedata
 from typing import Any, Callable, Sequence
 
 from grpo_jax.rewards.parse import (TAGS, completion_text, extract_answer, final_answer,
@@ -139,37 +140,270 @@ def _references(reference, answer, name: str):
   raise ValueError(f"{name} needs a 'reference' or an 'answer' column.")
 
 
-def exact_match_reward(prompts, completions, reference=None, answer=None, **unused_columns):
+# ----------------------------------------------------------------------------
+# Answers read through a regular expression (the `pattern` / `answer_group` keywords).
+# ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> re.Pattern:
+  return re.compile(pattern, re.DOTALL)
+
+
+def _group_key(answer_group):
+  """A group index written as text ("1", from the command line) is the index 1."""
+  if isinstance(answer_group, str) and answer_group.isdigit():
+    return int(answer_group)
+  return answer_group
+
+
+def check_extraction(pattern=None, answer_group=None, **unused_keywords) -> None:
+  """ValueError unless `pattern` compiles and has the group `answer_group` (start-up check)."""
+  del unused_keywords
+  if pattern is None:
+    if answer_group is not None:
+      raise ValueError(f"answer_group={answer_group!r} needs a pattern to take the group from")
+    return
+  if not isinstance(pattern, str) or not pattern:
+    raise ValueError(f"pattern={pattern!r}: expected a non-empty regular expression")
+  try:
+    compiled = _compiled(pattern)
+  except re.error as e:
+    raise ValueError(f"pattern={pattern!r} is not a regular expression: {e}") from None
+  group = _group_key(answer_group)
+  if group is None:
+    return
+  if isinstance(group, int) and not isinstance(group, bool):
+    ok = 0 <= group <= compiled.groups
+  else:
+    ok = group in compiled.groupindex
+  if not ok:
+    raise ValueError(f"answer_group={answer_group!r}: the pattern {pattern!r} has no such group "
+                     f"(groups 0..{compiled.groups}, names {sorted(compiled.groupindex)})")
+
+
+def extract_with_pattern(text: str, pattern: str, answer_group=None) -> str | None:
+  """The group `answer_group` (a name or an index; None: the whole match) of `pattern`
+  matched against the whole of `text` after stripping (re.DOTALL: "." matches newlines);
+  None when the text does not match or the group took no part in the match."""
+  match = _compiled(pattern).fullmatch(text.strip())
+  if match is None:
+    return None
+  return match.group(_group_key(answer_group) or 0)
+
+
+def _predicted(completion, pattern, answer_group) -> str | None:
+  """The answer a completion gives: without a pattern its <answer> content, else the whole
+  text; with one, what `extract_with_pattern` takes (None: the format is broken)."""
+  if pattern is None:
+    return _answer_or_text(completion)
+  return extract_with_pattern(completion_text(completion), pattern, answer_group)
+
+
+def _reference_text(reference, pattern, answer_group) -> str:
+  """A reference written in the template goes through the same extraction as the completion;
+  one that does not match the pattern (a bare answer) is compared as it is."""
+  reference = str(reference)
+  if pattern is None:
+    return reference
+  extracted = extract_with_pattern(reference, pattern, answer_group)
+  return reference if extracted is None else extracted
+
+
+def regex_format_reward(prompts, completions, *, pattern: str,
+                        answer_group: int | str | None = None, **unused_columns):
+  """1.0 if the completion, stripped, matches the regular expression `pattern` as a whole
+  (re.DOTALL) and is not empty, else 0.0. With `answer_group` (a group name or index) that
+  group must also have matched something other than whitespace.
+
+  `pattern` comes from the config: --config.reward_kwargs.regex_format.pattern='...'.
+  """
+  del prompts, unused_columns
+  rewards = []
+  for completion in completions:
+    answer = extract_with_pattern(completion_text(completion), pattern, answer_group)
+    rewards.append(float(answer is not None and bool(answer.strip())))
+  return rewards
+
+
+regex_format_reward.check_kwargs = check_extraction
+
+
+def exact_match_reward(prompts, completions, reference=None, answer=None, *,
+                       pattern: str | None = None, answer_group: int | str | None = None,
+                       **unused_columns):
   """1.0 if the <answer> content (else the whole completion) equals the
   `reference` column (else `answer`) up to case and whitespace; None where the
-  reference is None."""
+  reference is None.
+
+  With `pattern` (and optionally `answer_group`) the answer is read through
+  `extract_with_pattern` instead: 0.0 when the completion does not match, and a
+  reference that matches the pattern is read the same way.
+  """
   del prompts, unused_columns
 
   def normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
   references = _references(reference, answer, "exact_match")
-  return [None if ref is None else float(normalise(_answer_or_text(c)) == normalise(str(ref)))
-          for c, ref in zip(completions, references, strict=True)]
+  rewards = []
+  for completion, ref in zip(completions, references, strict=True):
+    if ref is None:
+      rewards.append(None)
+      continue
+    pred = _predicted(completion, pattern, answer_group)
+    rewards.append(0.0 if pred is None else
+                   float(normalise(pred) == normalise(_reference_text(ref, pattern, answer_group))))
+  return rewards
 
 
-@functools.cache
-def _rouge1_scorer():
+exact_match_reward.check_kwargs = check_extraction
+
+
+# ----------------------------------------------------------------------------
+# ROUGE on any script.
+# ----------------------------------------------------------------------------
+
+TOKENIZATIONS = ("words", "characters", "policy")
+
+
+def _single_character_word(ch: str) -> bool:
+  """Han ideographs, Hiragana and Katakana: scripts written without spaces, where each
+  character is one token of "words" tokenisation (a common choice for Chinese and Japanese
+  ROUGE without a segmenter)."""
+  o = ord(ch)
+  return (0x3040 <= o <= 0x30FF or 0x31F0 <= o <= 0x31FF or 0x3400 <= o <= 0x4DBF
+          or 0x4E00 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0x20000 <= o <= 0x3FFFF)
+
+
+def _normalised(text: str) -> str:
+  # NFKC: full-width Latin and half-width Katakana become the usual forms, decomposed
+  # accents and Hangul jamo compose; casefold: case-insensitive in every cased script.
+  return unicodedata.normalize("NFKC", text).casefold()
+
+
+def word_tokens(text: str) -> list[str]:
+  """"words" tokenisation: NFKC-normalised, case-folded runs of letters, digits and combining
+  marks, split at everything else (spaces, punctuation, symbols, "_"), except that each Han,
+  Hiragana or Katakana character is a token of its own. Hangul is written with spaces, so a
+  Korean token is a space-separated word with its particles ("사과를"); for a finer
+  match use "characters".
+
+  On ASCII text this gives rouge-score's default tokens (lowercase [a-z0-9] runs, no stemmer).
+  """
+  tokens, current = [], []
+  for ch in _normalised(text):
+    kind = unicodedata.category(ch)[0]
+    if kind == "L" and _single_character_word(ch):
+      if current:
+        tokens.append("".join(current))
+        current = []
+      tokens.append(ch)
+    elif kind in "LN" or (kind == "M" and current):
+      current.append(ch)
+    elif current:
+      tokens.append("".join(current))
+      current = []
+  if current:
+    tokens.append("".join(current))
+  return tokens
+
+
+def character_tokens(text: str) -> list[str]:
+  """"characters" tokenisation: each letter or digit (NFKC-normalised, case-folded; a Hangul
+  syllable is one character) with its combining marks; spaces, punctuation and symbols drop."""
+  tokens = []
+  for ch in _normalised(text):
+    kind = unicodedata.category(ch)[0]
+    if kind in "LN":
+      tokens.append(ch)
+    elif kind == "M" and tokens:
+      tokens[-1] += ch
+  return tokens
+
+
+def tokenize_fn(tokenizer) -> Callable[[str], list]:
+  """The text -> tokens function of the `tokenizer` keyword: "words" (`word_tokens`),
+  "characters" (`character_tokens`), an object with a `tokenize` method (a Hugging Face
+  tokenizer: its subword tokens), or any callable text -> list of tokens. "policy" stands for
+  the policy's tokenizer, which `rewards.get_reward_fns(..., tokenizer=)` puts in its place."""
+  if tokenizer is None or tokenizer == "words":
+    return word_tokens
+  if tokenizer == "characters":
+    return character_tokens
+  if tokenizer == "policy":
+    raise ValueError("tokenizer='policy' is the policy's tokenizer, which the reward gets from "
+                     "the training loop (rewards.get_reward_fns(..., tokenizer=the_tokenizer)); "
+                     "called directly, pass the tokenizer object itself")
+  if hasattr(tokenizer, "tokenize"):
+    return tokenizer.tokenize
+  if callable(tokenizer):
+    return tokenizer
+  raise ValueError(f"tokenizer={tokenizer!r}; expected one of {list(TOKENIZATIONS)}, a "
+                   "tokenizer object with a tokenize method, or a function text -> tokens")
+
+
+def check_rouge_kwargs(tokenizer="words", **extraction) -> None:
+  """ValueError for a tokenizer or an extraction ROUGE cannot use (start-up check)."""
+  if isinstance(tokenizer, str) and tokenizer not in TOKENIZATIONS:
+    raise ValueError(f"tokenizer={tokenizer!r}; expected one of {list(TOKENIZATIONS)}")
+  if not isinstance(tokenizer, str):
+    tokenize_fn(tokenizer)
+  check_extraction(**extraction)
+
+
+class _Tokenizer:
+  """rouge-score's tokenizer interface around a text -> tokens function."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def tokenize(self, text):
+    return list(self.fn(text))
+
+
+def _rouge(kind, completions, reference, answer, tokenizer, pattern, answer_group):
   from rouge_score import rouge_scorer  # imported here: it imports nltk, which is slow
 
-  return rouge_scorer.RougeScorer(["rouge1"])
+  scorer = rouge_scorer.RougeScorer([kind], tokenizer=_Tokenizer(tokenize_fn(tokenizer)))
+  rewards = []
+  for completion, ref in zip(completions, _references(reference, answer, kind), strict=True):
+    if ref is None:
+      rewards.append(None)
+      continue
+    pred = _predicted(completion, pattern, answer_group)
+    rewards.append(0.0 if pred is None else float(
+        scorer.score(_reference_text(ref, pattern, answer_group), pred)[kind].fmeasure))
+  return rewards
 
 
-def rouge1_reward(prompts, completions, reference=None, answer=None, **unused_columns):
-  """ROUGE-1 F1 between the <answer> content (else the whole completion) and
-  the `reference` column (else `answer`); None where the reference is None.
+def rouge1_reward(prompts, completions, reference=None, answer=None, *, tokenizer="words",
+                  pattern: str | None = None, answer_group: int | str | None = None,
+                  **unused_columns):
+  """ROUGE-1 F1 (unigram overlap, rouge-score's scorer) between the <answer> content (else
+  the whole completion) and the `reference` column (else `answer`); None where the reference
+  is None.
 
-  rouge-score's tokenizer keeps only [a-z0-9] words: use it for English.
+  Args:
+    tokenizer: "words" (default; `word_tokens`: any script), "characters"
+      (`character_tokens`), "policy" (the policy's subword tokens, in training) or a
+      tokenizer object / function (see `tokenize_fn`).
+    pattern, answer_group: read the answer through a regular expression instead of
+      <answer> tags (see `exact_match_reward`); 0.0 when the completion does not match.
   """
   del prompts, unused_columns
-  scorer = _rouge1_scorer()
-  return [None if ref is None else scorer.score(str(ref), _answer_or_text(c))["rouge1"].fmeasure
-          for c, ref in zip(completions, _references(reference, answer, "rouge1"), strict=True)]
+  return _rouge("rouge1", completions, reference, answer, tokenizer, pattern, answer_group)
+
+
+def rougeL_reward(prompts, completions, reference=None, answer=None, *, tokenizer="words",
+                  pattern: str | None = None, answer_group: int | str | None = None,
+                  **unused_columns):
+  """ROUGE-L F1 (longest common subsequence of tokens, rouge-score's scorer); otherwise as
+  `rouge1_reward`."""
+  del prompts, unused_columns
+  return _rouge("rougeL", completions, reference, answer, tokenizer, pattern, answer_group)
+
+
+rouge1_reward.check_kwargs = rougeL_reward.check_kwargs = check_rouge_kwargs
 
 
 def soft_overlong_penalty(max_completion_length: int, soft_cache_length: int) -> RewardFn:
