@@ -45,7 +45,7 @@ def last_token_mask(mask_NxT: Array) -> Array:
 
 def token_rewards(sequence_rewards_N: Array, mask_NxT: Array, *, kl: Array | None = None,
                   kl_coef: float = 0.0) -> Array:
-  """Per-token rewards [N, T] fp32 of the InstructGPT form.
+  """Per-token rewards [N, T] of the InstructGPT form (fp32; fp64 for fp64 inputs).
 
   r[i, t] = R_i on row i's last real token (the last mask == 1 position, its
   stop token if it stopped), minus kl_coef * kl[i, t] on every real token;
@@ -89,7 +89,7 @@ def gae(rewards_NxT: Array, values_NxT: Array, mask_NxT: Array, *, gamma: float 
     gamma: discount per token (TRL's `gamma`, 1.0 by default there and here).
     lam: GAE's bias/variance trade-off (TRL's `lam`, 0.95).
   Returns:
-    (advantages [N, T], returns [N, T]), fp32, under stop_gradient.
+    (advantages [N, T], returns [N, T]), fp32 (fp64 for fp64 inputs), under stop_gradient.
   """
   m = mask_NxT.astype(bool)
   # Whatever padding holds (even inf or nan) never reaches a real token.
@@ -184,7 +184,7 @@ def value_loss(values_NxT: Array, old_values_NxT: Array, returns_NxT: Array, mas
     mask_NxT: [N, T] 1 on real completion tokens.
     cliprange_value: c, TRL's `cliprange_value`.
   Returns:
-    loss: scalar fp32.
+    loss: scalar, fp32 (fp64 for fp64 values).
     metrics: scalars `value/loss`, `value/clip_fraction` (share of real tokens
       whose clipped term is the larger), `value/mean` (of V), `value/returns_mean`,
       `value/explained_variance` (of V against R).

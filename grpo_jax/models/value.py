@@ -1,6 +1,7 @@
 """A value model (PPO's critic): the policy's transformer trunk with a scalar head.
 
     critic = ValueModel.from_policy(policy)          # trunk params copied, head at zero
+    critic = value_model_from_params(cfg, params)    # or from a critic's saved params
     values = critic(tokens, attention_mask_BxL=mask)  # [B, L] fp32
 
 The trunk is a `Transformer`, so the architecture is written once: the critic
@@ -120,3 +121,32 @@ def init_value_model(cfg: ModelConfig, *, dtype: Any = jnp.float32,
   """A critic with a randomly initialised trunk and a zero head (tests, from-scratch runs)."""
   return ValueModel(cfg, dtype=dtype, param_dtype=param_dtype, attention_block=attention_block,
                     rngs=nnx.Rngs(seed))
+
+
+def value_model_from_params(cfg: ModelConfig, params: dict[str, Any], *,
+                            dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                            attention_block: int = ATTENTION_BLOCK) -> ValueModel:
+  """A critic around given arrays, without a random init: `params` is
+  {"trunk": {name: array}, "value_head": [D, 1], "value_bias": [1]} (`nnx.to_pure_dict` of a
+  critic's params), e.g. a critic checkpoint. `cfg`: the policy's config or the critic's."""
+  abstract = nnx.eval_shape(lambda: ValueModel(cfg, dtype=dtype, param_dtype=param_dtype,
+                                               attention_block=attention_block,
+                                               rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  expected = nnx.to_pure_dict(state)
+  flat_expected = dict(nnx.traversals.flatten_mapping(expected))
+  flat_params = dict(nnx.traversals.flatten_mapping(params))
+  if set(flat_expected) != set(flat_params):
+    names = lambda keys: sorted("/".join(map(str, k)) for k in keys)  # noqa: E731
+    raise ValueError(
+        "param names do not match a critic of this architecture: missing "
+        f"{names(set(flat_expected) - set(flat_params))}, unexpected "
+        f"{names(set(flat_params) - set(flat_expected))}")
+  arrays = {}
+  for key, spec in flat_expected.items():
+    if tuple(flat_params[key].shape) != tuple(spec.shape):
+      raise ValueError(f"param {'/'.join(key)!r} has shape {tuple(flat_params[key].shape)}, "
+                       f"expected {spec.shape}")
+    arrays[key] = jnp.asarray(flat_params[key], dtype=param_dtype)
+  nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(arrays))
+  return nnx.merge(graphdef, state)
