@@ -379,6 +379,15 @@ def test_value_model_params_are_sharded_like_the_policy(policy):
   _, state = nnx.split(critic)
   state_sh = nnx.to_pure_dict(sharding.param_shardings(mesh, state))
   assert state_sh["trunk"]["q_proj"].spec == pol_sh["q_proj"].spec
+  # A policy placed on a mesh gives a critic on that mesh, head included.
+  graphdef, pol_state = nnx.split(policy)
+  placed = nnx.merge(graphdef, jax.device_put(pol_state,
+                                              sharding.param_shardings(mesh, pol_state)))
+  placed_critic = params(ValueModel.from_policy(placed))
+  for name, sh in crit_sh["trunk"].items():
+    assert placed_critic["trunk"][name].sharding == sh, name
+  assert placed_critic["value_head"].sharding == crit_sh["value_head"]
+  assert placed_critic["value_bias"].sharding == crit_sh["value_bias"]
 
 
 def test_completion_values_equals_a_full_forward(policy):

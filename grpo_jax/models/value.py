@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax import sharding
 from grpo_jax.models.transformer import ATTENTION_BLOCK, ModelConfig, Transformer
 
 Array = jax.Array
@@ -67,7 +68,8 @@ class ValueModel(nnx.Module):
   @classmethod
   def from_policy(cls, policy: Transformer, *, head: Array | None = None,
                   bias: Array | None = None) -> "ValueModel":
-    """A critic whose trunk is a copy of `policy`'s params (same dtypes, shardings).
+    """A critic whose trunk is a copy of `policy`'s params (same dtypes, shardings; the
+    head placed on the policy's mesh, if it has one, by `sharding.DEFAULT_RULES`).
 
     The copies are new buffers, so donating the policy's params in its update
     step never invalidates the critic's. `head` [D, 1] / `bias` [1]: initial
@@ -88,6 +90,11 @@ class ValueModel(nnx.Module):
                          else jnp.asarray(head, dt).reshape(cfg.hidden_size, 1))
     dst["value_bias"] = (jnp.zeros((1,), dt) if bias is None
                          else jnp.asarray(bias, dt).reshape(1))
+    mesh = sharding.mesh_of(src)
+    if mesh is not None:  # the head joins the trunk's mesh, laid out by its rule
+      for name in ("value_head", "value_bias"):
+        spec = sharding.spec_for(name, dst[name].shape, mesh)
+        dst[name] = jax.device_put(dst[name], jax.sharding.NamedSharding(mesh, spec))
     nnx.replace_by_pure_dict(state, dst)
     return nnx.merge(graphdef, state)
 
