@@ -54,6 +54,7 @@ DEFAULT_RULES: tuple[tuple, ...] = (
     (r"down_proj", P(None, "tensor", "fsdp")),  # [L, F, D]  row-parallel
     (r"(q|k|v)_bias", P(None, "tensor"), TENSOR_OPTIONAL),  # [L, X]  follows the output dim
     (r".*norm", P()),  # [L, D], [L, hd], [D]: small, replicated
+    (r"value_(head|bias)", P()),  # [D, 1], [1]: a critic's head (models/value.py), replicated
 )
 
 
