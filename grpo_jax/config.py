@@ -69,7 +69,8 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rl.epsilon", 0.2, "lower clip range (and the upper one when epsilon_high is unset)")
   key("rl.epsilon_high", ml_collections.FieldReference(None, field_type=float),
       "upper clip range; None = epsilon (DAPO's clip-higher: 0.28)")
-  key("rl.loss_type", "grpo", f"token aggregation, one of {list(losses.LOSS_TYPES)}")
+  key("rl.loss_type", "grpo", f"the policy term and its token aggregation, one of "
+      f"{list(losses.LOSS_TYPES)}")
   key("rl.kl_estimator", "k3", f"KL estimator, one of {list(losses.KL_ESTIMATORS)}")
   key("rl.scale_rewards", "group",
       "advantage scaling: group std | batch std | none (mean only, Dr. GRPO)")
