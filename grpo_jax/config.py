@@ -72,7 +72,8 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rl.epsilon", 0.2, "lower clip range (and the upper one when epsilon_high is unset)")
   key("rl.epsilon_high", ml_collections.FieldReference(None, field_type=float),
       "upper clip range; None = epsilon (DAPO's clip-higher: 0.28)")
-  key("rl.loss_type", "grpo", f"token aggregation, one of {list(losses.LOSS_TYPES)}")
+  key("rl.loss_type", "grpo", f"the policy term and its token aggregation, one of "
+      f"{list(losses.LOSS_TYPES)}")
   key("rl.kl_estimator", "k3", f"KL estimator, one of {list(losses.KL_ESTIMATORS)}")
   key("rl.scale_rewards", "group",
       "advantage scaling: group std | batch std | none (mean only, Dr. GRPO)")
@@ -94,6 +95,24 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
       "after the other (KV cache memory / parts; the same completions)")
   key("rl.mask_truncated_completions", False,
       "DAPO: no loss on completions cut at the length limit without a stop token")
+  key("rl.use_bias_correction_kl", False, "weight each token's KL by the importance ratio "
+      "(DeepSeek-V3.2's unbiased KL gradient; TRL 1.16's default); False = DeepSeekMath's")
+  key("rl.delta", ml_collections.FieldReference(None, field_type=float),
+      "INTELLECT-2's two-sided clip: the ratio's cap for negative advantages (> 1 + "
+      "epsilon_high, e.g. 4); None = off; clipped loss types only")
+  key("rl.entropy_coef", 0.0, "entropy bonus: coef x mean token entropy is subtracted from "
+      "the loss (0 = off)")
+  key("rl.top_entropy_quantile", 1.0, "policy loss only on the tokens whose entropy is in the "
+      "top this fraction of the batch (the 80/20 paper: 0.2); 1 = every token")
+  key("rl.rollout_correction", ml_collections.FieldReference(None, field_type=str),
+      "trainer/sampler mismatch correction: None | token_truncate | token_mask | "
+      "sequence_truncate | sequence_mask")
+  key("rl.rollout_correction_threshold", 2.0,
+      "the correction's cap (truncate) or cut-off (mask) of the trainer/sampler ratio (>= 1)")
+  key("rl.sapo_temperature_pos", 1.0, "SAPO's gate temperature for positive advantages")
+  key("rl.sapo_temperature_neg", 1.05, "SAPO's gate temperature for advantages <= 0")
+  key("rl.gmpo_epsilon", 0.4, "GMPO's clip range on the token log-ratio: ratios within "
+      "(e^-x, e^x)")
 
   # LLM-as-judge reward ("judge" in config.rewards): a model ranks each group's G answers.
   key("judge.model", "policy",
@@ -372,6 +391,7 @@ def validate(cfg, *, data: bool = True) -> None:
          f"config.rl.scale_rewards={rl.scale_rewards!r}; expected one of {list(advantages.SCALES)}")
   _validate_advantages(rl)
   _check(rl.num_iterations >= 1, "config.rl.num_iterations must be >= 1")
+  _validate_loss_options(rl)
   _check(rl.max_completion_length >= 1 and rl.max_prompt_length >= 1,
          "config.rl.max_prompt_length and max_completion_length must be >= 1")
   _check(rl.temperature >= 0 and 0 < rl.top_p <= 1 and rl.top_k >= 0,
@@ -438,6 +458,49 @@ def _validate_advantages(rl) -> None:
          "config.rl.multi_objective_aggregation='normalize_then_sum' (GDPO) normalises each "
          "reward within its group, GRPO's way: it needs advantage_estimator='grpo', not "
          f"{rl.advantage_estimator!r}")
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _validate_loss_options(rl) -> None:
+  """The loss's own options (losses.grpo_loss): each value, and the combinations that make one
+  of them do nothing or something other than its name says."""
+  _check(isinstance(rl.use_bias_correction_kl, bool),
+         f"config.rl.use_bias_correction_kl={rl.use_bias_correction_kl!r} must be True or False")
+  eps_high = rl.epsilon if rl.epsilon_high is None else rl.epsilon_high
+  if rl.delta is not None:
+    _check(rl.loss_type in losses.CLIPPED_LOSS_TYPES,
+           f"config.rl.delta={rl.delta} caps the clipped surrogate's ratio; it applies to "
+           f"config.rl.loss_type in {list(losses.CLIPPED_LOSS_TYPES)}, not {rl.loss_type!r}")
+    _check(rl.delta > 1 + eps_high,
+           f"config.rl.delta={rl.delta} must be > 1 + epsilon_high = {1 + eps_high} (INTELLECT-2 "
+           "uses 4; below that it would also cut what the upper clip already bounds)")
+  _check(_is_number(rl.entropy_coef), f"config.rl.entropy_coef={rl.entropy_coef!r} must be a "
+         "number (0: no entropy bonus)")
+  _check(_is_number(rl.top_entropy_quantile) and 0 <= rl.top_entropy_quantile <= 1,
+         f"config.rl.top_entropy_quantile={rl.top_entropy_quantile!r} must be in [0, 1] (the "
+         "fraction of highest-entropy tokens kept in the policy loss; 1: all, the paper: 0.2)")
+  _check(rl.rollout_correction in losses.ROLLOUT_CORRECTIONS,
+         f"config.rl.rollout_correction={rl.rollout_correction!r}; expected one of "
+         f"{list(losses.ROLLOUT_CORRECTIONS)}")
+  _check(_is_number(rl.rollout_correction_threshold) and rl.rollout_correction_threshold >= 1,
+         f"config.rl.rollout_correction_threshold={rl.rollout_correction_threshold!r} must be "
+         ">= 1 (a token the sampler and trainer agree on has ratio 1; e.g. 2)")
+  _check(rl.rollout_correction is None or rl.num_iterations == 1,
+         f"config.rl.rollout_correction={rl.rollout_correction!r} needs config.rl.num_iterations"
+         f" = 1: with {rl.num_iterations} updates per rollout the sampler's log-probs are pi_old, "
+         "so the ratio it corrects is 1 by construction (the PPO ratio carries the mismatch)")
+  _check(_is_number(rl.sapo_temperature_pos) and rl.sapo_temperature_pos > 0
+         and _is_number(rl.sapo_temperature_neg) and rl.sapo_temperature_neg > 0,
+         f"config.rl.sapo_temperature_pos={rl.sapo_temperature_pos!r} and sapo_temperature_neg="
+         f"{rl.sapo_temperature_neg!r} must be > 0 (the paper: 1.0 and 1.05)")
+  _check(_is_number(rl.gmpo_epsilon) and rl.gmpo_epsilon > 0,
+         f"config.rl.gmpo_epsilon={rl.gmpo_epsilon!r} must be > 0 (the paper: 0.4)")
+  _check(rl.loss_type != "gmpo" or rl.importance_sampling_level == "token",
+         "config.rl.loss_type='gmpo' takes a geometric mean of token ratios per sequence itself; "
+         "set config.rl.importance_sampling_level='token'")
 
 
 def _validate_schedule(train) -> None:

@@ -40,12 +40,14 @@ class Batch:
   prompt_mask: jax.Array  # [B, P] int32
   completions: jax.Array  # [N, T] int32
   completion_mask: jax.Array  # [N, T] int32, up to and including the stop token
-  old_logps: jax.Array  # [N, T] float32, sampling log-probs (used when num_iterations > 1)
+  old_logps: jax.Array  # [N, T] float32, the sampler's log-probs (pi_old when num_iterations > 1)
   advantages: jax.Array  # [N] float32
 
 
+# The per-token arrays the step itself passes (not settings, so not in a LossConfig).
+_ARRAY_KEYWORDS = ("entropy", "sampler_logps")
 LOSS_KEYWORDS = tuple(name for name, p in inspect.signature(losses.grpo_loss).parameters.items()
-                      if p.kind == p.KEYWORD_ONLY)
+                      if p.kind == p.KEYWORD_ONLY and name not in _ARRAY_KEYWORDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +74,17 @@ class LossConfig:
 
   @property
   def token_mean(self) -> bool:
-    """The loss is a token mean over the whole batch (bnpo, dapo), not a per-sequence mean."""
-    return self.kwargs.get("loss_type", "grpo") in ("bnpo", "dapo")
+    """The loss is a token mean over the whole batch, across micro-batches (dapo, cispo).
+
+    Not bnpo: TRL's bnpo is a token mean over each micro-batch, and so is ours.
+    """
+    return self.kwargs.get("loss_type", "grpo") in losses.GLOBAL_TOKEN_MEAN_LOSS_TYPES
+
+  @property
+  def needs_entropy(self) -> bool:
+    """The loss uses the per-token entropies (an entropy bonus or the top-entropy mask)."""
+    kw = self.kwargs
+    return kw.get("entropy_coef", 0.0) != 0 or kw.get("top_entropy_quantile", 1.0) < 1
 
 
 def loss_config(num_generations: int, *, temperature: float = 1.0, use_old_logps: bool = False,
@@ -131,18 +142,24 @@ def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig
     ref_logps, _ = lp(nnx.merge(graphdef, jax.lax.stop_gradient(ref_params)), *args)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   old = batch.old_logps if cfg.use_old_logps else jax.lax.stop_gradient(logps)
+  # The sampler's log-probs: with one update per rollout `old` is the trainer's own, and the
+  # two differ by the sampler's numerics (logged as mismatch/*, corrected by
+  # rollout_correction); with several, old is the sampler's and they agree by construction.
   loss, metrics = losses.grpo_loss(logps, old, ref_logps, batch.advantages,
-                                   batch.completion_mask, **cfg.kwargs)
+                                   batch.completion_mask, sampler_logps=batch.old_logps,
+                                   entropy=entropy if cfg.needs_entropy else None, **cfg.kwargs)
   mask = batch.completion_mask.astype(jnp.float32)
   metrics = dict(metrics, loss=loss, entropy=losses.masked_mean(entropy, mask))
   return loss, metrics
 
 
 def _micro_weight(mb: Batch, full: Batch, cfg: LossConfig, parts: int):
-  """Weight of a micro-batch's loss so the sum equals the whole batch's loss.
+  """Weight of a micro-batch's loss in the batch's loss.
 
-  grpo and dr_grpo normalise per sequence (equal-size micro-batches: 1/parts);
-  bnpo/dapo are a token mean over the batch: weight by the share of tokens.
+  dapo and cispo are a token mean over the whole batch: weight by the share of tokens, and the
+  sum is the whole batch's loss. The others get 1/parts: for per-sequence means (grpo, sapo,
+  gmpo, dr_grpo; equal-size micro-batches) that is again the whole batch's loss; bnpo becomes
+  the mean of the micro-batches' token means, as in TRL (docs/maths.md section 7).
   """
   if cfg.token_mean:
     return jnp.sum(mb.completion_mask) / jnp.maximum(jnp.sum(full.completion_mask), 1)
@@ -160,10 +177,13 @@ def grads_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfi
       lambda mb: grad_fn(params, ref_params, graphdef, mb, cfg), params,
       optim.split_micro_batches(batch, grad_accum_steps),
       lambda mb: _micro_weight(mb, batch, cfg, grad_accum_steps))
-  # Metrics are token means or per-sequence means: combine like the loss.
-  metrics = jax.tree.map(lambda m: jnp.sum(m * weights) if cfg.token_mean else jnp.mean(m),
-                         metrics)
-  return grads, metrics
+  # Metrics are token means or per-sequence means: combine like the loss; maxima by a max.
+  def combine(name, m):
+    if name in losses.MAX_METRICS:
+      return jnp.max(m)
+    return jnp.sum(m * weights) if cfg.token_mean else jnp.mean(m)
+
+  return grads, {name: combine(name, m) for name, m in metrics.items()}
 
 
 def make_update_step(graphdef, optimizer, cfg: LossConfig, *, grad_accum_steps: int = 1,

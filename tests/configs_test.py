@@ -126,3 +126,41 @@ def test_gemma3_config_presets_pick_task_and_reward():
   assert load_config("gemma3_arithmetic.py").task.name == "arithmetic"
   with pytest.raises(ValueError, match="use one of .*countdown"):
     load_config("gemma3_arithmetic.py", "gsm8k")
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(delta=1.1), r"config.rl.delta=1.1 must be > 1 \+ epsilon_high = 1.2"),
+    (dict(delta=4.0, loss_type="sapo"), r"config.rl.delta=4.0 caps .* not 'sapo'"),
+    (dict(top_entropy_quantile=1.5), r"config.rl.top_entropy_quantile=1.5 must be in \[0, 1\]"),
+    (dict(rollout_correction="tis"), r"config.rl.rollout_correction='tis'; expected one of"),
+    (dict(rollout_correction_threshold=0.5), "rollout_correction_threshold=0.5 must be >= 1"),
+    (dict(rollout_correction="token_mask", num_iterations=2), "needs config.rl.num_iterations"),
+    (dict(sapo_temperature_neg=0.0), "sapo_temperature_neg=0.0 must be > 0"),
+    (dict(gmpo_epsilon=-1.0), "config.rl.gmpo_epsilon=-1.0 must be > 0"),
+    (dict(loss_type="gmpo", importance_sampling_level="sequence"),
+     "set config.rl.importance_sampling_level='token'"),
+])
+def test_loss_options_are_checked_at_start_up(changes, match):
+  cfg = load_config("tiny_arithmetic.py")
+  for key, value in changes.items():
+    cfg.rl[key] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(cfg, data=False)
+
+
+def test_loss_options_reach_the_loss_by_name():
+  from grpo_jax import grpo
+
+  cfg = load_config("tiny_arithmetic.py")
+  changes = dict(loss_type="cispo", use_bias_correction_kl=True, entropy_coef=0.01,
+                 top_entropy_quantile=0.2, rollout_correction="sequence_mask",
+                 rollout_correction_threshold=3.0, sapo_temperature_pos=2.0,
+                 sapo_temperature_neg=3.0, gmpo_epsilon=0.3)
+  for key, value in changes.items():
+    cfg.rl[key] = value
+  config_lib.validate(cfg, data=False)
+  kwargs = grpo.loss_config_from(cfg.rl).kwargs
+  assert {k: kwargs[k] for k in changes} == changes
+  cfg.rl.loss_type, cfg.rl.delta = "dapo", 4.0
+  config_lib.validate(cfg, data=False)
+  assert grpo.loss_config_from(cfg.rl).kwargs["delta"] == 4.0

@@ -51,20 +51,103 @@ def test_completion_logps_equal_a_plain_forward_of_prompt_plus_completion():
     np.testing.assert_allclose(np.asarray(entropy[row, :n]), -(p * np.log(p)).sum(-1), atol=2e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_gradient_accumulation_equals_one_batch(loss_type):
+ACCUMULATION_CASES = [
+    ("grpo", {}),
+    ("dapo", {}),
+    ("dr_grpo", {}),
+    # The loss types whose aggregation makes accumulation exact, with the options that keep it
+    # exact: an entropy bonus under cispo's global token mean, elementwise rollout weights
+    # (old = the trainer's own log-probs, so the weights are not all 1), the bias-corrected KL.
+    ("cispo", dict(entropy_coef=0.01)),
+    ("cispo", dict(use_old_logps=False, rollout_correction="token_truncate",
+                   rollout_correction_threshold=1.2)),
+    ("gmpo", {}),
+    ("gmpo", dict(use_old_logps=False, rollout_correction="sequence_mask")),
+    ("sapo", dict(use_bias_correction_kl=True)),
+    ("sapo", dict(use_old_logps=False, rollout_correction="token_mask",
+                  rollout_correction_threshold=1.2)),
+]
+
+
+@pytest.mark.parametrize("loss_type,options", ACCUMULATION_CASES)
+def test_gradient_accumulation_equals_one_batch(loss_type, options):
   model = models.init_model(CFG, seed=1)
   graphdef, params = nnx.split(model)
   ref = jax.tree.map(lambda x: x * 1.01, params)
   batch = make_batch(seed=2)
-  cfg = grpo.loss_config(G, loss_type=loss_type, max_completion_length=7,
-                        use_old_logps=True, beta=0.1, chunk_size=4)
+  kw = dict(loss_type=loss_type, max_completion_length=7, use_old_logps=True, beta=0.1,
+            chunk_size=4)
+  cfg = grpo.loss_config(G, **{**kw, **options})
   g1, m1 = jax.jit(lambda p: grpo.grads_and_metrics(p, ref, graphdef, batch, cfg, 1))(params)
   g2, m2 = jax.jit(lambda p: grpo.grads_and_metrics(p, ref, graphdef, batch, cfg, 2))(params)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
   assert float(jnp.abs(jax.tree.leaves(g1)[0]).max()) > 0
+  # A maximum is combined by a max, not averaged.
+  assert float(m2["mismatch/max_abs_log_ratio"]) == float(m1["mismatch/max_abs_log_ratio"])
+  if "rollout_correction" in options:  # the correction did something on this batch
+    assert 0 < float(m1["mismatch/weight_mean"]) < 1
+
+
+def _micro_batches(batch, parts):
+  stacked = optim.split_micro_batches(batch, parts)
+  return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(parts)]
+
+
+def test_bnpo_averages_micro_batch_token_means_and_dapo_keeps_the_global_one():
+  """TRL's bnpo under accumulation is (1/K) sum_k (token mean of micro-batch k); dapo is the
+  token mean of the whole batch. They differ when the micro-batches' token counts do."""
+  graphdef, params = nnx.split(models.init_model(CFG, seed=1))
+  batch = make_batch(seed=2)
+  micro = _micro_batches(batch, 2)
+  counts = [int(mb.completion_mask.sum()) for mb in micro]
+  assert counts[0] != counts[1]
+  out = {}
+  for loss_type in ("bnpo", "dapo"):
+    cfg = grpo.loss_config(G, loss_type=loss_type, use_old_logps=True, beta=0.0, chunk_size=4)
+    grad_fn = jax.jit(jax.grad(grpo.loss_and_metrics, has_aux=True), static_argnums=(2, 4))
+    g_full, m_full = grad_fn(params, None, graphdef, batch, cfg)
+    parts = [grad_fn(params, None, graphdef, mb, cfg) for mb in micro]
+    g2, m2 = jax.jit(lambda p, c=cfg: grpo.grads_and_metrics(p, None, graphdef, batch, c, 2))(
+        params)
+    if loss_type == "bnpo":
+      want_loss = np.mean([float(m["loss"]) for _, m in parts])
+      want_grads = jax.tree.map(lambda *g: (g[0] + g[1]) / 2, *[g for g, _ in parts])
+    else:
+      want_loss, want_grads = float(m_full["loss"]), g_full
+    np.testing.assert_allclose(float(m2["loss"]), want_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+    out[loss_type] = float(m2["loss"]), float(m_full["loss"])
+  assert out["bnpo"][1] == out["dapo"][1]  # without accumulation, the same formula
+  assert abs(out["bnpo"][0] - out["dapo"][0]) > 1e-3 * abs(out["dapo"][0])
+
+
+def test_entropy_options_and_mismatch_metrics_reach_the_loss():
+  """loss_and_metrics passes the entropies (bonus: minus coef x the logged mean entropy under
+  dapo) and the sampler's log-probs (mismatch against the trainer's, the batch's old_logps)."""
+  model = models.init_model(CFG, seed=5)
+  graphdef, params = nnx.split(model)
+  batch = make_batch(seed=6)
+  run = lambda **kw: jax.value_and_grad(grpo.loss_and_metrics, has_aux=True)(  # noqa: E731
+      params, None, graphdef, batch, grpo.loss_config(G, loss_type="dapo", beta=0.0, **kw))
+  (loss0, m0), g0 = run()
+  (loss1, m1), g1 = run(entropy_coef=0.05)
+  (loss2, _), _ = run(top_entropy_quantile=0.3)
+  np.testing.assert_allclose(float(loss1), float(loss0) - 0.05 * float(m0["entropy"]), rtol=1e-5)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+  assert abs(float(loss2) - float(loss0)) > 1e-6
+  logps, _ = grpo.completion_logps(model, batch.prompts, batch.prompt_mask, batch.completions,
+                                   batch.completion_mask, num_generations=G)
+  mask = np.asarray(batch.completion_mask) > 0
+  d = (np.asarray(logps, np.float64) - np.asarray(batch.old_logps, np.float64))[mask]
+  np.testing.assert_allclose(float(m0["mismatch/mean_abs_log_ratio"]), np.abs(d).mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m0["mismatch/max_abs_log_ratio"]), np.abs(d).max(), rtol=1e-5)
+  np.testing.assert_allclose(float(m0["mismatch/kl"]), np.mean(np.exp(d) - d - 1), rtol=1e-4)
+  # With several updates per rollout old_logps are the sampler's own: no mismatch to report.
+  (_, m_old), _ = run(use_old_logps=True)
+  assert float(m_old["mismatch/max_abs_log_ratio"]) == 0.0
 
 
 def test_update_step_changes_params_and_gives_finite_metrics():

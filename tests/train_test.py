@@ -164,6 +164,10 @@ def test_metrics_jsonl_has_every_key_finite_and_consistent(short_run):
     # One update per rollout: the policy is the sampling policy, the ratio is 1, nothing clips.
     for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
       assert rec[key] == 0
+    # The sampler's log-probs (KV-cache decoding) against the update's forward, every step:
+    # the same fp32 policy, so only rounding apart.
+    assert 0 <= rec["mismatch/mean_abs_log_ratio"] <= rec["mismatch/max_abs_log_ratio"] < 1e-3
+    assert abs(rec["mismatch/kl"]) < 1e-6
     assert rec["time/step_s"] >= rec["time/sample_s"] + rec["time/update_s"] > 0
   # The reference is the initial policy: no KL at the first step, some after an update.
   assert abs(first["kl"]) < 1e-6 and second["kl"] > 1e-7
