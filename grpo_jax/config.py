@@ -86,6 +86,10 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
       "after the other (KV cache memory / parts; the same completions)")
   key("rl.mask_truncated_completions", False,
       "DAPO: no loss on completions cut at the length limit without a stop token")
+  key("rl.dynamic_sampling", False, "DAPO: groups whose rewards all agree make way for "
+      "informative groups of the next prompts, sampled in more rollouts of B prompts")
+  key("rl.max_dynamic_sampling_rounds", 8, "dynamic sampling's cap on more rollouts per step; "
+      "then the step trains on the groups it has (uninformative ones with advantage 0)")
 
   # LLM-as-judge reward ("judge" in config.rewards): a model ranks each group's G answers.
   key("judge.model", "policy",
@@ -324,6 +328,13 @@ def validate(cfg, *, data: bool = True) -> None:
   _check(rl.scale_rewards in advantages.SCALES,
          f"config.rl.scale_rewards={rl.scale_rewards!r}; expected one of {list(advantages.SCALES)}")
   _check(rl.num_iterations >= 1, "config.rl.num_iterations must be >= 1")
+  _check(isinstance(rl.dynamic_sampling, bool),
+         f"config.rl.dynamic_sampling={rl.dynamic_sampling!r} must be True or False")
+  rounds = rl.max_dynamic_sampling_rounds
+  _check(isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0,
+         f"config.rl.max_dynamic_sampling_rounds={rounds!r} must be an integer >= 0 (the most "
+         "rollouts of prompts_per_step prompts a step adds to replace groups whose rewards all "
+         "agree; 0: none, only the dynamic_sampling/* metrics)")
   _check(rl.max_completion_length >= 1 and rl.max_prompt_length >= 1,
          "config.rl.max_prompt_length and max_completion_length must be >= 1")
   _check(rl.temperature >= 0 and 0 < rl.top_p <= 1 and rl.top_k >= 0,
