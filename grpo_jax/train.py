@@ -1,7 +1,9 @@
 """The GRPO training loop: `train_and_evaluate(config, workdir)`.
 
 Each step: B prompts from the task -> G completions each (sampling.py) ->
-rewards (host, rewards/) -> group advantages (advantages.py) -> `num_iterations`
+rewards (host, rewards/) -> [with config.rl.dynamic_sampling, groups whose
+rewards all agree give way to informative ones of further rollouts
+(dynamic_sampling.py)] -> group advantages (advantages.py) -> `num_iterations`
 jitted, sharded updates (grpo.py) -> metrics.jsonl / TensorBoard / plots
 (runner.Log), and a checkpoint every `checkpoint_every` steps, at the end, and
 on SIGTERM/SIGINT (runner.Preemption).
