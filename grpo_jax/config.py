@@ -113,6 +113,10 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rl.sapo_temperature_neg", 1.05, "SAPO's gate temperature for advantages <= 0")
   key("rl.gmpo_epsilon", 0.4, "GMPO's clip range on the token log-ratio: ratios within "
       "(e^-x, e^x)")
+  key("rl.dynamic_sampling", False, "DAPO: groups whose rewards all agree make way for "
+      "informative groups of the next prompts, sampled in more rollouts of B prompts")
+  key("rl.max_dynamic_sampling_rounds", 8, "dynamic sampling's cap on more rollouts per step; "
+      "then the step trains on the groups it has (uninformative ones with advantage 0)")
 
   # LLM-as-judge reward ("judge" in config.rewards): a model ranks each group's G answers.
   key("judge.model", "policy",
@@ -392,6 +396,13 @@ def validate(cfg, *, data: bool = True) -> None:
   _validate_advantages(rl)
   _check(rl.num_iterations >= 1, "config.rl.num_iterations must be >= 1")
   _validate_loss_options(rl)
+  _check(isinstance(rl.dynamic_sampling, bool),
+         f"config.rl.dynamic_sampling={rl.dynamic_sampling!r} must be True or False")
+  rounds = rl.max_dynamic_sampling_rounds
+  _check(isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 0,
+         f"config.rl.max_dynamic_sampling_rounds={rounds!r} must be an integer >= 0 (the most "
+         "rollouts of prompts_per_step prompts a step adds to replace groups whose rewards all "
+         "agree; 0: none, only the dynamic_sampling/* metrics)")
   _check(rl.max_completion_length >= 1 and rl.max_prompt_length >= 1,
          "config.rl.max_prompt_length and max_completion_length must be >= 1")
   _check(rl.temperature >= 0 and 0 < rl.top_p <= 1 and rl.top_k >= 0,

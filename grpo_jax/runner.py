@@ -4,7 +4,7 @@
     if resume.complete:
       return runner.Records(metrics_io.read_metrics(workdir))  # nothing loaded, nothing to do
     run, params = runner.setup(cfg, workdir, steps=S, history=resume.history)  # mesh, model, ...
-    state, start = runner.restore_or_init(run, params)       # TrainState; resumes the workdir
+    state, start, position = runner.restore_or_init(run, params)  # resumes the workdir
     log = runner.Log(run, start)                             # metrics, samples, plots, bar
     runner.evaluate_first(run, log, eval_fn, state.params, start)
     with runner.Preemption() as preemption:
@@ -142,20 +142,22 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
              rollout), params
 
 
-def restore_or_init(run: Run, params) -> tuple[TrainState, int]:
+def restore_or_init(run: Run, params) -> tuple[TrainState, int, int]:
   """The train state of the workdir's latest checkpoint, else `params` with a fresh optimizer
-  state; and the step it starts from (0 for a fresh run)."""
+  state; the step it starts from and its data position (the examples consumed; 0 and 0 for a
+  fresh run)."""
   opt_state = jax.jit(run.optimizer.init, out_shardings=run.opt_sh)(params)
   state = TrainState(params, opt_state)
-  start = run.ckpt.latest_step() or 0
+  start, position = run.ckpt.latest_step() or 0, 0
   if start:
     shardings = TrainState(run.param_sh, run.opt_sh)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             state, shardings)
     restored, meta = run.ckpt.restore(abstract_state=checkpointing.run_state(abstract))
     state = TrainState(restored["params"], restored["opt_state"])
-    log.info("resumed from step %d (data position %d)", start, meta["data_position"])
-  return state, start
+    position = int(meta["data_position"])
+    log.info("resumed from step %d (data position %d)", start, position)
+  return state, start, position
 
 
 def checkpoint_or_stop(run: Run, step: int, state: TrainState, preemption: Preemption, *,

@@ -62,7 +62,7 @@ def train_sft(cfg, workdir: str, *, allow_config_change: bool = False) -> runner
   enc = functools.partial(sft.encode, tokenizer=tokenizer, template=cfg.task.template,
                           stop_id=stop_id, max_length=cfg_sft.max_length)
   local = distributed.local_rows(run.batch_sh, b)  # this process's rows of each batch
-  state, start = runner.restore_or_init(run, params)
+  state, start, _ = runner.restore_or_init(run, params)
   del params
   eval_fn = runner.combine_evaluators(
       runner.task_evaluator(run, task),  # eval/pass@1 etc. (None: eval.num_problems = 0)

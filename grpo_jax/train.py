@@ -1,14 +1,18 @@
 """The GRPO training loop: `train_and_evaluate(config, workdir)`.
 
 Each step: B prompts from the task -> G completions each (sampling.py) ->
-rewards (host, rewards/) -> group advantages (advantages.py) -> `num_iterations`
+rewards (host, rewards/) -> [with config.rl.dynamic_sampling, groups whose
+rewards all agree give way to informative ones of further rollouts
+(dynamic_sampling.py)] -> group advantages (advantages.py) -> `num_iterations`
 jitted, sharded updates (grpo.py) -> metrics.jsonl / TensorBoard / plots
 (runner.Log), and a checkpoint every `checkpoint_every` steps, at the end, and
 on SIGTERM/SIGINT (runner.Preemption).
 
 Exact resume: the randomness of step s is fold_in(key(seed), s) and its
-prompts are examples [s * B, (s + 1) * B) of the task, so a run restored
-from the checkpoint of step s continues exactly as an uninterrupted one.
+prompts are the B examples of the task at the data position (s * B, or with
+config.rl.dynamic_sampling every example sampled before; dynamic_sampling.py),
+which checkpoints keep, so a run restored from the checkpoint of step s
+continues exactly as an uninterrupted one.
 
 Multi-host (distributed.py): each process takes the prompts of the batch rows
 its devices hold and samples them; the sampled tokens come back to the process
@@ -27,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import (advantages, config as config_lib, distributed, grpo, metrics_io, rewards,
-                      run_dir, runner, sampling, sharding)
+from grpo_jax import (advantages, config as config_lib, distributed, dynamic_sampling, grpo,
+                      metrics_io, rewards, run_dir, runner, sampling, sharding)
 from grpo_jax.data import batching, format_prompt, get_task, templates
 
 log = logging.getLogger("grpo_jax")
@@ -74,18 +78,26 @@ def score(cfg, tokenizer, reward_fns, weights, examples, prompt_texts, out, rows
   reward [N], the reward metrics).
   """
   g = cfg.rl.num_generations
-  tokens, lengths = out["tokens"], out["lengths"]
-  texts = [tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True)
-           for i in range(len(lengths))]
+  texts, lengths = decode(tokenizer, out), out["lengths"]
   columns = {k: [ex[k] for ex in examples for _ in range(g)] for k in examples[0] if k != "prompt"}
   scores = rewards.score_rewards(reward_fns, [t for t in prompt_texts for _ in range(g)], texts,
                                  completion_lengths=lengths.tolist(), **columns)
   whole = distributed.gather_rows({"scores": scores.rewards_NxF, "lengths": lengths,
                                    "truncated": out["truncated"], "errors": scores.errors_F[None]},
                                   rows)
-  scores = rewards.Scores(scores.names, whole["scores"], whole["errors"].sum(0), scores.on_error)
-  reward, reward_info = rewards.weigh_scores(scores, weights)
-  return texts, whole, reward, reward_info
+  return (texts, whole, *weigh(whole, scores.names, weights))
+
+
+def decode(tokenizer, out) -> list[str]:
+  """The texts of completions (`out`: "tokens" [n, T] and "lengths" [n], numpy)."""
+  return [tokenizer.decode(out["tokens"][i, :n], skip_special_tokens=True)
+          for i, n in enumerate(out["lengths"])]
+
+
+def weigh(whole, names, weights):
+  """(the combined reward [N], the reward metrics) of `score`'s gathered `whole` batch."""
+  return rewards.weigh_scores(rewards.Scores(names, whole["scores"], whole["errors"].sum(0)),
+                              weights)
 
 
 @functools.partial(jax.jit, static_argnames=("length", "mask_truncated", "sharding"))
@@ -206,9 +218,10 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   # The reference is the initial policy; a copy, since the policy's buffers are donated.
   ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.param_sh)(params)
                 if rl.beta != 0 else None)
-  state, start = runner.restore_or_init(run, params)
+  state, start, position = runner.restore_or_init(run, params)  # position: examples consumed
   del params
   reward_fns, weights = reward_functions(cfg, run, lambda: state.params)
+  reward_names = [name for name, _ in reward_fns]
   update = grpo.make_update_step(run.graphdef, run.optimizer,
                                  grpo.loss_config_from(rl, cfg.model.remat),
                                  grad_accum_steps=train.grad_accum_steps,
@@ -222,7 +235,48 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   eval_fn = runner.task_evaluator(run, task)
   metrics_log = runner.Log(run, start)
   runner.evaluate_first(run, metrics_log, eval_fn, state.params, start)
-  warned_cut, buckets_seen = False, set()
+  warned_cut, warned_cap, buckets_seen = False, False, set()
+
+  def prompts_at(positions):
+    """This process's rows of the prompts of the task's examples `positions` [B]: (examples,
+    prompt texts, token ids [B, P] and mask as global arrays)."""
+    nonlocal warned_cut
+    examples = [task.train_batch(int(i), 1)[0] for i in positions[prompt_rows]]
+    texts = [format_prompt(ex, cfg.task.template, tokenizer) for ex in examples]
+    tokens, mask, cut = tokenize_prompts(texts, tokenizer, rl.max_prompt_length)
+    if cut and not warned_cut:
+      log.warning("a prompt has more than rl.max_prompt_length=%d tokens; keeping its last %d "
+                  "(this warning is shown once)", rl.max_prompt_length, rl.max_prompt_length)
+      warned_cut = True
+    return (examples, texts, *distributed.to_global((tokens, mask), batch_sh))
+
+  def rollout(prompts, prompt_mask, key):
+    """The sampler's completions of the prompts (global arrays, on the devices). It decodes
+    from its own copy of the weights (compute dtype, whole on each device but for the tensor
+    split), dropped as soon as it is done."""
+    with jax.set_mesh(run.mesh):
+      return sampling.sample_jit(
+          run.graphdef, run.rollout_params(state.params), prompts, prompt_mask, key,
+          num_generations=g, max_new_tokens=rl.max_completion_length, stop_ids=stop_ids,
+          pad_id=pad_id, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+          parts=rl.rollout_parts, shards=shards)
+
+  def to_host(out):
+    """Only what the rewards read comes to the host; log-probs and masks stay on the devices."""
+    return distributed.to_local(dict(tokens=out.tokens, lengths=out.lengths,
+                                     truncated=out.truncated), batch_sh)
+
+  def extra_rollout(step_key, first_position):
+    """dynamic_sampling.fill's `sample`: rollout r samples the B prompts after rollout r - 1's,
+    with its own key, and scores them."""
+    def sample(r):
+      positions = first_position + r * b + np.arange(b)
+      examples, texts, prompts, prompt_mask = prompts_at(positions)
+      out = rollout(prompts, prompt_mask, jax.random.fold_in(step_key, r))
+      _, whole, reward, _ = score(cfg, tokenizer, reward_fns, weights, examples, texts,
+                                  to_host(out), rows)
+      return dynamic_sampling.Rollout(out, whole, reward, positions)
+    return sample
 
   # ------------------------------------------------------------------ loop --
   # The update of step s runs on the devices while the host prepares step s + 1, and its
@@ -233,33 +287,40 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
       t_step = time.perf_counter()
       if step == start:
         log.info("step %d compiles the sampler and the update (once per shape bucket)", step + 1)
-      # This process's prompts: the batch rows its devices hold.
-      examples = task.train_batch(step * b + prompt_rows.start,
-                                  prompt_rows.stop - prompt_rows.start)
-      prompt_texts = [format_prompt(ex, cfg.task.template, tokenizer) for ex in examples]
-      prompts, prompt_mask, cut = tokenize_prompts(prompt_texts, tokenizer, rl.max_prompt_length)
-      if cut and not warned_cut:
-        log.warning("a prompt has more than rl.max_prompt_length=%d tokens; keeping its last %d "
-                    "(this warning is shown once)", rl.max_prompt_length, rl.max_prompt_length)
-        warned_cut = True
-      prompts, prompt_mask = distributed.to_global((prompts, prompt_mask), batch_sh)
-      # The rollout decodes from its own copy of the weights (compute dtype, whole on each
-      # device but for the tensor split), dropped as soon as it is done.
-      with jax.set_mesh(run.mesh):
-        out = sampling.sample_jit(
-            run.graphdef, run.rollout_params(state.params), prompts, prompt_mask,
-            jax.random.fold_in(base_key, step), num_generations=g,
-            max_new_tokens=rl.max_completion_length, stop_ids=stop_ids, pad_id=pad_id,
-            temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-            parts=rl.rollout_parts, shards=shards)
+      # The B examples at the data position; this process's prompts: the rows its devices hold.
+      step_key, positions = jax.random.fold_in(base_key, step), position + np.arange(b)
+      examples, prompt_texts, prompts, prompt_mask = prompts_at(positions)
+      out = rollout(prompts, prompt_mask, step_key)
       pending.flush()  # the previous step's metrics, written while this rollout runs
-      # Only what the rewards read comes to the host; log-probs and masks stay on the devices.
-      host = distributed.to_local(dict(tokens=out.tokens, lengths=out.lengths,
-                                       truncated=out.truncated), batch_sh)
+      host = to_host(out)
       t_sample = time.perf_counter() - pending.start(t_step)
 
       texts, whole, reward, reward_info = score(cfg, tokenizer, reward_fns, weights, examples,
                                                 prompt_texts, host, rows)
+      position += b
+      sampling_rec = {}
+      if rl.dynamic_sampling:  # groups whose rewards all agree make way for informative ones
+        t_fill = time.perf_counter()
+        kept, sampling_rec = dynamic_sampling.fill(
+            dynamic_sampling.Rollout(out, whole, reward, positions),
+            extra_rollout(step_key, positions[0]), num_generations=g,
+            max_rounds=rl.max_dynamic_sampling_rounds, sharding=batch_sh)
+        position += int(sampling_rec["dynamic_sampling/extra_rollouts"]) * b
+        if (kept.positions != positions).any():  # the batch's prompts and completions changed
+          _, prompt_texts, prompts, prompt_mask = prompts_at(kept.positions)
+          out, whole, reward = kept.out, kept.whole, kept.reward
+          reward_info = weigh(whole, reward_names, weights)[1]
+          texts = decode(tokenizer, to_host(out))
+        del kept  # its completions are `out` (or none any longer)
+        if sampling_rec["dynamic_sampling/cap_hit"] and not warned_cap:
+          log.warning(
+              "dynamic sampling: step %d has %d informative groups of %d after %d more rollouts "
+              "(rl.max_dynamic_sampling_rounds); it trains on the rest, whose rewards all agree, "
+              "with advantage 0 (this warning is shown once; dynamic_sampling/cap_hit counts "
+              "such steps)", step + 1, sampling_rec["dynamic_sampling/groups_kept"], b,
+              rl.max_dynamic_sampling_rounds)
+          warned_cap = True
+        sampling_rec["time/dynamic_sampling_s"] = time.perf_counter() - t_fill
       adv, reward_stats = jax.device_get(_advantages_and_metrics(
           reward, whole["scores"], np.asarray(weights, np.float32), num_generations=g,
           scale=rl.scale_rewards, estimator=rl.advantage_estimator,
@@ -282,6 +343,7 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
       done = step + 1
       rec = {k: float(v) for k, v in reward_stats.items()}
       rec.update(reward_info)
+      rec.update(sampling_rec)
       rec.update({
           "completions/mean_length": float(whole["lengths"].mean()),
           "completions/clipped_ratio": float(whole["truncated"].mean()),
@@ -294,7 +356,7 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
       if runner.eval_due(run, eval_fn, done):  # it samples from the updated params: waits
         pending.wait()
         rec.update(runner.evaluate_if_due(run, eval_fn, done, state.params))
-      if runner.checkpoint_or_stop(run, done, state, preemption, data_position=done * b,
+      if runner.checkpoint_or_stop(run, done, state, preemption, data_position=position,
                                    before_save=pending.flush):
         break
   pending.flush()
