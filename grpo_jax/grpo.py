@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from grpo_jax import losses, optim
+from grpo_jax.models import transformer
 
 
 @struct.dataclass
@@ -116,16 +117,9 @@ def completion_logps(model, prompts_BxP, prompt_mask_BxP, completions_NxT, compl
   when sampling), so the log-probs are the sampling policy's. `remat`: what the
   backward keeps of each layer (`transformer.REMAT`).
   """
-  t = completions_NxT.shape[1]
-  h_prompt, prefix = model.prefill(prompts_BxP, prompt_mask_BxP, remat=remat)
-  first = jnp.repeat(h_prompt[:, -1:], num_generations, axis=0)  # [N, 1, D]
-  if t > 1:  # no cache: nothing is written, and no empty slots are attended to
-    h_rest = model.hidden_states(completions_NxT[:, :-1],
-                                 attention_mask_BxL=completion_mask_NxT[:, :-1],
-                                 prefix=prefix, remat=remat)
-    hidden = jnp.concatenate([first, h_rest], axis=1)
-  else:
-    hidden = first
+  hidden = transformer.completion_hidden_states(
+      model, prompts_BxP, prompt_mask_BxP, completions_NxT, completion_mask_NxT,
+      num_generations=num_generations, remat=remat)
   inv_t = 1.0 / (temperature if temperature > 0 else 1.0)
   head = lambda h: model.logits(h) * inv_t  # noqa: E731
   return losses.token_logps_and_entropy(hidden, completions_NxT, head, chunk_size=chunk_size)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from grpo_jax.models import transformer
+
 Array = jax.Array
 
 def _float(x) -> Array:
@@ -226,14 +228,7 @@ def completion_values(value_model, prompts_BxP: Array, prompt_mask_BxP: Array,
       completion_mask_NxT [N, T].
     remat: what the backward keeps of each layer (`transformer.REMAT`).
   """
-  t = completions_NxT.shape[1]
-  h_prompt, prefix = value_model.prefill(prompts_BxP, prompt_mask_BxP, remat=remat)
-  first = jnp.repeat(h_prompt[:, -1:], num_generations, axis=0)  # [N, 1, D]
-  if t > 1:  # no cache: the completion rows read the prompt's keys/values, write nothing
-    h_rest = value_model.hidden_states(completions_NxT[:, :-1],
-                                       attention_mask_BxL=completion_mask_NxT[:, :-1],
-                                       prefix=prefix, remat=remat)
-    hidden = jnp.concatenate([first, h_rest], axis=1)
-  else:
-    hidden = first
+  hidden = transformer.completion_hidden_states(
+      value_model, prompts_BxP, prompt_mask_BxP, completions_NxT, completion_mask_NxT,
+      num_generations=num_generations, remat=remat)
   return value_model.values(hidden)

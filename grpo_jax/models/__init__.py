@@ -26,13 +26,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grpo_jax.models import checkpoints, presets, tiny
-from grpo_jax.models.transformer import (ATTENTION_BLOCK, ModelConfig, Transformer, init_model,
-                                         model_from_params)
+from grpo_jax.models.transformer import (ATTENTION_BLOCK, ModelConfig, Transformer,
+                                         completion_hidden_states, init_model, model_from_params)
 from grpo_jax.models.value import ValueModel, init_value_model, value_model_from_params
 
 __all__ = ["load", "export", "ModelConfig", "Transformer", "init_model", "model_from_params",
            "KNOWN_MODELS", "embedded_gguf_path", "chunked_gguf_path", "jit_forward", "params_dict",
-           "ValueModel", "init_value_model", "value_model_from_params"]
+           "ValueModel", "init_value_model", "value_model_from_params", "completion_hidden_states"]
 
 # name -> (PyPI package shipping the file, file name inside it)
 EMBEDDED_GGUF = {

@@ -690,6 +690,34 @@ class Transformer(nnx.Module):
     return self.logits(hidden), cache
 
 
+def completion_hidden_states(model, prompts_BxP: Array, prompt_mask_BxP: Array,
+                             completions_NxT: Array, completion_mask_NxT: Array, *,
+                             num_generations: int, remat: str = "none") -> Array:
+  """Final hidden states [N, T, D] at the positions that predict each completion token.
+
+  Token 0 is predicted by the prompt's last position, token t > 0 by completion
+  token t - 1. The prompt runs once (B rows) and its G completions attend to it
+  as a shared prefix, without a cache (nothing is written, no empty slots are
+  attended to). The policy's log-probs (grpo.completion_logps) and the critic's
+  values (ppo.completion_values) both read these states.
+
+  Args:
+    model: a Transformer, or anything with its `prefill` / `hidden_states` (a ValueModel).
+    prompts_BxP: [B, P] int32, left-padded; prompt_mask_BxP [B, P].
+    completions_NxT: [N, T] int32, N = B * num_generations rows, prompt-major;
+      completion_mask_NxT [N, T].
+    remat: what the backward keeps of each layer (`REMAT`).
+  """
+  h_prompt, prefix = model.prefill(prompts_BxP, prompt_mask_BxP, remat=remat)
+  first = jnp.repeat(h_prompt[:, -1:], num_generations, axis=0)  # [N, 1, D]
+  if completions_NxT.shape[1] == 1:
+    return first
+  h_rest = model.hidden_states(completions_NxT[:, :-1],
+                               attention_mask_BxL=completion_mask_NxT[:, :-1],
+                               prefix=prefix, remat=remat)
+  return jnp.concatenate([first, h_rest], axis=1)
+
+
 def init_model(cfg: ModelConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                attention_block: int = ATTENTION_BLOCK, seed: int = 0) -> Transformer:
   """A randomly initialised model (for tests and from-scratch runs)."""
