@@ -3,7 +3,8 @@
     .venv/bin/python experiments/report.py [--root=runs/experiments]
 
 Reads ROOT/results.json (one held-out evaluation per model), each evaluation's
-per-problem JSONL (for the share of R1-formatted answers) and each GRPO run's
+per-problem JSONL (for the share of R1-formatted answers and pass@1's bootstrap
+interval) and each GRPO run's
 metrics.jsonl (reward and completion length per step). Writes
 experiments/accuracy_per_stage.png and experiments/grpo_curves.png (r1_zero, r1,
 distill), experiments/r1_zero_base.png (Gemma 3 base runs beside SmolLM2's
@@ -17,6 +18,7 @@ import json
 import os
 
 import matplotlib
+import numpy as np
 from absl import app, flags
 
 matplotlib.use("Agg")
@@ -52,19 +54,37 @@ def select(results: dict, experiments) -> dict:
   return {key: r for key, r in results.items() if key.split("/")[0] in experiments}
 
 
+def pass1_interval(eval_jsonl: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+  """95% interval of pass@1 by a cluster bootstrap over the distinct problems: problems are
+  drawn with replacement, each with all its evaluated rows (a problem the evaluation repeats
+  is one cluster), and pass@1 is recomputed as right samples / samples."""
+  right, total = {}, {}
+  with open(eval_jsonl) as f:
+    for line in f:
+      row = json.loads(line)
+      right[row["prompt"]] = right.get(row["prompt"], 0) + row["num_correct"]
+      total[row["prompt"]] = total.get(row["prompt"], 0) + len(row["completions"])
+  right_P, total_P = np.array(list(right.values())), np.array(list(total.values()))
+  draws = np.random.default_rng(seed).integers(0, len(right_P), (resamples, len(right_P)))
+  stats = right_P[draws].sum(1) / total_P[draws].sum(1)
+  return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
+
+
 def tables(root: str, results: dict) -> str:
   k = next(r["eval"]["num_samples"] for r in results.values() if "eval" in r)
-  lines = [f"| model (stage) | pass@1 | maj@{k} | pass@{k} | R1 format | mean tokens | stage time |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [f"| model (stage) | pass@1 | 95% interval | maj@{k} | pass@{k} | R1 format | "
+           "mean tokens | stage time |",
+           "|---|---|---|---|---|---|---|---|"]
   for key, r in results.items():
     if "eval" not in r:
       continue
     e = r["eval"]
     name, stage = key.split("/")
-    share = format_share(os.path.join(root, name, f"eval_{stage}.jsonl"))
+    path = os.path.join(root, name, f"eval_{stage}.jsonl")
+    share, (low, high) = format_share(path), pass1_interval(path)
     minutes = f"{r['stage_s'] / 60:.1f} min" if "stage_s" in r else "-"
-    lines.append(f"| {key} | {e['pass@1']:.3f} | {e[f'maj@{k}']:.3f} | {e[f'pass@{k}']:.3f} | "
-                 f"{share:.2f} | {e['mean_length']:.1f} | {minutes} |")
+    lines.append(f"| {key} | {e['pass@1']:.3f} | [{low:.2f}, {high:.2f}] | {e[f'maj@{k}']:.3f} | "
+                 f"{e[f'pass@{k}']:.3f} | {share:.2f} | {e['mean_length']:.1f} | {minutes} |")
   data = [(key, r["data"]) for key, r in results.items() if "data" in r]
   if data:
     lines += ["", "| dataset | problems | samples | kept | acceptance | problems with a kept answer |",

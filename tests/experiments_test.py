@@ -55,7 +55,7 @@ def test_report_rewrites_only_the_blocks_that_have_results(tmp_path):
   evals = {}
   for stage, p in [("base_countdown", 0.25), ("grpo_countdown", 0.5)]:
     with open(root / "r1_zero_base" / f"eval_{stage}.jsonl", "w") as f:
-      f.write(json.dumps({"completions": answers}) + "\n")
+      f.write(json.dumps({"prompt": "p", "completions": answers, "num_correct": 1}) + "\n")
     evals[f"r1_zero_base/{stage}"] = {"eval": {"pass@1": p, "maj@2": p, "pass@2": p,
                                                "num_samples": 2, "mean_length": 3.0}}
   evals["r1_zero_base/grpo_countdown"]["stage_s"] = 120.0
@@ -72,7 +72,26 @@ def test_report_rewrites_only_the_blocks_that_have_results(tmp_path):
   assert main_block in text  # no r1_zero/r1/distill results: that block is left as it was
   base = text.split(base_begin)[1].split(base_end)[0]
   assert "old" not in base
-  assert "| r1_zero_base/grpo_countdown | 0.500 | 0.500 | 0.500 | 0.50 | 3.0 | 2.0 min |" in base
+  assert ("| r1_zero_base/grpo_countdown | 0.500 | [0.50, 0.50] | 0.500 | 0.500 | 0.50 | 3.0 | "
+          "2.0 min |") in base
   assert "| r1_zero_base/base_countdown | 0.250 |" in base
   assert text.startswith("head\n") and text.endswith("tail\n")
   assert (out / "r1_zero_base.png").exists() and not (out / "accuracy_per_stage.png").exists()
+
+
+def test_pass1_interval_resamples_distinct_problems_with_all_their_rows(tmp_path):
+  report = load("report")
+  path = tmp_path / "eval.jsonl"
+  rows = [("a", 2), ("a", 2), ("b", 0)] + [(f"c{i}", 1) for i in range(40)]
+  path.write_text("".join(json.dumps({"prompt": p, "completions": ["x", "y"], "num_correct": c})
+                          + "\n" for p, c in rows))
+  low, high = report.pass1_interval(str(path))
+  point = sum(c for _, c in rows) / (2 * len(rows))
+  assert low < point < high and high - low < 0.2
+  # one problem: every resample is that problem, so no spread at all
+  path.write_text(json.dumps({"prompt": "a", "completions": ["x", "y"], "num_correct": 1}) + "\n")
+  assert report.pass1_interval(str(path)) == (0.5, 0.5)
+  # two distinct problems, always right and always wrong: the interval spans [0, 1]
+  path.write_text("".join(json.dumps({"prompt": p, "completions": ["x"], "num_correct": c}) + "\n"
+                          for p, c in [("a", 1), ("b", 0)]))
+  assert report.pass1_interval(str(path)) == (0.0, 1.0)
