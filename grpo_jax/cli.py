@@ -60,10 +60,14 @@ REWARD = flags.DEFINE_string(
     "reward", None, "the reward (a rewards.REWARD_FUNCTIONS name) whose full credit means right "
     "(evaluate's default: the task's default_reward, else accuracy; rejection: none = no "
     "correctness filter)")
+REWARD_KWARGS = flags.DEFINE_string(
+    "reward_kwargs", None, "keywords bound to --reward as a JSON object (what config."
+    "reward_kwargs holds for it), e.g. '{\"pattern\": \"...\", \"answer_group\": \"sentence\"}' "
+    "(evaluate's default: a workdir's config.reward_kwargs entry for --reward)")
 OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file to write")
 
 SHARED = (MODEL, TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, SEED, DTYPE, TASK, TASK_KWARGS,
-          TEMPLATE, NUM_PROBLEMS, NUM_SAMPLES, PROMPTS_PER_BATCH, REWARD, OUTPUT)
+          TEMPLATE, NUM_PROBLEMS, NUM_SAMPLES, PROMPTS_PER_BATCH, REWARD, REWARD_KWARGS, OUTPUT)
 # The defaults above, kept to restore them: an entry point's overrides must not leak into
 # another one run later in the same process (tests).
 _DEFAULTS = {holder.name: holder.default for holder in SHARED}
@@ -131,13 +135,7 @@ def check_sampling() -> None:
 
 def parse_task_kwargs(text: str) -> dict:
   """--task_kwargs' JSON object as a dict."""
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise app.UsageError(f"--task_kwargs is not valid JSON ({e}): {text!r}") from None
-  if not isinstance(value, dict):
-    raise app.UsageError(f"--task_kwargs must be a JSON object; got {text!r}")
-  return value
+  return parse_json_object(text, "task_kwargs")
 
 
 def make_task(name: str, kwargs: dict):
@@ -150,6 +148,29 @@ def make_task(name: str, kwargs: dict):
     return get_task(name, **kwargs)
   except (TypeError, ValueError) as e:
     raise app.UsageError(f"--task={name} --task_kwargs={json.dumps(kwargs)}: {e}") from None
+
+
+def parse_json_object(text: str, flag: str) -> dict:
+  """--FLAG's JSON object text as a dict (app.UsageError when it is not one)."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise app.UsageError(f"--{flag}={text!r} is not valid JSON ({e}); give an object, e.g. "
+                         '\'{"pattern": "..."}\'') from None
+  if not isinstance(value, dict):
+    raise app.UsageError(f"--{flag} must be a JSON object; got {value!r}")
+  return value
+
+
+def reward_with_kwargs(name: str, kwargs: dict | None) -> Callable:
+  """The REWARD_FUNCTIONS entry `name` with `kwargs` bound, checked like config.reward_kwargs
+  (app.UsageError naming --reward_kwargs)."""
+  from grpo_jax import rewards  # imports JAX: only once the cheaper checks passed
+
+  try:
+    return rewards.reward_fn(name, {name: kwargs} if kwargs else None)
+  except (ValueError, TypeError, KeyError) as e:
+    raise app.UsageError(f"--reward_kwargs for reward {name!r}: {e}") from None
 
 
 def check_reward(name: str | None, flag: str = "reward") -> None:

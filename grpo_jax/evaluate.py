@@ -272,8 +272,8 @@ def _log(message: str):
 # The flags are cli's shared ones (model, task, task_kwargs, template, sampling, num_problems,
 # num_samples, reward, prompts_per_batch, output); their defaults are evaluate's.
 for _name in ("model", "task", "task_kwargs", "template", "num_problems", "num_samples",
-              "temperature", "top_p", "top_k", "max_new_tokens", "reward", "prompts_per_batch",
-              "seed", "dtype", "output"):
+              "temperature", "top_p", "top_k", "max_new_tokens", "reward", "reward_kwargs",
+              "prompts_per_batch", "seed", "dtype", "output"):
   flags.declare_key_flag(_name)
 
 # Settings a training workdir's config.json supplies when their flag is not given:
@@ -334,6 +334,13 @@ def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
   if args.reward is None:
     args.reward = getattr(TASKS[args.task], "default_reward", None) or "accuracy"
   cli.check_reward(args.reward)
+  if isinstance(args.reward_kwargs, str):
+    args.reward_kwargs = cli.parse_json_object(args.reward_kwargs, "reward_kwargs")
+  elif args.model_kind == "workdir":  # the keywords the run scored --reward with
+    found = (run_config(args.model).get("reward_kwargs") or {}).get(args.reward)
+    if found:
+      args.reward_kwargs = args.from_workdir["reward_kwargs"] = found
+  args.correct_fn = cli.reward_with_kwargs(args.reward, args.reward_kwargs)
   return args
 
 
@@ -388,7 +395,7 @@ def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> di
          f"{template}, reward {args.reward}, temperature {args.temperature}")
     prompts = [format_prompt(ex, template, tokenizer) for ex in examples]
     metrics, records = run(sampler, examples, prompts, num_samples=args.num_samples,
-                           correct_fn=rewards.REWARD_FUNCTIONS[args.reward])
+                           correct_fn=args.correct_fn)
   ungraded = sum(r["ungraded"] for r in records)
   if ungraded:
     _log(f"warning: reward {args.reward!r} could not grade {ungraded} of "
@@ -406,7 +413,8 @@ def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> di
              "mean_length": metrics["eval/mean_length"],
              "mean_length_chars": metrics["eval/mean_length_chars"],
              "model": args.model, "task": args.task, "task_kwargs": args.task_kwargs,
-             "template": template, "reward": args.reward, "num_samples": k,
+             "template": template, "reward": args.reward, "reward_kwargs": args.reward_kwargs,
+             "num_samples": k,
              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
              "max_new_tokens": args.max_new_tokens, "seed": args.seed,
              "from_workdir": sorted(args.from_workdir),

@@ -57,7 +57,7 @@ import sys
 from typing import Callable, Sequence
 
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 from grpo_jax import cli, rewards
 
@@ -76,17 +76,20 @@ def _check_reward(name: str | None) -> None:
     raise ValueError(f"unknown reward {name!r}; known rewards: {sorted(rewards.REWARD_FUNCTIONS)}")
 
 
-def _scores(name: str | None, prompts, completions, columns) -> np.ndarray:
-  """Rewards [n] of the REWARD_FUNCTIONS entry `name` (NaN for None); None name: all 1."""
-  if name is None:
+def _scores(reward, prompts, completions, columns) -> np.ndarray:
+  """Rewards [n] of `reward`, a REWARD_FUNCTIONS name or a reward function (NaN for None);
+  None: all 1."""
+  if reward is None:
     return np.ones(len(completions))
-  _check_reward(name)
-  values = rewards.REWARD_FUNCTIONS[name](prompts=prompts, completions=completions, **columns)
+  if not callable(reward):
+    _check_reward(reward)
+    reward = rewards.REWARD_FUNCTIONS[reward]
+  values = reward(prompts=prompts, completions=completions, **columns)
   return np.asarray([np.nan if v is None else float(v) for v in values], np.float64)
 
 
 def filter_samples(examples: Sequence[dict], texts: Sequence[Sequence[str]], lengths,
-                   *, max_new_tokens: int, reward: str | None = "accuracy_lenient",
+                   *, max_new_tokens: int, reward: str | Callable | None = "accuracy_lenient",
                    format_reward: str | None = None, min_language_share: float = 1.0,
                    keep_per_problem: int = 1, prefer: str = "first") -> tuple[list, dict]:
   """Applies the filters (module docstring) to K samples per problem.
@@ -100,7 +103,8 @@ def filter_samples(examples: Sequence[dict], texts: Sequence[Sequence[str]], len
     lengths: [P, K] completion lengths in tokens, the stop token included; a
       length of max_new_tokens counts as truncated (see `rejection_sample`).
     max_new_tokens: the sampling budget.
-    reward: REWARD_FUNCTIONS name that says an answer is right (reward 1), or
+    reward: REWARD_FUNCTIONS name (or a reward function, e.g. one with keywords bound:
+      `cli.reward_with_kwargs`) that says an answer is right (reward 1), or
       None to keep wrong answers too.
     format_reward: REWARD_FUNCTIONS name that says an answer is well formatted,
       or None for no format filter.
@@ -177,7 +181,8 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
                      template: str = "chat", num_samples: int = 8, temperature: float = 1.0,
                      top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
                      keep_per_problem: int = 1, prefer: str = "first",
-                     reward: str | None = "accuracy_lenient", require_format: bool = False,
+                     reward: str | Callable | None = "accuracy_lenient",
+                     require_format: bool = False,
                      format_reward: str = "format", min_language_share: float = 1.0,
                      key=None, seed: int = 0, prompts_per_batch: int = 16,
                      stop_ids: Sequence[int] | None = None, progress: bool = True,
@@ -274,8 +279,8 @@ _MIN_LANGUAGE_SHARE = flags.DEFINE_float(
     "min_language_share", 1.0,
     "least share of the reasoning's words in the target script (0 = off)")
 for _name in ("model", "task", "task_kwargs", "num_problems", "num_samples", "output", "template",
-              "temperature", "top_p", "top_k", "max_new_tokens", "reward", "prompts_per_batch",
-              "seed", "dtype"):
+              "temperature", "top_p", "top_k", "max_new_tokens", "reward", "reward_kwargs",
+              "prompts_per_batch", "seed", "dtype"):
   flags.declare_key_flag(_name)
 
 # Rejection sampling's defaults for shared flags (--reward=none turns the correctness filter
@@ -291,6 +296,11 @@ def main(argv) -> None:
   f = flags.FLAGS
   reward = None if f.reward.lower() == "none" else f.reward
   cli.check_reward(reward)  # before the model loads
+  reward_kwargs = f.reward_kwargs and cli.parse_json_object(f.reward_kwargs, "reward_kwargs")
+  if reward_kwargs:
+    if reward is None:
+      raise app.UsageError("--reward_kwargs binds keywords to --reward; --reward=none has none")
+    reward_fn = cli.reward_with_kwargs(reward, reward_kwargs)
   cli.check_reward(f.format_reward, "format_reward")
   task_kwargs = cli.parse_task_kwargs(f.task_kwargs)
   task = cli.make_task(f.task, task_kwargs)
@@ -306,15 +316,15 @@ def main(argv) -> None:
   rows, stats = rejection_sample(
       graphdef, params, tokenizer, examples, template=f.template, num_samples=f.num_samples,
       temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, max_new_tokens=f.max_new_tokens,
-      keep_per_problem=f.keep_per_problem, prefer=f.prefer, reward=reward,
-      require_format=f.require_format, format_reward=f.format_reward,
+      keep_per_problem=f.keep_per_problem, prefer=f.prefer,
+      reward=reward_fn if reward_kwargs else reward, require_format=f.require_format, format_reward=f.format_reward,
       min_language_share=f.min_language_share, seed=f.seed, prompts_per_batch=f.prompts_per_batch)
   stats["settings"] = {
       "model": f.model, "task": f.task, "task_kwargs": task_kwargs, "split": f.split,
       "start_index": f.start_index, "template": f.template, "num_samples": f.num_samples,
       "temperature": f.temperature, "top_p": f.top_p, "top_k": f.top_k,
       "max_new_tokens": f.max_new_tokens, "keep_per_problem": f.keep_per_problem,
-      "prefer": f.prefer, "reward": reward,
+      "prefer": f.prefer, "reward": reward, "reward_kwargs": reward_kwargs or None,
       "format_reward": f.format_reward if f.require_format else None,
       "min_language_share": f.min_language_share, "seed": f.seed, "output": f.output}
   write_dataset(rows, stats, f.output)

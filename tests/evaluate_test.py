@@ -418,3 +418,33 @@ def test_two_processes_evaluate_and_judge_like_one_device():
     assert out["texts"] == texts and out["lengths"] == lengths.tolist()
     want = judge.judge_scores(graphdef, params, tok, *JUDGE[pid])
     np.testing.assert_allclose(out["scores"], want, atol=1e-5)
+
+
+def test_cli_reward_kwargs_bind_keywords_to_the_reward(tmp_path, capsys):
+  """regex_format needs its pattern: from --reward_kwargs, or from a workdir's config."""
+  tagged = ["--reward=regex_format", '--reward_kwargs={"pattern": "<answer>-?\\\\d+</answer>"}']
+  summary = evaluate.main([*CLI, *tagged], load=fake_loader("right", {}))
+  assert summary["pass@1"] == 1.0 and summary["reward_kwargs"] == {"pattern": "<answer>-?\\d+</answer>"}
+  assert evaluate.main([*CLI, *tagged, "--template=plain"],
+                       load=fake_loader("untagged", {}))["pass@1"] == 0.0
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(json.dumps({
+      "model": {"name": "tiny-random"}, "task": {"name": "arithmetic"},
+      "reward_kwargs": {"regex_format": {"pattern": "The answer is \\d+\\."}}}))
+  summary = evaluate.main([*CLI[1:], f"--model={tmp_path}", "--reward=regex_format"],
+                          load=fake_loader("untagged", {}))
+  assert summary["pass@1"] == 1.0 and "reward_kwargs" in summary["from_workdir"]
+  capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags_,message", [
+    (["--reward=regex_format"], "pattern"),
+    (["--reward=regex_format", "--reward_kwargs={bad"], "not valid JSON"),
+    (["--reward=accuracy", '--reward_kwargs={"pattern": "x"}'], "pattern"),
+    (["--reward=regex_format", '--reward_kwargs=["x"]'], "JSON object")])
+def test_cli_rejects_bad_reward_kwargs_before_loading(flags_, message):
+  def load(args, examples):
+    raise AssertionError("loaded a model despite a bad flag")
+
+  with pytest.raises(app.UsageError, match=message):
+    evaluate.main([*CLI, *flags_], load=load)

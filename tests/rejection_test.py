@@ -156,3 +156,16 @@ def test_written_files_hold_the_rows_and_stats(tmp_path):
   with open(tmp_path / "sub" / "rs.stats.json") as f:
     assert json.load(f) == stats
   assert sorted(os.listdir(tmp_path / "sub")) == ["rs.jsonl", "rs.stats.json"]  # no temporaries
+
+
+def test_a_reward_with_bound_keywords_decides_what_is_right():
+  from grpo_jax import cli
+
+  # exact_match through a pattern: the <answer> of R1-formatted samples only
+  reward = cli.reward_with_kwargs("exact_match", {
+      "pattern": r"<think>.+</think><answer>(?P<a>.+)</answer>", "answer_group": "a"})
+  texts = [["<think>x</think><answer>7</answer>", "<answer>7</answer>", "The answer is 7"]]
+  right = rejection._scores(reward, ["What is 3 + 4?"] * 3, texts[0], {"answer": ["7"] * 3})
+  assert right.tolist() == [1.0, 0.0, 0.0]
+  assert rejection._scores("accuracy_lenient", ["q"] * 3, texts[0],
+                           {"answer": ["7"] * 3}).tolist() == [1.0, 1.0, 1.0]
