@@ -1,0 +1,124 @@
+"""PPO training (config.rl.advantage_estimator="gae") on the tiny config: the critic trains and
+is checkpointed with the run, value metrics are logged, a resumed run repeats an uninterrupted
+one exactly (critic included), GRPO runs build no critic, and PPO's config errors.
+
+The PPO run uses the InstructGPT KL in the reward (rl.kl_in_reward), two epochs per rollout
+and two micro-batches, so each of those paths runs.
+"""
+
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from grpo_jax import checkpointing, config as config_lib, critic, metrics_io, train
+from tests.train_test import (RUN, assert_params_equal, compile_cache, initial_params,
+                              saved_params, tiny_config, training_records)
+
+compile_cache = compile_cache  # train_test's autouse fixture: this module's runs share a cache
+
+PPO = dict(RUN, **{"train.steps": 4, "train.checkpoint_every": 2, "rl.advantage_estimator": "gae",
+                   "rl.beta": 0.05, "rl.kl_in_reward": True, "rl.num_iterations": 2,
+                   "train.grad_accum_steps": 2})
+VALUE_KEYS = ("value/loss", "value/clip_fraction", "value/mean", "value/returns_mean",
+              "value/explained_variance", "value/grad_norm", "value/advantages_mean")
+
+
+def saved_state(workdir, step=None) -> dict:
+  """The checkpoint's whole state tree, read as saved."""
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
+    state, _ = ckpt.restore(step)
+  return state
+
+
+def flat(tree) -> dict:
+  """{"a/b/c": array} of a nested dict of arrays."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x) for path, x in leaves}
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ppo"))
+  return workdir, train.train_and_evaluate(tiny_config(PPO), workdir)
+
+
+def test_ppo_trains_the_policy_and_the_critic(ppo_run):
+  workdir, records = ppo_run
+  state = saved_state(workdir)
+  assert set(state) == {"params", "opt_state", "critic"}
+  assert set(state["critic"]) == {"params", "opt_state"}
+  start, policy = initial_params(), saved_params(workdir)
+  assert any(not np.array_equal(policy[k], start[k]) for k in start)
+  values = flat(state["critic"]["params"])
+  head, embed = values["value_head/value"], values["trunk/embed/value"]
+  assert head.shape == (embed.shape[1], 1)
+  assert np.abs(head).max() > 0  # zero at the start: it trained
+  # The trunk started as a copy of the initial policy and trained apart from it.
+  assert embed.shape == start["embed"].shape
+  assert not np.array_equal(embed, start["embed"]) and not np.array_equal(embed, policy["embed"])
+  assert not any(k.startswith("trunk/lm_head") for k in values)  # no LM head in a critic
+
+
+def test_ppo_logs_finite_value_metrics(ppo_run):
+  _, records = ppo_run
+  recs = training_records(records)
+  assert len(recs) == 4
+  for rec in recs:
+    for key in (*VALUE_KEYS, "loss", "kl", "grad_norm"):
+      assert key in rec and math.isfinite(rec[key]), (key, rec)
+    assert rec["value/loss"] >= 0 and 0 <= rec["value/clip_fraction"] <= 1
+    assert rec["value/grad_norm"] > 0
+  # The critic's head starts at 0, so its values move off 0 only by training.
+  assert any(abs(r["value/mean"]) > 1e-4 for r in recs)
+  # KL in the reward: the sampler's policy against the reference, 0 before the first update.
+  assert abs(recs[0]["kl"]) < 1e-6 and recs[-1]["kl"] > 1e-7
+  assert metrics_io.read_metrics(ppo_run[0]) == records
+
+
+def test_ppo_resume_repeats_the_uninterrupted_run_exactly(ppo_run, tmp_path):
+  workdir = str(tmp_path)
+  first = train.train_and_evaluate(tiny_config(dict(PPO, **{"train.steps": 2})), workdir)
+  assert len(training_records(first)) == 2
+  train.train_and_evaluate(tiny_config(PPO), workdir)
+  records = metrics_io.read_metrics(workdir)
+  assert training_records(records) == training_records(ppo_run[1])
+  assert_params_equal(saved_params(workdir), saved_params(ppo_run[0]))
+  resumed, straight = saved_state(workdir), saved_state(ppo_run[0])
+  assert_params_equal(flat(resumed["critic"]), flat(straight["critic"]))  # params and Adam
+
+
+def test_grpo_builds_and_saves_no_critic(tmp_path, monkeypatch):
+  def no_critic(*args, **kwargs):
+    raise AssertionError("a GRPO run built a critic")
+
+  monkeypatch.setattr(critic, "make_critic", no_critic)
+  train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 1})), str(tmp_path))
+  assert set(saved_state(str(tmp_path))) == {"params", "opt_state"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"rl.advantage_estimator": "ppo"}, r"expected one of \['grpo', .*'gae'\]"),
+    ({"rl.kl_in_reward": True, "rl.beta": 0.05}, "kl_in_reward=True .* needs "
+     "config.rl.advantage_estimator='gae'"),
+    ({"rl.advantage_estimator": "gae", "rl.kl_in_reward": True, "rl.beta": 0.0},
+     "beta is the penalty's coefficient"),
+    ({"rl.advantage_estimator": "gae", "rl.dynamic_sampling": True}, "set dynamic_sampling=False"),
+    ({"rl.advantage_estimator": "gae", "rl.lam": 1.5}, r"rl.lam=1.5 must be in \[0.0, 1.0\]"),
+    ({"rl.advantage_estimator": "gae", "rl.gamma": -0.1}, r"rl.gamma=-0.1 must be in"),
+    ({"rl.advantage_estimator": "gae", "rl.cliprange_value": 0.0}, "cliprange_value=0.0 must be"),
+    ({"rl.advantage_estimator": "gae", "rl.vf_coef": -1.0}, "vf_coef=-1.0 must be > 0"),
+    ({"rl.advantage_estimator": "gae", "rl.critic_learning_rate": 0.0},
+     "critic_learning_rate=0.0 must be > 0"),
+    ({"rl.advantage_estimator": "gae", "rl.num_generations": 0}, "num_generations=0 must be"),
+    ({"rl.num_generations": 1}, "GRPO needs at least 2 completions"),
+])
+def test_ppo_config_errors(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(tiny_config(overrides))
+
+
+def test_ppo_needs_only_one_completion_per_prompt():
+  config_lib.validate(tiny_config({"rl.advantage_estimator": "gae", "rl.num_generations": 1}))
