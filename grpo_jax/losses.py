@@ -229,9 +229,10 @@ def grpo_loss(
     `kl` (masked token mean; computed whenever ref_logps is given, even if beta == 0;
     else 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`
     (fractions of completion tokens, of sequences at importance_sampling_level="sequence"
-    with [N] advantages, whose lower / upper / either clip is active: docs/maths.md section 8) and, with
-    sampler_logps, `mismatch/mean_abs_log_ratio`, `mismatch/max_abs_log_ratio`,
-    `mismatch/kl` (plus `mismatch/weight_mean` with a rollout_correction).
+    with [N] advantages, whose lower / upper / either clip is active: docs/maths.md
+    section 8) and, with sampler_logps, `mismatch/mean_abs_log_ratio`,
+    `mismatch/max_abs_log_ratio`, `mismatch/kl` (plus `mismatch/weight_mean` with a
+    rollout_correction).
   """
   _check_option("loss_type", loss_type, LOSS_TYPES)
   _check_option("kl_estimator", kl_estimator, KL_ESTIMATORS)

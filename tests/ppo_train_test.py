@@ -10,10 +10,11 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import checkpointing, config as config_lib, critic, metrics_io, train
+from grpo_jax import advantages, checkpointing, config as config_lib, critic, metrics_io, train
 from tests.train_test import (RUN, assert_params_equal, compile_cache, initial_params,
                               saved_params, tiny_config, training_records)
 
@@ -122,3 +123,24 @@ def test_ppo_config_errors(overrides, message):
 
 def test_ppo_needs_only_one_completion_per_prompt():
   config_lib.validate(tiny_config({"rl.advantage_estimator": "gae", "rl.num_generations": 1}))
+
+
+def test_reward_metrics_of_one_completion_per_prompt():
+  """PPO's batches may hold one completion per prompt: the reward metrics still work (no group
+  has a spread), while the group estimators still refuse G = 1."""
+  m = advantages.reward_metrics(jnp.array([1.0, 0.0, jnp.nan, 1.0]), 1)
+  assert float(m["reward"]) == pytest.approx(2 / 3) and math.isnan(float(m["reward_std"]))
+  assert float(m["frac_reward_zero_std"]) == 1 and float(m["frac_reward_missing"]) == 0.25
+  with pytest.raises(ValueError, match="a group needs a baseline"):
+    advantages.group_advantages(jnp.zeros(4), 1)
+
+
+def test_ppo_trains_with_one_completion_per_prompt(tmp_path):
+  cfg = tiny_config(dict(RUN, **{"train.steps": 2, "rl.advantage_estimator": "gae",
+                                 "rl.num_generations": 1}))
+  recs = training_records(train.train_and_evaluate(cfg, str(tmp_path)))
+  assert len(recs) == 2
+  for rec in recs:
+    for key in (*VALUE_KEYS, "loss", "grad_norm", "reward"):
+      assert math.isfinite(rec[key]), key
+  assert recs[-1]["value/grad_norm"] > 0
