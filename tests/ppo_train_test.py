@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from grpo_jax import advantages, checkpointing, config as config_lib, critic, metrics_io, train
-from tests.train_test import (RUN, assert_params_equal, compile_cache, initial_params,
-                              saved_params, tiny_config, training_records)
+from tests.train_test import (RUN, assert_params_equal, cli_args, compile_cache,
+                              initial_params, run_cli, saved_params, subprocess_env, tiny_config,
+                              training_records)
 
 compile_cache = compile_cache  # train_test's autouse fixture: this module's runs share a cache
 
@@ -144,3 +145,27 @@ def test_ppo_trains_with_one_completion_per_prompt(tmp_path):
     for key in (*VALUE_KEYS, "loss", "grad_norm", "reward"):
       assert math.isfinite(rec[key]), key
   assert recs[-1]["value/grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp_and_tensor_mesh_on_4_devices_matches_one_device(ppo_run, tmp_path, compile_cache):
+  """The critic is sharded by the policy's rules: a 1 x 2 x 2 mesh trains as one device."""
+  overrides = dict(PPO, **{"train.steps": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  proc = run_cli(cli_args(tmp_path, overrides), subprocess_env(compile_cache, devices=4))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sharded = training_records(metrics_io.read_metrics(tmp_path))
+  single = training_records(ppo_run[1])[:2]
+  assert [r.keys() for r in sharded] == [r.keys() for r in single]
+  for got, want in zip(sharded, single):
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  want_tree = saved_state(ppo_run[0], step=2)["critic"]["params"]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          want_tree)
+  with checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints"), read_only=True) as ckpt:
+    got_tree = ckpt.restore(2, {"critic": {"params": abstract}}, partial=True)[0]
+  got, want = flat(got_tree["critic"]["params"]), flat(want_tree)
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
