@@ -3,8 +3,10 @@
 Each step: B prompts from the task -> G completions each (sampling.py) ->
 rewards (host, rewards/) -> [with config.rl.dynamic_sampling, groups whose
 rewards all agree give way to informative ones of further rollouts
-(dynamic_sampling.py)] -> group advantages (advantages.py) -> `num_iterations`
-jitted, sharded updates (grpo.py) -> metrics.jsonl / TensorBoard / plots
+(dynamic_sampling.py)] -> group advantages (advantages.py), or with
+config.rl.advantage_estimator="gae" (PPO) the critic's values and per-token GAE
+advantages (critic.py) -> `num_iterations` jitted, sharded updates (grpo.py;
+PPO: and as many critic updates) -> metrics.jsonl / TensorBoard / plots
 (runner.Log), and a checkpoint every `checkpoint_every` steps, at the end, and
 on SIGTERM/SIGINT (runner.Preemption).
 
@@ -203,7 +205,7 @@ class _PendingRecord:
 
 def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
                        ) -> runner.Records:
-  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records
+  """Runs (or resumes) the GRPO (or PPO) experiment of `cfg` in `workdir`; returns its records
   (`.signum`: the signal that stopped it early, if one did).
 
   A workdir with checkpoints resumes only with the same config, but for
@@ -232,8 +234,9 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
     ppo_critic, critic_params = critic.make_critic(cfg, run, params)
     critic_init = ppo_critic.init_state(critic_params)
     del critic_params
+  # position: the examples consumed
   state, start, position = runner.restore_or_init(run, params, critic=critic_init)
-  del params, critic_init  # position: examples consumed
+  del params, critic_init
   reward_fns, weights = reward_functions(cfg, run, lambda: state.params)
   reward_names = [name for name, _ in reward_fns]
   loss_cfg = grpo.loss_config_from(rl, cfg.model.remat)
