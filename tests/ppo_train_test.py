@@ -8,13 +8,16 @@ and two micro-batches, so each of those paths runs.
 
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from grpo_jax import advantages, checkpointing, config as config_lib, critic, metrics_io, train
+from grpo_jax import (advantages, checkpointing, config as config_lib, critic, grpo, metrics_io,
+                      models, ppo, sharding, train)
 from tests.train_test import (RUN, assert_params_equal, cli_args, compile_cache,
                               initial_params, run_cli, saved_params, subprocess_env, tiny_config,
                               training_records)
@@ -169,3 +172,51 @@ def test_fsdp_and_tensor_mesh_on_4_devices_matches_one_device(ppo_run, tmp_path,
   assert got.keys() == want.keys()
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_rollout_pass_puts_the_kl_in_the_rewards_and_runs_gae(grad_accum_steps):
+  """critic.make_advantages_fn against the ppo.py pieces called by hand: values of the critic
+  (a non-zero head), r = R [last token] - beta * (log pi_old - log pi_ref) (k1), a missing
+  reward as 0, GAE, whitening; the same a micro-batch at a time."""
+  cfg = tiny_config({"rl.advantage_estimator": "gae", "rl.kl_in_reward": True, "rl.beta": 0.3,
+                     "rl.kl_estimator": "k1", "rl.num_generations": 2, "rl.lam": 0.9,
+                     "rl.gamma": 0.97, "train.grad_accum_steps": grad_accum_steps})
+  model = models.load("tiny-random")[0]
+  graphdef, params = nnx.split(model)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  run = types.SimpleNamespace(graphdef=graphdef, mesh=mesh, batch_sh=sharding.batch_sharding(mesh),
+                              param_sh=sharding.param_shardings(mesh, params))
+  the_critic, critic_params = critic.make_critic(cfg, run, params)
+  rng = np.random.default_rng(0)
+  critic_params = jax.tree_util.tree_map_with_path(  # a non-zero head: values that vary
+      lambda path, x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
+      if "value_" in jax.tree_util.keystr(path) else x, critic_params)
+  b, g, p, t = 2, 2, 5, 6
+  mask = (np.arange(t)[None] < np.array([[6], [3], [1], [4]])).astype(np.int32)
+  batch = grpo.Batch(
+      prompts=jnp.asarray(rng.integers(1, 50, (b, p)), jnp.int32),
+      prompt_mask=jnp.ones((b, p), jnp.int32),
+      completions=jnp.asarray(rng.integers(1, 50, (b * g, t)), jnp.int32),
+      completion_mask=jnp.asarray(mask),
+      old_logps=jnp.asarray(rng.uniform(-4, -0.5, (b * g, t)), jnp.float32),
+      advantages=jnp.zeros(b * g, jnp.float32))
+  rewards_n = jnp.array([1.0, 0.0, jnp.nan, 0.5])
+  out, old_values, returns, metrics = critic.make_advantages_fn(cfg, run, the_critic)(
+      critic_params, params, batch, rewards_n)
+
+  args = (batch.prompts, batch.prompt_mask, batch.completions, batch.completion_mask)
+  values = ppo.completion_values(nnx.merge(the_critic.graphdef, critic_params), *args,
+                                 num_generations=g)
+  ref_logps, _ = grpo.completion_logps(model, *args, num_generations=g)
+  kl = batch.old_logps - ref_logps
+  token_rewards = ppo.token_rewards(jnp.array([1.0, 0.0, 0.0, 0.5]), mask, kl=kl, kl_coef=0.3)
+  adv, ret = ppo.gae(token_rewards, values, mask, gamma=0.97, lam=0.9)
+  assert float(jnp.std(values)) > 1e-3
+  np.testing.assert_allclose(old_values, values, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(returns, ret, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.advantages, ppo.whiten(adv, mask), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(metrics["kl"], ppo.masked_mean(kl, mask), rtol=1e-5)
+  np.testing.assert_allclose(metrics["value/advantages_mean"], ppo.masked_mean(adv, mask),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out.completions, batch.completions)
