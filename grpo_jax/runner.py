@@ -121,6 +121,11 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
     log.info("compiling the run's programs at their largest shapes to check their memory "
              "before the first step")
     peaks = compiled.compiled_peaks(cfg, model_cfg, mesh)
+    # PPO's critic (params and optimizer state) stays on the devices through every program.
+    critic_bytes = sum(v for k, v in est.persistent.items() if k.startswith("critic"))
+    for p in peaks.values() if critic_bytes else ():
+      p["peak_bytes"] += critic_bytes
+      p["parts"]["critic (held)"] = critic_bytes
     if peaks:
       log.info("memory per device (compiled): %s", ", ".join(
           f"{name} {p['peak_bytes'] / 2**30:.2f} GiB" for name, p in peaks.items()))

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grpo_jax import (advantages, checkpointing, config as config_lib, critic, grpo, metrics_io,
-                      models, ppo, sharding, train)
+from grpo_jax import (advantages, checkpointing, compiled, config as config_lib, critic, grpo,
+                      metrics_io, models, ppo, sharding, train)
 from tests.train_test import (RUN, assert_params_equal, cli_args, compile_cache,
                               initial_params, run_cli, saved_params, subprocess_env, tiny_config,
                               training_records)
@@ -220,3 +220,25 @@ def test_rollout_pass_puts_the_kl_in_the_rewards_and_runs_gae(grad_accum_steps):
   np.testing.assert_allclose(metrics["value/advantages_mean"], ppo.masked_mean(adv, mask),
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(out.completions, batch.completions)
+
+
+def test_compiled_memory_check_counts_the_critic(tmp_path, monkeypatch):
+  """On a device with a memory limit the compiled programs' peaks decide; PPO's critic, held
+  through all of them, is added to each: a limit that fits GRPO's programs stops PPO's run."""
+  seen = {}
+  check = compiled.check_compiled
+
+  def peak(overrides, name):
+    monkeypatch.setattr(compiled, "check_compiled", lambda peaks, limit: seen.update({
+        name: peaks["update"]["peak_bytes"]}))
+    cfg = tiny_config({**RUN, "train.steps": 1, "train.device_memory_gb": 100.0, **overrides})
+    train.train_and_evaluate(cfg, str(tmp_path / name))
+    return seen[name]
+
+  grpo_peak, ppo_peak = peak({}, "grpo"), peak({"rl.advantage_estimator": "gae"}, "ppo")
+  assert ppo_peak > grpo_peak
+  monkeypatch.setattr(compiled, "check_compiled", check)
+  cfg = tiny_config({**RUN, "train.steps": 1, "rl.advantage_estimator": "gae",
+                     "train.device_memory_gb": (grpo_peak + ppo_peak) / 2 / 2**30})
+  with pytest.raises(config_lib.ConfigError, match=r"critic \(held\)"):
+    train.train_and_evaluate(cfg, str(tmp_path / "too_big"))
