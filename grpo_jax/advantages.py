@@ -25,15 +25,16 @@ ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
-def _check_generations(num_generations) -> None:
-  if not isinstance(num_generations, numbers.Integral) or num_generations < 2:
-    raise ValueError("num_generations must be an int >= 2 (a group needs a baseline); "
+def _check_generations(num_generations, minimum: int = 2) -> None:
+  if not isinstance(num_generations, numbers.Integral) or num_generations < minimum:
+    why = " (a group needs a baseline)" if minimum == 2 else ""
+    raise ValueError(f"num_generations must be an int >= {minimum}{why}; "
                      f"got {num_generations!r}.")
 
 
-def _groups(rewards_N, num_generations: int):
-  """Reshapes to [B, G] after checking the layout; fp32."""
-  _check_generations(num_generations)
+def _groups(rewards_N, num_generations: int, minimum: int = 2):
+  """Reshapes to [B, G] after checking the layout (G >= minimum); fp32."""
+  _check_generations(num_generations, minimum)
   rewards_N = jnp.asarray(rewards_N, jnp.float32)
   n = rewards_N.shape[0] if rewards_N.ndim == 1 else -1
   if n < 0 or n % num_generations:
@@ -206,7 +207,7 @@ def reward_metrics(rewards, num_generations: int) -> dict:
     learning signal: all rewards equal, or fewer than two) and
     `frac_reward_missing`.
   """
-  r_BxG = _groups(rewards, num_generations)
+  r_BxG = _groups(rewards, num_generations, minimum=1)  # PPO may sample one per prompt
   valid, count, _, std_Bx1 = _nan_stats(r_BxG, axis=1)
   total = jnp.sum(valid)
   has_std = count >= 2

@@ -16,12 +16,14 @@ import typing
 
 import ml_collections
 
-from grpo_jax import advantages, losses, metrics_io, rewards
+from grpo_jax import advantages, losses, metrics_io, ppo, rewards
 from grpo_jax.data import TASKS, TEMPLATES
 from grpo_jax.models import transformer
 
 
 MODES = ("grpo", "sft")
+# config.rl.advantage_estimator: the group baselines (advantages.py), or PPO's learned critic.
+ESTIMATORS = advantages.ESTIMATORS + (ppo.ESTIMATOR,)
 
 
 def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
@@ -78,7 +80,8 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rl.scale_rewards", "group",
       "advantage scaling: group std | batch std | none (mean only, Dr. GRPO)")
   key("rl.advantage_estimator", "grpo",
-      f"how rewards become advantages, one of {list(advantages.ESTIMATORS)}")
+      f"how rewards become advantages, one of {list(ESTIMATORS)} (gae: PPO with a learned "
+      "critic)")
   key("rl.multi_objective_aggregation", "sum_then_normalize",
       '"sum_then_normalize" (weighted sum of the rewards, then the estimator) | '
       '"normalize_then_sum" (GDPO: each reward normalised in its group, then summed)')
@@ -113,6 +116,18 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rl.sapo_temperature_neg", 1.05, "SAPO's gate temperature for advantages <= 0")
   key("rl.gmpo_epsilon", 0.4, "GMPO's clip range on the token log-ratio: ratios within "
       "(e^-x, e^x)")
+  # PPO (advantage_estimator="gae"): a critic, GAE over per-token rewards (TRL's names).
+  key("rl.gamma", 1.0, "PPO: discount per token in GAE")
+  key("rl.lam", 0.95, "PPO: GAE's lambda (1: Monte Carlo returns minus values; 0: TD errors)")
+  key("rl.cliprange_value", 0.2, "PPO: the critic's values move at most this far from the "
+      "rollout's in the clipped value loss")
+  key("rl.vf_coef", 0.1, "PPO: weight of the value loss (the critic has its own AdamW, so it "
+      "mostly sets where opt.max_grad_norm clips)")
+  key("rl.critic_learning_rate", ml_collections.FieldReference(None, field_type=float),
+      "PPO: the critic's peak learning rate; None = opt.learning_rate")
+  key("rl.whiten_advantages", True, "PPO: whiten GAE's advantages over the batch's tokens")
+  key("rl.kl_in_reward", False, "PPO: the KL to the reference as a per-token penalty beta x KL "
+      "in the reward (InstructGPT), not in the loss; needs beta > 0")
   key("rl.dynamic_sampling", False, "DAPO: groups whose rewards all agree make way for "
       "informative groups of the next prompts, sampled in more rollouts of B prompts")
   key("rl.max_dynamic_sampling_rounds", 8, "dynamic sampling's cap on more rollouts per step; "
@@ -374,9 +389,14 @@ def validate(cfg, *, data: bool = True) -> None:
          "(queries per attention block, e.g. 512; 0: never blocked)")
   if cfg.mode == "sft" and data:
     _validate_sft(cfg.sft)
-  _check(rl.num_generations >= 2,
-         f"config.rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions per "
-         "prompt to compare them (advantages are relative to the group)")
+  if rl.advantage_estimator == ppo.ESTIMATOR:
+    _check(rl.num_generations >= 1,
+           f"config.rl.num_generations={rl.num_generations} must be >= 1")
+  else:
+    _check(rl.num_generations >= 2,
+           f"config.rl.num_generations={rl.num_generations}: GRPO needs at least 2 completions "
+           "per prompt to compare them (advantages are relative to the group; "
+           "advantage_estimator='gae', PPO, needs only 1)")
   _check(train.prompts_per_step >= 1, "config.train.prompts_per_step must be >= 1")
   _check(train.grad_accum_steps >= 1 and train.prompts_per_step % train.grad_accum_steps == 0,
          f"config.train.prompts_per_step={train.prompts_per_step} must be divisible by "
@@ -456,9 +476,10 @@ def validate(cfg, *, data: bool = True) -> None:
 
 def _validate_advantages(rl) -> None:
   """advantage_estimator, multi_objective_aggregation and scale_rewards go together."""
-  _check(rl.advantage_estimator in advantages.ESTIMATORS,
+  _check(rl.advantage_estimator in ESTIMATORS,
          f"config.rl.advantage_estimator={rl.advantage_estimator!r}; expected one of "
-         f"{list(advantages.ESTIMATORS)}")
+         f"{list(ESTIMATORS)}")
+  _validate_ppo(rl)
   _check(rl.advantage_estimator == "grpo" or rl.scale_rewards == "group",
          f"config.rl.scale_rewards={rl.scale_rewards!r} applies to advantage_estimator='grpo' "
          f"only; {rl.advantage_estimator!r} has its own scaling (leave scale_rewards at 'group')")
@@ -469,6 +490,35 @@ def _validate_advantages(rl) -> None:
          "config.rl.multi_objective_aggregation='normalize_then_sum' (GDPO) normalises each "
          "reward within its group, GRPO's way: it needs advantage_estimator='grpo', not "
          f"{rl.advantage_estimator!r}")
+
+
+def _validate_ppo(rl) -> None:
+  """PPO's keys (advantage_estimator="gae"): their ranges, and what goes with them."""
+  gae = rl.advantage_estimator == ppo.ESTIMATOR
+  _check(isinstance(rl.kl_in_reward, bool) and isinstance(rl.whiten_advantages, bool),
+         f"config.rl.kl_in_reward={rl.kl_in_reward!r} and whiten_advantages="
+         f"{rl.whiten_advantages!r} must be True or False")
+  _check(not rl.kl_in_reward or gae,
+         "config.rl.kl_in_reward=True puts the KL penalty into PPO's per-token rewards; it needs "
+         f"config.rl.advantage_estimator='gae', not {rl.advantage_estimator!r} (GRPO's KL is "
+         "the loss's, config.rl.beta)")
+  _check(not rl.kl_in_reward or rl.beta > 0,
+         f"config.rl.kl_in_reward=True with config.rl.beta={rl.beta}: beta is the penalty's "
+         "coefficient (TRL's kl_coef, 0.05); set beta > 0 or kl_in_reward=False")
+  for name, lo, hi in (("gamma", 0.0, 1.0), ("lam", 0.0, 1.0)):
+    _check(_is_number(rl[name]) and lo <= rl[name] <= hi,
+           f"config.rl.{name}={rl[name]!r} must be in [{lo}, {hi}]")
+  _check(_is_number(rl.cliprange_value) and rl.cliprange_value > 0,
+         f"config.rl.cliprange_value={rl.cliprange_value!r} must be > 0 (TRL: 0.2)")
+  _check(_is_number(rl.vf_coef) and rl.vf_coef > 0,
+         f"config.rl.vf_coef={rl.vf_coef!r} must be > 0 (TRL: 0.1)")
+  lr = rl.critic_learning_rate
+  _check(lr is None or (_is_number(lr) and lr > 0),
+         f"config.rl.critic_learning_rate={lr!r} must be > 0 (None: opt.learning_rate)")
+  _check(not (gae and rl.dynamic_sampling),
+         "config.rl.dynamic_sampling drops groups whose rewards all agree, which only matters "
+         "for group baselines; PPO's critic learns from every completion: set "
+         "dynamic_sampling=False with advantage_estimator='gae'")
 
 
 def _is_number(x) -> bool:

@@ -42,7 +42,7 @@ class Batch:
   completions: jax.Array  # [N, T] int32
   completion_mask: jax.Array  # [N, T] int32, up to and including the stop token
   old_logps: jax.Array  # [N, T] float32, the sampler's log-probs (pi_old when num_iterations > 1)
-  advantages: jax.Array  # [N] float32
+  advantages: jax.Array  # [N] float32, or [N, T] per token (PPO: GAE, critic.py)
 
 
 # The per-token arrays the step itself passes (not settings, so not in a LossConfig).

@@ -194,7 +194,9 @@ def grpo_loss(
       them. With one update per rollout jax.lax.stop_gradient(logps): the ratio is 1 and
       only its gradient matters.
     ref_logps: [N, T] the same under the reference params, or None when beta == 0.
-    advantages: [N] one advantage per sequence.
+    advantages: [N] one advantage per sequence (GRPO), or [N, T] one per token (PPO's GAE,
+      `ppo.gae`); [N] is the same as its broadcast to [N, T]. With per-token advantages the
+      sign tests (clip fractions, sapo's temperature, gmpo's clip side) are per token.
     mask: [N, T] 1 on completion tokens (up to and including EOS), else 0.
     loss_type: one of LOSS_TYPES.
     epsilon: lower clip range (and upper one when epsilon_high is None).
@@ -226,10 +228,11 @@ def grpo_loss(
     (loss scalar fp32, metrics), all scalars:
     `kl` (masked token mean; computed whenever ref_logps is given, even if beta == 0;
     else 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`
-    (fractions of completion tokens, of sequences at importance_sampling_level="sequence",
-    whose lower / upper / either clip is active: docs/maths.md section 8) and, with
-    sampler_logps, `mismatch/mean_abs_log_ratio`, `mismatch/max_abs_log_ratio`,
-    `mismatch/kl` (plus `mismatch/weight_mean` with a rollout_correction).
+    (fractions of completion tokens, of sequences at importance_sampling_level="sequence"
+    with [N] advantages, whose lower / upper / either clip is active: docs/maths.md
+    section 8) and, with sampler_logps, `mismatch/mean_abs_log_ratio`,
+    `mismatch/max_abs_log_ratio`, `mismatch/kl` (plus `mismatch/weight_mean` with a
+    rollout_correction).
   """
   _check_option("loss_type", loss_type, LOSS_TYPES)
   _check_option("kl_estimator", kl_estimator, KL_ESTIMATORS)
@@ -259,7 +262,9 @@ def grpo_loss(
     epsilon_high = epsilon
 
   logps, old_logps, mask = (jnp.asarray(x, jnp.float32) for x in (logps, old_logps, mask))
-  adv_Nx1 = jnp.asarray(advantages, jnp.float32)[:, None]
+  adv_Nx1 = jnp.asarray(advantages, jnp.float32)  # [N, 1], or [N, T] per-token advantages
+  if adv_Nx1.ndim == 1:
+    adv_Nx1 = adv_Nx1[:, None]
   is_token = mask > 0
   # Padding may hold anything (even -inf); zero it before exp so that masked
   # tokens can produce neither inf/NaN in the loss nor any gradient.
@@ -343,7 +348,7 @@ def grpo_loss(
 
   def frac(is_clipped):
     """Fraction of sequences ([N, 1], sequence level, as TRL) or of completion tokens."""
-    if importance_sampling_level == "sequence":
+    if importance_sampling_level == "sequence" and is_clipped.shape[-1] == 1:
       return jnp.mean(is_clipped.astype(jnp.float32))
     return masked_mean(jnp.broadcast_to(is_clipped, mask.shape).astype(jnp.float32), mask)
 

@@ -7,7 +7,9 @@
 What one device holds during a step (B prompts, G completions each, prompt
 length P, completion length T, the batch split over data x fsdp):
 - persistent: the policy's params, AdamW's two moments (as large as the
-  params), and the reference params when beta != 0;
+  params), the reference params when beta != 0, and with PPO
+  (advantage_estimator="gae") the critic's params and AdamW moments (its
+  update is a program of its own, smaller than the policy's: no logits);
 - while sampling: the KV cache (each prompt's keys/values once, shared by its
   G rows, plus G x T slots per prompt; of B / rl.rollout_parts prompts at a
   time), the next-token logits, and the sampler's copy of the weights
@@ -84,6 +86,9 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
   persistent = {"params": param_bytes, "optimizer state": 2 * param_bytes}
   if rl.beta != 0:
     persistent["reference params"] = param_bytes
+  if rl.get("advantage_estimator") == "gae":  # PPO's critic: the policy's trunk, its own AdamW
+    persistent["critic params"] = param_bytes  # (an untied LM head counted: an upper bound)
+    persistent["critic optimizer state"] = 2 * param_bytes
   parts = rl.get("rollout_parts", 1)  # sampling.sample_in_parts: B / parts prompts at a time
   sampling = {
       "KV cache": m.num_layers * kv_width * (prompts * p_len + rows * t_len) * act // parts,

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from grpo_jax.models import transformer
 
 Array = jax.Array
+# config.rl.advantage_estimator's value that trains with a critic and GAE (train.py, critic.py).
+ESTIMATOR = "gae"
 
 def _float(x) -> Array:
   """x in at least fp32: bf16 and ints go up to fp32, fp64 (under jax x64) stays fp64."""

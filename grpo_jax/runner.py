@@ -50,6 +50,7 @@ EvalFn = Callable[[Any], dict]  # params -> eval/* metrics
 class TrainState:
   params: Any
   opt_state: Any
+  critic: Any = None  # PPO's critic (critic.CriticState: params, opt_state); None without one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,11 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
     log.info("compiling the run's programs at their largest shapes to check their memory "
              "before the first step")
     peaks = compiled.compiled_peaks(cfg, model_cfg, mesh)
+    # PPO's critic (params and optimizer state) stays on the devices through every program.
+    critic_bytes = sum(v for k, v in est.persistent.items() if k.startswith("critic"))
+    for p in peaks.values() if critic_bytes else ():
+      p["peak_bytes"] += critic_bytes
+      p["parts"]["critic (held)"] = critic_bytes
     if peaks:
       log.info("memory per device (compiled): %s", ", ".join(
           f"{name} {p['peak_bytes'] / 2**30:.2f} GiB" for name, p in peaks.items()))
@@ -142,19 +148,22 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
              rollout), params
 
 
-def restore_or_init(run: Run, params) -> tuple[TrainState, int, int]:
+def restore_or_init(run: Run, params, critic: tuple[Any, Any] | None = None
+                    ) -> tuple[TrainState, int, int]:
   """The train state of the workdir's latest checkpoint, else `params` with a fresh optimizer
   state; the step it starts from and its data position (the examples consumed; 0 and 0 for a
-  fresh run)."""
+  fresh run). `critic`: PPO's (initial critic state, its shardings) (`critic.Critic.init_state`),
+  restored with the rest."""
   opt_state = jax.jit(run.optimizer.init, out_shardings=run.opt_sh)(params)
-  state = TrainState(params, opt_state)
+  state = TrainState(params, opt_state, None if critic is None else critic[0])
   start, position = run.ckpt.latest_step() or 0, 0
   if start:
-    shardings = TrainState(run.param_sh, run.opt_sh)
+    shardings = TrainState(run.param_sh, run.opt_sh, None if critic is None else critic[1])
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             state, shardings)
     restored, meta = run.ckpt.restore(abstract_state=checkpointing.run_state(abstract))
-    state = TrainState(restored["params"], restored["opt_state"])
+    state = TrainState(restored["params"], restored["opt_state"],
+                       None if critic is None else critic[0].replace(**restored["critic"]))
     position = int(meta["data_position"])
     log.info("resumed from step %d (data position %d)", start, position)
   return state, start, position

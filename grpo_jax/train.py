@@ -3,8 +3,10 @@
 Each step: B prompts from the task -> G completions each (sampling.py) ->
 rewards (host, rewards/) -> [with config.rl.dynamic_sampling, groups whose
 rewards all agree give way to informative ones of further rollouts
-(dynamic_sampling.py)] -> group advantages (advantages.py) -> `num_iterations`
-jitted, sharded updates (grpo.py) -> metrics.jsonl / TensorBoard / plots
+(dynamic_sampling.py)] -> group advantages (advantages.py), or with
+config.rl.advantage_estimator="gae" (PPO) the critic's values and per-token GAE
+advantages (critic.py) -> `num_iterations` jitted, sharded updates (grpo.py;
+PPO: and as many critic updates) -> metrics.jsonl / TensorBoard / plots
 (runner.Log), and a checkpoint every `checkpoint_every` steps, at the end, and
 on SIGTERM/SIGINT (runner.Preemption).
 
@@ -23,6 +25,7 @@ metrics are those of the whole batch. Only process 0 writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -31,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import (advantages, config as config_lib, distributed, dynamic_sampling, grpo,
-                      metrics_io, rewards, run_dir, runner, sampling, sharding)
+from grpo_jax import (advantages, config as config_lib, critic, distributed, dynamic_sampling,
+                      grpo, metrics_io, rewards, run_dir, runner, sampling, sharding)
 from grpo_jax.data import batching, format_prompt, get_task, templates
 
 log = logging.getLogger("grpo_jax")
@@ -141,6 +144,13 @@ def _advantages_and_metrics(reward_N, scores_NxK, weights_K, *, num_generations:
   return adv, advantages.reward_metrics(reward_N, num_generations)
 
 
+@functools.partial(jax.jit, static_argnames=("num_generations",))
+def _reward_metrics(reward_N, *, num_generations: int):
+  """The reward metrics of the whole batch's rewards [N] (PPO's steps; GRPO's come with their
+  advantages)."""
+  return advantages.reward_metrics(reward_N, num_generations)
+
+
 class _PendingRecord:
   """A step's metric record whose update metrics are still being computed on the device.
 
@@ -195,7 +205,7 @@ class _PendingRecord:
 
 def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
                        ) -> runner.Records:
-  """Runs (or resumes) the GRPO experiment of `cfg` in `workdir`; returns its metric records
+  """Runs (or resumes) the GRPO (or PPO) experiment of `cfg` in `workdir`; returns its records
   (`.signum`: the signal that stopped it early, if one did).
 
   A workdir with checkpoints resumes only with the same config, but for
@@ -218,15 +228,29 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   # The reference is the initial policy; a copy, since the policy's buffers are donated.
   ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.param_sh)(params)
                 if rl.beta != 0 else None)
-  state, start, position = runner.restore_or_init(run, params)  # position: examples consumed
-  del params
+  # PPO: the critic, a ValueModel whose trunk is a copy of the policy's (critic.py).
+  ppo_critic, critic_init = None, None
+  if critic.enabled(rl):
+    ppo_critic, critic_params = critic.make_critic(cfg, run, params)
+    critic_init = ppo_critic.init_state(critic_params)
+    del critic_params
+  # position: the examples consumed
+  state, start, position = runner.restore_or_init(run, params, critic=critic_init)
+  del params, critic_init
   reward_fns, weights = reward_functions(cfg, run, lambda: state.params)
   reward_names = [name for name, _ in reward_fns]
-  update = grpo.make_update_step(run.graphdef, run.optimizer,
-                                 grpo.loss_config_from(rl, cfg.model.remat),
+  loss_cfg = grpo.loss_config_from(rl, cfg.model.remat)
+  if rl.kl_in_reward:  # PPO's KL is in the per-token rewards (beta = its coefficient), not here
+    loss_cfg = dataclasses.replace(loss_cfg, options=tuple(
+        (k, 0.0 if k == "beta" else v) for k, v in loss_cfg.options))
+  update = grpo.make_update_step(run.graphdef, run.optimizer, loss_cfg,
                                  grad_accum_steps=train.grad_accum_steps,
                                  param_sharding=run.param_sh, opt_sharding=run.opt_sh,
                                  batch_sharding=batch_sh)
+  loss_ref = ref_params if loss_cfg.beta != 0 else None  # the reference the loss reads
+  if ppo_critic is not None:
+    ppo_advantages = critic.make_advantages_fn(cfg, run, ppo_critic)
+    critic_update = critic.make_update_step(cfg, run, ppo_critic)
   stop_ids, pad_id = templates.stop_ids(tokenizer), tokenizer.pad_token_id
   prompt_rows = distributed.local_rows(batch_sh, b)  # this process's share of each batch
   shards = sharding.batch_shards(run.mesh)  # blocks of rows (sample_in_parts)
@@ -321,12 +345,20 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
               rl.max_dynamic_sampling_rounds)
           warned_cap = True
         sampling_rec["time/dynamic_sampling_s"] = time.perf_counter() - t_fill
-      adv, reward_stats = jax.device_get(_advantages_and_metrics(
-          reward, whole["scores"], np.asarray(weights, np.float32), num_generations=g,
-          scale=rl.scale_rewards, estimator=rl.advantage_estimator,
-          aggregation=rl.multi_objective_aggregation))
-      batch = update_batch(rl, out, whole["lengths"], np.asarray(adv)[rows], prompts,
-                           prompt_mask, batch_sh)
+      if ppo_critic is None:  # group baselines: one advantage per completion
+        adv, reward_stats = jax.device_get(_advantages_and_metrics(
+            reward, whole["scores"], np.asarray(weights, np.float32), num_generations=g,
+            scale=rl.scale_rewards, estimator=rl.advantage_estimator,
+            aggregation=rl.multi_objective_aggregation))
+        batch = update_batch(rl, out, whole["lengths"], np.asarray(adv)[rows], prompts,
+                             prompt_mask, batch_sh)
+      else:  # PPO: per-token advantages from the critic's values and GAE, on the devices
+        reward_stats = jax.device_get(_reward_metrics(reward, num_generations=g))
+        batch = update_batch(rl, out, whole["lengths"], np.zeros(len(reward[rows]), np.float32),
+                             prompts, prompt_mask, batch_sh)
+        batch, old_values, returns, ppo_metrics = ppo_advantages(
+            state.critic.params, ref_params if rl.kl_in_reward else None, batch,
+            distributed.to_global(np.asarray(reward, np.float32)[rows], batch_sh))
       del out
       t_eff = batch.completions.shape[1]
       if t_eff not in buckets_seen and step > start:
@@ -336,8 +368,16 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
       t_update = time.perf_counter()
       params, opt_state = state.params, state.opt_state
       for _ in range(rl.num_iterations):
-        params, opt_state, update_metrics = update(params, opt_state, ref_params, batch)
-      state = runner.TrainState(params, opt_state)
+        params, opt_state, update_metrics = update(params, opt_state, loss_ref, batch)
+      if ppo_critic is not None:  # every epoch reuses the rollout's values and returns
+        c_params, c_opt = state.critic.params, state.critic.opt_state
+        for _ in range(rl.num_iterations):
+          c_params, c_opt, value_metrics = critic_update(c_params, c_opt, batch, old_values,
+                                                         returns)
+        update_metrics = dict(update_metrics, **value_metrics, **ppo_metrics)
+        del old_values, returns
+      state = runner.TrainState(params, opt_state, None if ppo_critic is None else
+                                state.critic.replace(params=c_params, opt_state=c_opt))
 
       # ------------------------------------------------------------ metrics --
       done = step + 1

@@ -680,3 +680,42 @@ def test_sft_loss_is_a_masked_token_mean():
   assert metrics["num_tokens"] == 3
   grad = jax.grad(lambda lp: losses.sft_loss(lp, mask)[0])(jnp.asarray(logps))
   np.testing.assert_array_equal(grad, -mask / 3)
+
+
+# -- per-token advantages [N, T] (PPO's GAE) ------------------------------------------
+@pytest.mark.parametrize("loss_type,level", [
+    *((t, lv) for t in losses.LOSS_TYPES for lv in LEVELS if t != "gmpo"), ("gmpo", "token")])
+def test_sequence_advantages_equal_their_per_token_broadcast(loss_type, level):
+  """A [N] advantage and its [N, T] broadcast give the same loss and gradients, every loss
+  type, with a KL term and an entropy bonus on."""
+  logps, old, ref, adv, mask = make_batch()
+  adv_NxT = np.broadcast_to(adv[:, None], logps.shape)
+  entropy = np.random.default_rng(3).uniform(0.1, 2.0, logps.shape)
+  kw = dict(loss_type=loss_type, importance_sampling_level=level, epsilon_high=EPS_HIGH,
+            beta=0.04, max_completion_length=MAX_LEN, entropy_coef=0.01,
+            entropy=jnp.asarray(entropy, jnp.float32))
+
+  def loss_and_grad(a):
+    f = lambda lp: jax_loss(lp, old, ref, a, mask, **kw)[0]  # noqa: E731
+    return jax.value_and_grad(f)(jnp.asarray(logps, jnp.float32))
+
+  (loss_n, grad_n), (loss_nt, grad_nt) = loss_and_grad(adv), loss_and_grad(adv_NxT)
+  assert float(loss_n) != 0.0
+  np.testing.assert_allclose(loss_nt, loss_n, rtol=1e-6)
+  np.testing.assert_allclose(grad_nt, grad_n, rtol=1e-6, atol=1e-9)
+  if level == "token":  # token fractions: the same either way
+    m_n, m_nt = (jax_loss(logps, old, ref, a, mask, **kw)[1] for a in (adv, adv_NxT))
+    for name in m_n:
+      np.testing.assert_allclose(m_nt[name], m_n[name], rtol=1e-6, err_msg=name)
+
+
+def test_per_token_advantages_weight_each_token_by_its_own():
+  """Per-token advantages are not averaged per row: on policy (ratio 1) the gradient of the
+  grpo loss at token t is -A[n, t] / |row n| / N, each token by its own advantage."""
+  logps, _, _, _, mask = make_batch()
+  adv = np.random.default_rng(1).normal(size=logps.shape)
+  f = lambda lp: jax_loss(lp, jax.lax.stop_gradient(lp), None, adv, mask, beta=0.0)[0]  # noqa
+  grad = jax.grad(f)(jnp.asarray(logps, jnp.float32))
+  n = logps.shape[0]
+  expected = -adv * mask / np.maximum(mask.sum(1, keepdims=True), 1) / n
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)

@@ -136,3 +136,19 @@ def test_attention_block_lowers_the_compiled_updates_temporaries():
   assert temp[64] < 0.4 * temp[0], temp
   assert "attention (one block)" in est[64].update and "attention (one block)" not in est[0].update
   assert sum(est[64].update.values()) < 0.4 * sum(est[0].update.values())
+
+
+def test_ppo_holds_a_critic_and_its_optimizer_state(tiny):
+  """advantage_estimator="gae": the critic's params and AdamW moments are held all run (three
+  times the policy's params more); GRPO holds none of it."""
+  (_, params), model_cfg = tiny
+  grpo_cfg, ppo_cfg = tiny_config(), tiny_config(advantage_estimator="gae")
+  mesh = config_lib.make_mesh(grpo_cfg)
+  n = param_bytes(params)
+  grpo_est, ppo_est = (memory.estimate(c, model_cfg, mesh, param_bytes=n)
+                       for c in (grpo_cfg, ppo_cfg))
+  assert not any(k.startswith("critic") for k in grpo_est.persistent)
+  assert ppo_est.persistent["critic params"] == n
+  assert ppo_est.persistent["critic optimizer state"] == 2 * n
+  assert ppo_est.peak - grpo_est.peak == 3 * n
+  assert "critic optimizer state" in ppo_est.table()

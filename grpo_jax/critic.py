@@ -1,0 +1,182 @@
+"""PPO's critic in training (config.rl.advantage_estimator="gae"): its state, the rollout's
+values and GAE advantages, and the critic's update.
+
+    critic, critic_params = make_critic(cfg, run, params)  # ValueModel of the policy, AdamW
+    state, start, position = runner.restore_or_init(run, params,
+                                                    critic=critic.init_state(critic_params))
+    advantages_fn = make_advantages_fn(cfg, run, critic)
+    update = make_update_step(cfg, run, critic)
+    # each step, after the rollout (batch.advantages unused) and its rewards [N]:
+    batch, old_values, returns, metrics = advantages_fn(state.critic.params, ref_params,
+                                                        batch, rewards_N)
+    for _ in range(num_iterations):                      # the same old values and returns
+      policy update on batch (per-token advantages [N, T])
+      critic_params, critic_opt, value_metrics = update(critic_params, critic_opt, batch,
+                                                        old_values, returns)
+
+The critic is a `models.ValueModel` whose trunk is a copy of the policy's params at the start
+(its head at zero: every value starts at 0), sharded by the policy's rules
+(`sharding.param_shardings`), with its own AdamW of config.opt's settings (learning rate
+config.rl.critic_learning_rate when set). It lives in `runner.TrainState.critic` and is
+checkpointed with the run (`checkpointing.run_state`). docs/maths.md section 12 has the
+formulas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from grpo_jax import grpo, losses, optim, ppo, sharding
+from grpo_jax.models import ValueModel
+
+
+@struct.dataclass
+class CriticState:
+  """The critic's part of the train state (donated to its update like the policy's)."""
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Critic:
+  """The fixed parts of the critic: model definition, optimizer, shardings."""
+  graphdef: Any
+  optimizer: Any
+  param_sh: Any
+  opt_sh: Any
+
+  def init_state(self, params) -> tuple[CriticState, CriticState]:
+    """(the critic state of `params` with a fresh optimizer state, its shardings):
+    `runner.restore_or_init`'s `critic`."""
+    opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)(params)
+    return CriticState(params, opt_state), CriticState(self.param_sh, self.opt_sh)
+
+
+def enabled(rl) -> bool:
+  """Whether config.rl trains with a critic (PPO)."""
+  return rl.advantage_estimator == ppo.ESTIMATOR
+
+
+def make_critic(cfg, run, params) -> tuple[Critic, Any]:
+  """(the critic of a run, its first params): `ValueModel.from_policy` of the policy `params`
+  (on `run.mesh`; new buffers, zero head), its optimizer on the policy's schedule
+  (train.steps x num_iterations updates)."""
+  value_model = ValueModel.from_policy(nnx.merge(run.graphdef, params))
+  graphdef, critic_params = nnx.split(value_model)
+  param_sh = sharding.param_shardings(run.mesh, critic_params)
+  critic_params = jax.device_put(critic_params, param_sh)
+  opt, rl = cfg.opt, cfg.rl
+  lr = opt.learning_rate if rl.critic_learning_rate is None else rl.critic_learning_rate
+  optimizer, _ = optim.make_optimizer(
+      lr, total_steps=cfg.train.steps * rl.num_iterations, warmup_steps=opt.warmup_steps,
+      schedule=opt.schedule, weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm)
+  opt_sh = sharding.param_shardings(run.mesh, jax.eval_shape(optimizer.init, critic_params))
+  return Critic(graphdef, optimizer, param_sh, opt_sh), critic_params
+
+
+def _batch_shardings(batch_sh):
+  return jax.tree.map(lambda _: batch_sh, grpo.Batch(*([0] * 6)))
+
+
+def make_advantages_fn(cfg, run, critic: Critic):
+  """The jitted rollout pass: (critic params, ref params or None, batch, rewards [N]) ->
+  (batch with per-token advantages [N, T], old values [N, T], returns [N, T], metrics).
+
+  Values come from the critic (no gradient), a micro-batch at a time (train.grad_accum_steps
+  parts, as the update runs); with config.rl.kl_in_reward the reference's log-probs too, and
+  the per-token reward is r_t = R [last token] - beta * KL_t, KL_t = rl.kl_estimator of the
+  sampler's log-probs against the reference's. A missing reward (NaN) counts as 0. Then GAE
+  (rl.gamma, rl.lam), whitened over the batch's tokens with rl.whiten_advantages.
+  """
+  rl = cfg.rl
+  g, parts = rl.num_generations, cfg.train.grad_accum_steps
+  kl_coef = float(rl.beta) if rl.kl_in_reward else 0.0
+  batch_sh = run.batch_sh
+
+  def forwards(critic_params, ref_params, batch: grpo.Batch):
+    """Values [N, T] and (with kl_in_reward) the reference's log-probs [N, T] of one part."""
+    args = (batch.prompts, batch.prompt_mask, batch.completions, batch.completion_mask)
+    values = ppo.completion_values(nnx.merge(critic.graphdef, critic_params), *args,
+                                   num_generations=g)
+    if not kl_coef:
+      return values, jnp.zeros_like(values)
+    ref_logps, _ = grpo.completion_logps(nnx.merge(run.graphdef, ref_params), *args,
+                                         num_generations=g, temperature=rl.temperature)
+    return values, ref_logps
+
+  def fn(critic_params, ref_params, batch: grpo.Batch, rewards_N):
+    if parts == 1:
+      values, ref_logps = forwards(critic_params, ref_params, batch)
+    else:
+      values, ref_logps = jax.lax.map(lambda mb: forwards(critic_params, ref_params, mb),
+                                      optim.split_micro_batches(batch, parts))
+      values, ref_logps = (x.reshape(-1, x.shape[-1]) for x in (values, ref_logps))
+    mask = batch.completion_mask
+    kl = losses.kl_divergence(batch.old_logps, ref_logps, rl.kl_estimator) if kl_coef else None
+    rewards_N = jnp.nan_to_num(rewards_N.astype(jnp.float32), nan=0.0)
+    token_rewards = ppo.token_rewards(rewards_N, mask, kl=kl, kl_coef=kl_coef)
+    adv, returns = ppo.gae(token_rewards, values, mask, gamma=rl.gamma, lam=rl.lam)
+    metrics = {"value/advantages_mean": ppo.masked_mean(adv, mask)}
+    if kl_coef:
+      metrics["kl"] = ppo.masked_mean(kl, mask)
+    if rl.whiten_advantages:
+      adv = ppo.whiten(adv, mask)
+    return batch.replace(advantages=adv), values, returns, metrics
+
+  batch_tree = _batch_shardings(batch_sh)
+  ref_sh = run.param_sh if kl_coef else None
+  jitted = jax.jit(fn, in_shardings=(critic.param_sh, ref_sh, batch_tree, batch_sh),
+                   out_shardings=(batch_tree, batch_sh, batch_sh, None))
+  return sharding.on_mesh(jitted, run.mesh)
+
+
+def make_update_step(cfg, run, critic: Critic):
+  """The critic's jitted update: (params, opt_state, batch, old values [N, T], returns [N, T])
+  -> (params, opt_state, metrics), params and opt_state donated.
+
+  Loss: rl.vf_coef x `ppo.value_loss` (clipped at rl.cliprange_value), a token mean over the
+  batch; with micro-batches (train.grad_accum_steps) each part's gradient and metrics weigh by
+  its share of the tokens (value/explained_variance is then that weighted mean of the
+  parts'). Metrics: value/loss (unweighted by vf_coef), value/clip_fraction, value/mean,
+  value/returns_mean, value/explained_variance, value/grad_norm.
+  """
+  rl, parts = cfg.rl, cfg.train.grad_accum_steps
+
+  def loss_fn(params, mb):
+    batch, old_values, returns = mb
+    values = ppo.completion_values(
+        nnx.merge(critic.graphdef, params), batch.prompts, batch.prompt_mask, batch.completions,
+        batch.completion_mask, num_generations=rl.num_generations, remat=cfg.model.remat)
+    loss, metrics = ppo.value_loss(values, old_values, returns, batch.completion_mask,
+                                   cliprange_value=rl.cliprange_value)
+    return rl.vf_coef * loss, metrics
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def grads_fn(params, batch, old_values, returns):
+    whole = (batch, old_values, returns)
+    if parts == 1:
+      return grad_fn(params, whole)
+    total = jnp.maximum(jnp.sum(batch.completion_mask), 1)
+    grads, metrics, weights = optim.accumulate(
+        lambda mb: grad_fn(params, mb), params, optim.split_micro_batches(whole, parts),
+        lambda mb: jnp.sum(mb[0].completion_mask) / total)
+    return grads, {k: jnp.sum(m * weights) for k, m in metrics.items()}
+
+  step = optim.jit_update(grads_fn, critic.optimizer, param_sharding=critic.param_sh,
+                          opt_sharding=critic.opt_sh,
+                          extra_shardings=(_batch_shardings(run.batch_sh), run.batch_sh,
+                                           run.batch_sh))
+
+  def update(params, opt_state, batch, old_values, returns):
+    params, opt_state, metrics = step(params, opt_state, batch, old_values, returns)
+    metrics["value/grad_norm"] = metrics.pop("grad_norm")
+    return params, opt_state, metrics
+
+  return update
+
