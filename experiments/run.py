@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/run.py r1_zero r1 distill    # all three, ~1 hour on 2 CPU cores
     .venv/bin/python experiments/run.py r1 --root=runs/experiments --dry_run   # print the commands
-    .venv/bin/python experiments/run.py r1_zero_base   # Gemma 3 270M base, ~1.5 hours
+    .venv/bin/python experiments/run.py r1_zero_base   # Gemma 3 270M base, ~1.3 hours
 
 Every stage is one command a user could type (`grpo_jax.main` for GRPO and SFT,
 `grpo_jax.rejection` for rejection sampling and teacher traces,
