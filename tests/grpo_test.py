@@ -59,13 +59,14 @@ ACCUMULATION_CASES = [
     # exact: an entropy bonus under cispo's global token mean, elementwise rollout weights
     # (old = the trainer's own log-probs, so the weights are not all 1), the bias-corrected KL.
     ("cispo", dict(entropy_coef=0.01)),
-    ("cispo", dict(use_old_logps=False, rollout_correction="token_truncate",
-                   rollout_correction_threshold=1.2)),
+    pytest.param("cispo", dict(use_old_logps=False, rollout_correction="token_truncate",
+                               rollout_correction_threshold=1.2), marks=pytest.mark.slow),
     ("gmpo", {}),
-    ("gmpo", dict(use_old_logps=False, rollout_correction="sequence_mask")),
+    pytest.param("gmpo", dict(use_old_logps=False, rollout_correction="sequence_mask"),
+                 marks=pytest.mark.slow),
     ("sapo", dict(use_bias_correction_kl=True)),
-    ("sapo", dict(use_old_logps=False, rollout_correction="token_mask",
-                  rollout_correction_threshold=1.2)),
+    pytest.param("sapo", dict(use_old_logps=False, rollout_correction="token_mask",
+                              rollout_correction_threshold=1.2), marks=pytest.mark.slow),
 ]
 
 
@@ -95,6 +96,7 @@ def _micro_batches(batch, parts):
   return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(parts)]
 
 
+@pytest.mark.slow  # about a minute on 2 cores: the slow job runs it
 def test_bnpo_averages_micro_batch_token_means_and_dapo_keeps_the_global_one():
   """TRL's bnpo under accumulation is (1/K) sum_k (token mean of micro-batch k); dapo is the
   token mean of the whole batch. They differ when the micro-batches' token counts do."""
@@ -124,6 +126,7 @@ def test_bnpo_averages_micro_batch_token_means_and_dapo_keeps_the_global_one():
   assert abs(out["bnpo"][0] - out["dapo"][0]) > 1e-3 * abs(out["dapo"][0])
 
 
+@pytest.mark.slow  # about a minute on 2 cores: the slow job runs it
 def test_entropy_options_and_mismatch_metrics_reach_the_loss():
   """loss_and_metrics passes the entropies (bonus: minus coef x the logged mean entropy under
   dapo) and the sampler's log-probs (mismatch against the trainer's, the batch's old_logps)."""

@@ -139,6 +139,7 @@ def test_reward_metrics_of_one_completion_per_prompt():
     advantages.group_advantages(jnp.zeros(4), 1)
 
 
+@pytest.mark.slow  # 35-55 s on 2 cores: the slow job runs it
 def test_ppo_trains_with_one_completion_per_prompt(tmp_path):
   cfg = tiny_config(dict(RUN, **{"train.steps": 2, "rl.advantage_estimator": "gae",
                                  "rl.num_generations": 1}))
@@ -222,6 +223,7 @@ def test_rollout_pass_puts_the_kl_in_the_rewards_and_runs_gae(grad_accum_steps):
   np.testing.assert_array_equal(out.completions, batch.completions)
 
 
+@pytest.mark.slow  # 35-55 s on 2 cores: the slow job runs it
 def test_compiled_memory_check_counts_the_critic(tmp_path, monkeypatch):
   """On a device with a memory limit the compiled programs' peaks decide; PPO's critic, held
   through all of them, is added to each: a limit that fits GRPO's programs stops PPO's run."""
