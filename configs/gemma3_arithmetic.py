@@ -22,7 +22,11 @@ terms apply to them. About 3 times the default experiment's time per step on a
 experiments/README.md has the measured curves.
 """
 
+import os
+
 from grpo_jax import config as config_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 PRESETS = {
     "arithmetic": (dict(min_digits=1, max_digits=1, operators="+-"), "accuracy_lenient"),
@@ -37,26 +41,13 @@ def get_config(arg: str | None = None):
                      f"use one of {sorted(PRESETS)}, e.g. --config=configs/gemma3_arithmetic.py:"
                      "countdown")
   kwargs, reward = PRESETS[task]
-  c = config_lib.defaults()
+  # Everything but the model, template, task and rewards is the SmolLM2 run's, so the two
+  # compare on the same batch, learning rate, steps and evaluation.
+  c = config_lib.from_file(os.path.join(HERE, "smollm2_arithmetic.py"))
   c.model.name = "gemma3-270m"
   c.task.name = task
   c.task.template = "r1_zero"
-  c.task.kwargs.update(kwargs)
+  c.task.kwargs = kwargs
   c.rewards = [(reward, 1.0), ("format", 0.5)]
-  c.rl.num_generations = 8
-  c.rl.beta = 0.0
-  c.rl.max_prompt_length = 128
-  c.rl.max_completion_length = 48
-  c.rl.temperature = 1.0
-  c.opt.learning_rate = 2e-5
-  c.opt.max_grad_norm = 1.0
-  c.train.steps = 30
-  c.train.prompts_per_step = 4
-  c.train.eval_every = 15
-  c.train.checkpoint_every = 15
-  c.eval.num_problems = 48
-  c.eval.num_samples = 4
-  c.eval.temperature = 1.0
-  c.eval.prompts_per_batch = 8
   c.eval.reward = reward
   return c
