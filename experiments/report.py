@@ -2,20 +2,25 @@
 
     .venv/bin/python experiments/report.py [--root=runs/experiments]
 
-Reads ROOT/results.json (one held-out evaluation per model), each evaluation's
-per-problem JSONL (for the share of R1-formatted answers and pass@1's bootstrap
-interval) and each GRPO run's
-metrics.jsonl (reward and completion length per step). Writes
-experiments/accuracy_per_stage.png and experiments/grpo_curves.png (r1_zero, r1,
-distill), experiments/r1_zero_base.png (Gemma 3 base runs beside SmolLM2's
-r1_zero), and the tables between each block's results markers of
-experiments/README.md; a block without results keeps its text.
+Reads ROOT/results.json (each model's held-out evaluation, per seed), each
+evaluation's per-problem JSONL (the share of R1-formatted answers; the 95%
+interval for evaluations made before `evaluate` reported one) and each training
+run's metrics.jsonl (reward, accuracy, length and step time per step). For each
+block of experiments/README.md (BLOCKS) with results it writes the table between
+the block's markers and the block's plot; a block without results keeps its text.
+
+A table row is one stage: pass@1 as the mean +- standard deviation over its
+seeds (the sample standard deviation, n - 1), each seed's pass@1 with its 95%
+interval over problems, maj@k, the R1-format share, mean completion tokens and
+the stage's wall-clock time (mean over seeds). Plots draw each stage's mean over
+seeds as a line and the seeds' range as a band.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import matplotlib
 import numpy as np
@@ -24,17 +29,29 @@ from absl import app, flags
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from grpo_jax import cli, metrics_io, rewards  # noqa: E402
+from grpo_jax import cli, evaluate, metrics_io, rewards  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Each block of README.md: (its experiments, begin marker, end marker).
+sys.path.insert(0, HERE)
+from results_io import load_results  # noqa: E402
+
+
+def _markers(name):
+  return (f"<!-- results {name}: written by experiments/report.py -->",
+          f"<!-- /results {name} -->")
+
+
+# Each block of README.md: (the experiments whose rows it shows, its plot, the plot's kind).
 BLOCKS = {
-    "main": (("r1_zero", "r1", "distill"), "<!-- results: written by experiments/report.py -->",
-             "<!-- /results -->"),
-    "r1_zero_base": (("r1_zero_base",),
-                     "<!-- results r1_zero_base: written by experiments/report.py -->",
-                     "<!-- /results r1_zero_base -->"),
+    "main": (("r1_zero", "r1", "distill"), "grpo_curves.png", "curves"),
+    "r1_zero_base": (("r1_zero_base", "r1_zero"), "r1_zero_base.png", "base"),
+    "headline": (("headline",), "headline.png", "curves"),
+    "variants": (("variants",), "variants.png", "curves"),
+    "ppo": (("ppo", "headline"), "ppo_vs_grpo.png", "wall_clock"),
 }
+# The main block's markers predate the per-block ones.
+MARKERS = dict({name: _markers(name) for name in BLOCKS},
+               main=("<!-- results: written by experiments/report.py -->", "<!-- /results -->"))
 
 _ROOT = flags.DEFINE_string("root", os.path.join(os.path.dirname(HERE), "runs", "experiments"),
                             "experiments/run.py's --root (holds results.json)")
@@ -50,42 +67,59 @@ def format_share(eval_jsonl: str) -> float:
 
 
 def select(results: dict, experiments) -> dict:
-  """The results of the named experiments (keys "experiment/stage"), in their order."""
-  return {key: r for key, r in results.items() if key.split("/")[0] in experiments}
+  """The results of the named experiments (keys "experiment/stage"), in their order; the first
+  experiment's own stages, the others' only where they have evaluations (references)."""
+  chosen = {}
+  for name in experiments:
+    chosen.update({key: r for key, r in results.items() if key.split("/")[0] == name})
+  return chosen
 
 
-def pass1_interval(eval_jsonl: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-  """95% interval of pass@1 by a cluster bootstrap over the distinct problems: problems are
-  drawn with replacement, each with all its evaluated rows (a problem the evaluation repeats
-  is one cluster), and pass@1 is recomputed as right samples / samples."""
-  right, total = {}, {}
-  with open(eval_jsonl) as f:
-    for line in f:
-      row = json.loads(line)
-      right[row["prompt"]] = right.get(row["prompt"], 0) + row["num_correct"]
-      total[row["prompt"]] = total.get(row["prompt"], 0) + len(row["completions"])
-  right_P, total_P = np.array(list(right.values())), np.array(list(total.values()))
-  draws = np.random.default_rng(seed).integers(0, len(right_P), (resamples, len(right_P)))
-  stats = right_P[draws].sum(1) / total_P[draws].sum(1)
-  return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
+def pass1_interval(eval_jsonl: str) -> tuple[float, float]:
+  """pass@1's 95% interval from an evaluation's per-problem JSONL (`evaluate.interval`: a
+  bootstrap over its distinct problems), for evaluations made before the summary held it."""
+  rows = [json.loads(line) for line in open(eval_jsonl)]
+  return evaluate.interval([r["num_correct"] for r in rows], [len(r["completions"]) for r in rows],
+                           [r["prompt"] for r in rows])
 
 
-def tables(root: str, results: dict) -> str:
-  k = next(r["eval"]["num_samples"] for r in results.values() if "eval" in r)
-  lines = [f"| model (stage) | pass@1 | 95% interval | maj@{k} | pass@{k} | R1 format | "
-           "mean tokens | stage time |",
-           "|---|---|---|---|---|---|---|---|"]
+def _evals(entry: dict) -> list[tuple[str, dict]]:
+  """(seed, seed entry) of a stage's evaluated seeds, in seed order."""
+  return sorted(((s, e) for s, e in entry["seeds"].items() if "eval" in e), key=lambda x: int(x[0]))
+
+
+def mean_sd(values) -> str:
+  values = np.asarray(values, float)
+  if len(values) == 1:
+    return f"{values[0]:.3f}"
+  return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+
+def tables(results: dict) -> str:
+  k = next(e["eval"]["num_samples"] for r in results.values() for _, e in _evals(r))
+  lines = [f"| model (stage) | seeds | pass@1 (mean ± sd over seeds) | each seed: pass@1 [95% "
+           f"interval] | maj@{k} | distinct problems x samples | R1 format | mean tokens | "
+           "stage time |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for key, r in results.items():
-    if "eval" not in r:
+    evals = _evals(r)
+    if not evals:
       continue
-    e = r["eval"]
-    name, stage = key.split("/")
-    path = os.path.join(root, name, f"eval_{stage}.jsonl")
-    share, (low, high) = format_share(path), pass1_interval(path)
-    minutes = f"{r['stage_s'] / 60:.1f} min" if "stage_s" in r else "-"
-    lines.append(f"| {key} | {e['pass@1']:.3f} | [{low:.2f}, {high:.2f}] | {e[f'maj@{k}']:.3f} | "
-                 f"{e[f'pass@{k}']:.3f} | {share:.2f} | {e['mean_length']:.1f} | {minutes} |")
-  data = [(key, r["data"]) for key, r in results.items() if "data" in r]
+    per_seed, shares = [], []
+    for _, e in evals:
+      low, high = e["eval"].get("pass@1_ci95") or pass1_interval(e["eval_path"])
+      per_seed.append(f"{e['eval']['pass@1']:.3f} [{low:.2f}, {high:.2f}]")
+      shares.append(format_share(e["eval_path"]) if os.path.exists(e["eval_path"]) else np.nan)
+    ev = [e["eval"] for _, e in evals]
+    distinct = ev[0].get("num_distinct_problems", "?")
+    times = [e["stage_s"] for _, e in evals if "stage_s" in e]
+    minutes = f"{np.mean(times) / 60:.1f} min" if times else "-"
+    lines.append(
+        f"| {key} | {len(evals)} | {mean_sd([e['pass@1'] for e in ev])} | {'; '.join(per_seed)} | "
+        f"{mean_sd([e[f'maj@{k}'] for e in ev])} | {distinct} x {k} | {np.nanmean(shares):.2f} | "
+        f"{np.mean([e['mean_length'] for e in ev]):.1f} | {minutes} |")
+  data = [(f"{key} (seed {s})", e["data"]) for key, r in results.items()
+          for s, e in sorted(r["seeds"].items()) if "data" in e]
   if data:
     lines += ["", "| dataset | problems | samples | kept | acceptance | problems with a kept answer |",
               "|---|---|---|---|---|---|"]
@@ -95,83 +129,79 @@ def tables(root: str, results: dict) -> str:
   return "\n".join(lines)
 
 
-def _grpo_runs(root: str, results: dict) -> list[tuple[str, str]]:
-  """(key, workdir) of the GRPO stages that wrote metrics.jsonl."""
-  runs = [(key, os.path.join(root, *key.split("/"))) for key in results
-          if key.split("/")[1].startswith("grpo")]
-  return [(key, path) for key, path in runs if os.path.exists(os.path.join(path, "metrics.jsonl"))]
+def _runs(results: dict) -> dict[str, list[list[dict]]]:
+  """{stage key: [each seed's training records]} of the stages that trained with GRPO/PPO."""
+  runs = {}
+  for key, r in results.items():
+    seeds = [e["workdir"] for _, e in sorted(r["seeds"].items())
+             if os.path.exists(os.path.join(e.get("workdir", ""), "metrics.jsonl"))]
+    records = [[x for x in metrics_io.read_metrics(w) if "reward" in x] for w in seeds]
+    if records and all(records):
+      runs[key] = records
+  return runs
 
 
-def plots(root: str, results: dict, out: str = HERE) -> None:
-  evaluated = [(key, r["eval"]) for key, r in results.items() if "eval" in r]
-  fig, ax = plt.subplots(figsize=(9, 3.5))
-  ax.bar(range(len(evaluated)), [e["pass@1"] for _, e in evaluated], color="tab:blue")
-  ax.set_xticks(range(len(evaluated)), [key for key, _ in evaluated], rotation=20, ha="right")
-  ax.set_ylabel("held-out pass@1")
-  ax.set_ylim(0, 1)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "accuracy_per_stage.png"), dpi=110)
-  plt.close(fig)
+def task_reward(record: dict) -> str:
+  """The task reward's key in a step record (the reward named first among the known ones)."""
+  return next(f"rewards/{n}/mean" for n in ("accuracy_lenient", "countdown", "accuracy")
+              if f"rewards/{n}/mean" in record)
 
-  runs = _grpo_runs(root, results)
+
+def band(ax, x_S, y_S, label):
+  """Mean over seeds as a line, the seeds' range as a band (x and y: one list per seed)."""
+  n = min(len(y) for y in y_S)
+  x = np.mean([np.asarray(v[:n], float) for v in x_S], 0)
+  y = np.asarray([v[:n] for v in y_S], float)
+  (line,) = ax.plot(x, y.mean(0), label=f"{label} ({len(y_S)} seed{'s' * (len(y_S) > 1)})")
+  if len(y_S) > 1:
+    ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+
+
+def curves_plot(results: dict, path: str, kind: str) -> None:
+  runs = _runs(results)
   if not runs:
     return
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-  for key, path in runs:
-    records = [r for r in metrics_io.read_metrics(path) if "reward" in r]
-    steps = [r["step"] for r in records]
-    left.plot(steps, [r["reward"] for r in records], label=key)
-    right.plot(steps, [r["completions/mean_length"] for r in records], label=key)
-  left.set(xlabel="GRPO step", ylabel="mean reward (accuracy + 0.5 format)")
-  right.set(xlabel="GRPO step", ylabel="mean completion length (tokens)")
-  left.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "grpo_curves.png"), dpi=110)
-  plt.close(fig)
-
-
-def base_model_plot(root: str, results: dict, out: str = HERE) -> None:
-  """Task reward, format reward and completion length per step of each R1-Zero run: the
-  Gemma 3 base runs and, when present, SmolLM2-Instruct's r1_zero/grpo."""
-  runs = _grpo_runs(root, results)
-  if not runs:
-    return
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-  for key, path in runs:
-    records = [r for r in metrics_io.read_metrics(path) if "reward" in r]
-    steps = [r["step"] for r in records]
-    task = next(name for name in ("accuracy_lenient", "countdown", "accuracy")
-                if f"rewards/{name}/mean" in records[0])
-    label = f"{key} ({task})"
-    axes[0].plot(steps, [r[f"rewards/{task}/mean"] for r in records], label=label)
-    axes[1].plot(steps, [r["rewards/format/mean"] for r in records], label=label)
-    axes[2].plot(steps, [r["completions/mean_length"] for r in records], label=label)
-  axes[0].set(xlabel="GRPO step", ylabel="task reward (batch mean)")
-  axes[1].set(xlabel="GRPO step", ylabel="R1 format reward (batch mean)")
-  axes[2].set(xlabel="GRPO step", ylabel="mean completion length (tokens)")
+  columns = {"curves": 3, "base": 3, "wall_clock": 3}[kind]
+  fig, axes = plt.subplots(1, columns, figsize=(4.3 * columns, 3.5))
+  for key, seeds in runs.items():
+    steps = [[x["step"] for x in recs] for recs in seeds]
+    accuracy = [[x[task_reward(x)] for x in recs] for recs in seeds]
+    band(axes[0], steps, accuracy, key)
+    if kind == "wall_clock":
+      minutes = [list(np.cumsum([x.get("time/step_s", 0.0) for x in recs]) / 60)
+                 for recs in seeds]
+      band(axes[1], minutes, accuracy, key)
+    elif kind == "base":
+      band(axes[1], steps, [[x.get("rewards/format/mean", 0.0) for x in r] for r in seeds], key)
+    else:
+      band(axes[1], steps, [[x["reward"] for x in recs] for recs in seeds], key)
+    band(axes[2], steps, [[x["completions/mean_length"] for x in r] for r in seeds], key)
+  axes[0].set(xlabel="step", ylabel="task reward (accuracy of the step's samples)")
+  axes[1].set(**{"wall_clock": dict(xlabel="wall-clock minutes (sum of step times)",
+                                    ylabel="task reward"),
+                 "base": dict(xlabel="step", ylabel="R1 format reward (batch mean)"),
+                 "curves": dict(xlabel="step", ylabel="total reward (batch mean)")}[kind])
+  axes[2].set(xlabel="step", ylabel="mean completion length (tokens)")
   axes[0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "r1_zero_base.png"), dpi=110)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def report(root: str, out: str = HERE) -> None:
-  """Writes the plots into `out` and the tables into out/README.md's blocks."""
-  with open(os.path.join(root, "results.json")) as f:
-    results = json.load(f)
+  """Writes each block's plot into `out` and its table into out/README.md."""
+  results = load_results(os.path.join(root, "results.json"))
   readme = os.path.join(out, "README.md")
   with open(readme) as f:
     body = f.read()
-  for block, (experiments, begin, end) in BLOCKS.items():
+  for block, (experiments, plot, kind) in BLOCKS.items():
     chosen = select(results, experiments)
-    if not any("eval" in r for r in chosen.values()):
+    if not any(_evals(r) for key, r in chosen.items() if key.split("/")[0] == experiments[0]):
       continue
-    text = tables(root, chosen)
+    text = tables(chosen)
     print(text)
-    if block == "main":
-      plots(root, chosen, out)
-    else:
-      base_model_plot(root, {**select(results, ("r1_zero",)), **chosen}, out)
+    curves_plot(chosen, os.path.join(out, plot), kind)
+    begin, end = MARKERS[block]
     if begin in body and end in body:
       head, rest = body.split(begin, 1)
       body = head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]

@@ -1,26 +1,43 @@
-"""The R1 experiments as pipelines of CLI stages: R1-Zero, R1, and distillation vs direct RL.
+"""The experiments as pipelines of CLI stages, each over several seeds.
 
-    .venv/bin/python experiments/run.py r1_zero r1 distill    # all three, ~1 hour on 2 CPU cores
+    .venv/bin/python experiments/run.py headline                  # 3 seeds, ~1 hour on 2 CPU cores
+    .venv/bin/python experiments/run.py variants ppo --seeds=1    # one seed: indicative only
     .venv/bin/python experiments/run.py r1 --root=runs/experiments --dry_run   # print the commands
-    .venv/bin/python experiments/run.py r1_zero_base   # Gemma 3 270M base, ~1.3 hours
 
 Every stage is one command a user could type (`grpo_jax.main` for GRPO and SFT,
 `grpo_jax.rejection` for rejection sampling and teacher traces,
-`grpo_jax.evaluate` for held-out accuracy), printed before it runs. A stage
-that finished is skipped when the script runs again, so an interrupted pipeline
-resumes. Results: ROOT/results.json (one evaluation per model), read by
-experiments/report.py for the tables and plots of experiments/README.md.
+`grpo_jax.evaluate` for held-out accuracy), printed before it runs. Each seed
+S = 0 .. --seeds - 1 runs the whole pipeline in ROOT/NAME/seedS/ with S as the
+training seed (sampling) and the task seed (the order and draw of training
+problems); its models are evaluated on the same held-out problems with
+sampling seed S. A model no stage trained (the instruct or base model) is
+evaluated once, with seed 0. A stage that finished is skipped when the script
+runs again, so an interrupted pipeline resumes and more seeds can be added
+later. Results: ROOT/results.json ({"NAME/STAGE": {"seeds": {S: {"stage_s",
+"eval", "workdir", "eval_path"}}}}), read by experiments/report.py for the
+tables (mean +- standard deviation over seeds, and each evaluation's 95%
+interval) and plots (bands over seeds) of experiments/README.md.
 
-The setting: SmolLM2-135M-Instruct on one-digit addition and subtraction (the
-default experiment's task, chat template with the R1 system prompt).
-- r1_zero: GRPO straight from the instruct model (no SFT), 30 steps.
+Held-out evaluation: the headline task's first 500 distinct held-out problems x
+2 samples at temperature 1 (HEADLINE_EVAL); the older 1-digit experiments keep
+48 x 4 (EVAL), which that task's split answers with its 17 distinct problems.
+
+The experiments, all from SmolLM2-135M-Instruct (the GGUF's Q4_1 weights
+dequantised to fp32) unless said:
+- headline: GRPO 30 steps on 1-2 digit addition and subtraction
+  (configs/smollm2_arithmetic.py:two_digit), the README's headline.
+- variants: the GRPO family on the headline task, each with mu = 2 updates per
+  rollout so that ratios and clipping act: GRPO, DAPO (clip-higher, token-level
+  loss, dynamic sampling), Dr. GRPO, RLOO, CISPO, GMPO.
+- ppo: PPO with a learned critic and GAE against GRPO, same task and budget.
+- r1_zero: GRPO straight from the instruct model (no SFT), 30 steps, 1-digit.
 - r1: cold start (SFT on 183 R1-format traces, configs/data/arithmetic_sft.jsonl)
   -> GRPO 20 steps -> rejection sampling from that policy (correct, R1-formatted,
   one language) -> SFT of the instruct model on cold-start + rejection data
   (DeepSeek-R1 retrains from the base at this stage) -> GRPO 20 steps.
-- distill: the R1 pipeline's final policy as teacher writes traces for the
-  training problems, filtered like rejection sampling; the instruct model is
-  SFT-ed on them. Compared with direct RL (r1_zero's result) from the same start.
+- distill: the R1 pipeline's final policy (same seed) as teacher writes traces
+  for the training problems, filtered like rejection sampling; the instruct
+  model is SFT-ed on them. Compared with direct RL (r1_zero) from the same start.
 - r1_zero_base: R1-Zero from a base model, DeepSeek-R1-Zero's own setting: Gemma 3
   270M (pretrained only) with the R1-Zero template, GRPO 30 steps on arithmetic
   and on Countdown (configs/gemma3_arithmetic.py), each evaluated before and after.
@@ -28,6 +45,7 @@ default experiment's task, chat template with the R1 system prompt).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,46 +54,84 @@ import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import load_results, save_results  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLD_START = os.path.join(REPO, "configs", "data", "arithmetic_sft.jsonl")
 TASK_KWARGS = {"min_digits": 1, "max_digits": 1, "operators": "+-"}
 GRPO_CONFIG = os.path.join(REPO, "configs", "smollm2_arithmetic.py")
+HEADLINE_CONFIG = GRPO_CONFIG + ":two_digit"
 SFT_CONFIG = os.path.join(REPO, "configs", "smollm2_sft.py")
 GEMMA_CONFIG = os.path.join(REPO, "configs", "gemma3_arithmetic.py")
 EVAL = dict(num_problems=48, num_samples=4, temperature=1.0, max_new_tokens=48)
-# What a model is evaluated on: the task, its kwargs, the template and the reward.
+HEADLINE_EVAL = dict(num_problems=500, num_samples=2, temperature=1.0, max_new_tokens=48,
+                     prompts_per_batch=64)
+# What a model is evaluated on: the task, its kwargs, the template, the reward and EVAL's settings.
 ARITHMETIC = dict(task="arithmetic", task_kwargs=TASK_KWARGS, template="chat",
-                  reward="accuracy_lenient")
+                  reward="accuracy_lenient", **EVAL)
+HEADLINE = dict(ARITHMETIC, task_kwargs={"min_digits": 1, "max_digits": 2, "operators": "+-"},
+                **HEADLINE_EVAL)
 BASE_ARITHMETIC = dict(ARITHMETIC, template="r1_zero")
-BASE_COUNTDOWN = dict(task="countdown", template="r1_zero", reward="countdown",
+BASE_COUNTDOWN = dict(BASE_ARITHMETIC, task="countdown", reward="countdown",
                       task_kwargs=dict(min_numbers=2, max_numbers=3, max_number=10, max_target=30))
-EXPERIMENTS = ("r1_zero", "r1", "distill", "r1_zero_base")
+# The GRPO family on the headline task (issue: the variants, compared): name -> config flags.
+# mu = 2 updates per rollout for all, so that the ratio-based losses differ from plain REINFORCE.
+VARIANTS = {
+    "grpo": {},
+    "dapo": {"rl.loss_type": "dapo", "rl.epsilon_high": 0.28, "rl.dynamic_sampling": True},
+    "dr_grpo": {"rl.loss_type": "dr_grpo", "rl.scale_rewards": "none"},
+    "rloo": {"rl.advantage_estimator": "rloo"},
+    "cispo": {"rl.loss_type": "cispo"},
+    "gmpo": {"rl.loss_type": "gmpo"},
+}
+VARIANT_COMMON = {"rl.num_iterations": 2}
+EXPERIMENTS = ("headline", "variants", "ppo", "r1_zero", "r1", "distill", "r1_zero_base")
 
 _ROOT = flags.DEFINE_string("root", os.path.join(REPO, "runs", "experiments"),
                             "where the runs and results.json go")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "seeds 0 .. N-1 of each pipeline")
 
 
-def grpo(workdir, model, steps, config=GRPO_CONFIG):
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One step of a pipeline: `command` (argv, a callable, or None for a model no stage
+  trains) makes `product` (a file or folder); `model` (or None) is then evaluated `on`."""
+  name: str
+  command: list | object | None
+  product: str | None
+  model: str | None
+  on: dict = dataclasses.field(default_factory=lambda: ARITHMETIC)
+
+
+def config_flags(overrides: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def grpo(workdir, model, steps, seed, config=GRPO_CONFIG, **overrides):
   return [sys.executable, "-m", "grpo_jax.main", f"--config={config}", f"--workdir={workdir}",
           f"--config.model.name={model}", f"--config.train.steps={steps}",
-          "--config.eval.num_problems=0", f"--config.train.checkpoint_every={steps}"]
+          "--config.eval.num_problems=0", f"--config.train.checkpoint_every={steps}",
+          f"--config.train.seed={seed}", f"--config.task.kwargs.seed={seed}",
+          *config_flags(overrides)]
 
 
-def sft(workdir, model, data):
+def sft(workdir, model, data, seed):
   return [sys.executable, "-m", "grpo_jax.main", f"--config={SFT_CONFIG}:{data}",
-          f"--workdir={workdir}", f"--config.model.name={model}"]
+          f"--workdir={workdir}", f"--config.model.name={model}", f"--config.train.seed={seed}"]
 
 
-def rejection(output, model, num_problems, start_index=0):
+def rejection(output, model, num_problems, seed, start_index=0):
   return [sys.executable, "-m", "grpo_jax.rejection", f"--model={model}", "--task=arithmetic",
           f"--task_kwargs={json.dumps(TASK_KWARGS)}", f"--num_problems={num_problems}",
           "--num_samples=4", "--temperature=1.0", "--max_new_tokens=48", "--require_format",
-          "--reward=accuracy", f"--start_index={start_index}", f"--output={output}"]
+          "--reward=accuracy", f"--start_index={start_index}", f"--seed={seed}",
+          f"--output={output}"]
 
 
-def evaluate(output, model, on=ARITHMETIC):
-  flags_ = dict(on, task_kwargs=json.dumps(on["task_kwargs"]), **EVAL)
+def evaluate(output, model, on=ARITHMETIC, seed=0):
+  flags_ = dict(on, task_kwargs=json.dumps(on["task_kwargs"]), seed=seed)
   return [sys.executable, "-m", "grpo_jax.evaluate", f"--model={model}", f"--output={output}",
           *(f"--{k}={v}" for k, v in flags_.items())]
 
@@ -89,78 +145,102 @@ def concatenate(output, *inputs):
   os.replace(output + ".tmp", output)
 
 
-def stages(name, root):
-  """(stage name, command or callable, the file or folder it makes, model to evaluate or None[,
-  what to evaluate it on: ARITHMETIC unless given])."""
-  d = lambda *p: os.path.join(root, name, *p)  # noqa: E731
+def stages(name, root, seed=0):
+  """The pipeline `name` for one seed, its files in ROOT/NAME/seedS/."""
+  d = lambda *p: os.path.join(root, name, f"seed{seed}", *p)  # noqa: E731
   base = "smollm2-135m-instruct"
+  if name == "headline":
+    return [Stage("instruct", None, None, base, HEADLINE),
+            Stage("grpo", grpo(d("grpo"), base, 30, seed, HEADLINE_CONFIG), d("grpo"), d("grpo"),
+                  HEADLINE)]
+  if name == "variants":
+    return [Stage(v, grpo(d(v), base, 30, seed, HEADLINE_CONFIG, **VARIANT_COMMON, **overrides),
+                  d(v), d(v), HEADLINE) for v, overrides in VARIANTS.items()]
+  if name == "ppo":
+    return [Stage("ppo", grpo(d("ppo"), base, 30, seed, HEADLINE_CONFIG,
+                              **{"rl.advantage_estimator": "gae"}), d("ppo"), d("ppo"), HEADLINE)]
   if name == "r1_zero":
-    return [("instruct", None, None, base),
-            ("grpo", grpo(d("grpo"), base, 30), d("grpo"), d("grpo"))]
+    return [Stage("instruct", None, None, base),
+            Stage("grpo", grpo(d("grpo"), base, 30, seed), d("grpo"), d("grpo"))]
   if name == "r1":
-    return [("cold_start_sft", sft(d("cold_start"), base, COLD_START), d("cold_start"),
-             d("cold_start")),
-            ("grpo_1", grpo(d("grpo_1"), d("cold_start"), 20), d("grpo_1"), d("grpo_1")),
-            ("rejection_sampling", rejection(d("rs.jsonl"), d("grpo_1"), 183), d("rs.jsonl"), None),
-            ("sft_data", lambda: concatenate(d("sft_2.jsonl"), COLD_START, d("rs.jsonl")),
-             d("sft_2.jsonl"), None),
-            ("sft_2", sft(d("sft_2"), base, d("sft_2.jsonl")), d("sft_2"), d("sft_2")),
-            ("grpo_2", grpo(d("grpo_2"), d("sft_2"), 20), d("grpo_2"), d("grpo_2"))]
+    return [Stage("cold_start_sft", sft(d("cold_start"), base, COLD_START, seed), d("cold_start"),
+                  d("cold_start")),
+            Stage("grpo_1", grpo(d("grpo_1"), d("cold_start"), 20, seed), d("grpo_1"),
+                  d("grpo_1")),
+            Stage("rejection_sampling", rejection(d("rs.jsonl"), d("grpo_1"), 183, seed),
+                  d("rs.jsonl"), None),
+            Stage("sft_data", lambda: concatenate(d("sft_2.jsonl"), COLD_START, d("rs.jsonl")),
+                  d("sft_2.jsonl"), None),
+            Stage("sft_2", sft(d("sft_2"), base, d("sft_2.jsonl"), seed), d("sft_2"), d("sft_2")),
+            Stage("grpo_2", grpo(d("grpo_2"), d("sft_2"), 20, seed), d("grpo_2"), d("grpo_2"))]
   if name == "distill":
-    teacher = os.path.join(root, "r1", "grpo_2")
-    return [("teacher_traces", rejection(d("traces.jsonl"), teacher, 183), d("traces.jsonl"),
-             None),
-            ("student_sft", sft(d("student"), base, d("traces.jsonl")), d("student"),
-             d("student"))]
+    teacher = os.path.join(root, "r1", f"seed{seed}", "grpo_2")
+    return [Stage("teacher_traces", rejection(d("traces.jsonl"), teacher, 183, seed),
+                  d("traces.jsonl"), None),
+            Stage("student_sft", sft(d("student"), base, d("traces.jsonl"), seed), d("student"),
+                  d("student"))]
   if name == "r1_zero_base":
     gemma = "gemma3-270m"
-    return [("base_arithmetic", None, None, gemma, BASE_ARITHMETIC),
-            ("grpo_arithmetic", grpo(d("grpo_arithmetic"), gemma, 30, GEMMA_CONFIG),
-             d("grpo_arithmetic"), d("grpo_arithmetic"), BASE_ARITHMETIC),
-            ("base_countdown", None, None, gemma, BASE_COUNTDOWN),
-            ("grpo_countdown", grpo(d("grpo_countdown"), gemma, 30, GEMMA_CONFIG + ":countdown"),
-             d("grpo_countdown"), d("grpo_countdown"), BASE_COUNTDOWN)]
+    return [Stage("base_arithmetic", None, None, gemma, BASE_ARITHMETIC),
+            Stage("grpo_arithmetic", grpo(d("grpo_arithmetic"), gemma, 30, seed, GEMMA_CONFIG),
+                  d("grpo_arithmetic"), d("grpo_arithmetic"), BASE_ARITHMETIC),
+            Stage("base_countdown", None, None, gemma, BASE_COUNTDOWN),
+            Stage("grpo_countdown", grpo(d("grpo_countdown"), gemma, 30, seed,
+                                         GEMMA_CONFIG + ":countdown"),
+                  d("grpo_countdown"), d("grpo_countdown"), BASE_COUNTDOWN)]
   raise ValueError(f"unknown experiment {name!r}; expected one of {list(EXPERIMENTS)}")
 
 
-def run(name, root, dry_run=False):
+def _say(key, command):
+  print(f"[{key}] " + (" ".join(command) if isinstance(command, list) else "(concatenate)"),
+        file=sys.stderr, flush=True)
+
+
+def run(name, root, seeds=3, dry_run=False):
   results_path = os.path.join(root, "results.json")
-  results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-  for stage, command, product, model, *on in stages(name, root):
-    key = f"{name}/{stage}"
-    if command is not None and not os.path.exists(os.path.join(root, name, f".{stage}.done")):
-      print(f"[{key}] " + (" ".join(command) if isinstance(command, list) else "(concatenate)"),
-            file=sys.stderr, flush=True)
+  results = load_results(results_path)
+  for seed in range(seeds):
+    folder = os.path.join(root, name, f"seed{seed}")
+    for st in stages(name, root, seed):
+      key, run_key = f"{name}/{st.name}", f"{name}/{st.name}/seed{seed}"
+      if st.command is None and seed > 0:
+        continue  # an untrained model: evaluated once
+      entry = results.setdefault(key, {"seeds": {}})["seeds"].setdefault(str(seed), {})
+      if st.command is not None and not os.path.exists(os.path.join(folder, f".{st.name}.done")):
+        _say(run_key, st.command)
+        if not dry_run:
+          os.makedirs(folder, exist_ok=True)
+          t = time.perf_counter()
+          if callable(st.command):
+            st.command()
+          else:
+            subprocess.run(st.command, cwd=REPO, check=True)
+          entry["stage_s"] = time.perf_counter() - t
+          open(os.path.join(folder, f".{st.name}.done"), "w").close()
+          stats = st.product and st.product.removesuffix(".jsonl") + ".stats.json"
+          if stats and st.product.endswith(".jsonl") and os.path.exists(stats):
+            entry["data"] = json.load(open(stats))
+      if st.product and os.path.isdir(st.product):
+        entry["workdir"] = st.product
+      if st.model is not None and "eval" not in entry:
+        entry["eval_path"] = os.path.join(folder, f"eval_{st.name}.jsonl")
+        command = evaluate(entry["eval_path"], st.model, st.on, seed)
+        _say(run_key, command)
+        if not dry_run:
+          out = subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
+          entry["eval"] = json.loads(out.stdout.strip().splitlines()[-1])
       if not dry_run:
-        os.makedirs(os.path.join(root, name), exist_ok=True)
-        t = time.perf_counter()
-        if callable(command):
-          command()
-        else:
-          subprocess.run(command, cwd=REPO, check=True)
-        results.setdefault(key, {})["stage_s"] = time.perf_counter() - t
-        open(os.path.join(root, name, f".{stage}.done"), "w").close()
-        stats = product and product.removesuffix(".jsonl") + ".stats.json"
-        if stats and product.endswith(".jsonl") and os.path.exists(stats):
-          results[key]["data"] = json.load(open(stats))
-    if model is not None and "eval" not in results.get(key, {}):
-      command = evaluate(os.path.join(root, name, f"eval_{stage}.jsonl"), model, *on)
-      print(f"[{key}] " + " ".join(command), file=sys.stderr, flush=True)
-      if not dry_run:
-        out = subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
-        results.setdefault(key, {})["eval"] = json.loads(out.stdout.strip().splitlines()[-1])
-    if not dry_run:
-      with open(results_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-      os.replace(results_path + ".tmp", results_path)
+        save_results(results_path, results)
 
 
 def main(argv):
   names = argv[1:]  # the experiments, as positional arguments
   if not names or not set(names) <= set(EXPERIMENTS):
     raise app.UsageError(f"name one or more experiments of {list(EXPERIMENTS)}; got {names}")
+  if _SEEDS.value < 1:
+    raise app.UsageError(f"--seeds={_SEEDS.value} must be >= 1")
   for name in names:
-    run(name, _ROOT.value, _DRY_RUN.value)
+    run(name, _ROOT.value, _SEEDS.value, _DRY_RUN.value)
 
 
 if __name__ == "__main__":

@@ -170,6 +170,8 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("mesh.tensor", 1, "tensor-parallel axis: heads, MLP width and vocabulary split")
 
   key("eval.num_problems", 64, "held-out problems of the task (0 = no evaluation)")
+  key("eval.allow_repeats", False, "evaluate the first num_problems held-out examples even where "
+      "problems repeat; by default only distinct ones, as many as the task's split holds")
   key("eval.num_samples", 1, "k completions per problem: pass@1 is their mean; maj@k, pass@k")
   key("eval.temperature", 0.0, "sampling temperature of the evaluation (0 = greedy)")
   key("eval.prompts_per_batch", 16, "prompts sampled at once")

@@ -4,7 +4,15 @@ From the command line (one JSON object on stdout; progress on stderr):
 
     python -m grpo_jax.evaluate --model=runs/smollm2_arithmetic --task=arithmetic \\
         --task_kwargs='{"max_digits": 1}' --num_problems=48 --num_samples=4 --output=eval.jsonl
-    {"pass@1": 0.766, "maj@4": 0.771, "pass@4": 0.792, "num_problems": 48, "mean_length": 8.3, ...}
+    {"pass@1": 0.766, "pass@1_ci95": [0.70, 0.83], "maj@4": 0.771, ..., "num_problems": 48,
+     "num_distinct_problems": 17, ...}
+
+The problems are the task's first --num_problems distinct held-out problems
+(--allow_repeats: the first eval examples, repeats included); a split with
+fewer gives what it has, and "num_distinct_problems" says how many. The 95%
+intervals of pass@1 and maj@k come from a bootstrap over those distinct
+problems (`interval`): the uncertainty of the score as an estimate over the
+task's problem space, for the model's sampling at this temperature.
 
 --model takes what `models.load` takes: a known name, a Hugging Face folder, a
 .gguf file or a training workdir. With a workdir, --task is optional: the
@@ -30,7 +38,8 @@ maj@k the accuracy of the most frequent answer among the k; pass@k the unbiased
 estimator of the probability that at least one of k samples is right (with
 n = k samples drawn, it is the fraction of problems with any right sample).
 The command line's keys are those of metrics.jsonl without "eval/" (eval/pass@1
-there is pass@1 here).
+there is pass@1 here); an interval is one [low, high] key here ("pass@1_ci95"),
+two keys there ("eval/pass@1_ci95_low", "eval/pass@1_ci95_high").
 """
 
 from __future__ import annotations
@@ -102,16 +111,65 @@ def score_problem(example: dict, texts: Sequence[str],
           "majority_correct": majority is not None and correct[keys.index(majority)]}
 
 
-def _metrics(judged: Sequence[dict], completions: Sequence[Sequence[str]], lengths=None) -> dict:
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """Wilson score interval of a proportion, successes of n trials (95% for the default z)."""
+  if n == 0:
+    return 0.0, 1.0
+  p = successes / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval(right, total, groups=None, resamples: int = 2000, seed: int = 0
+             ) -> tuple[float, float]:
+  """95% interval of sum(right) / sum(total) by a cluster bootstrap over problems.
+
+  right[i] / total[i] is row i's score (pass@1: right samples of k; maj@k: 0 or 1 of 1).
+  Rows with the same `groups` value (the prompt: an evaluation that repeats a problem) form
+  one cluster, so a repeat adds no information. Clusters are drawn with replacement,
+  `resamples` times, and the 2.5% and 97.5% quantiles of the recomputed ratio are the
+  interval. When every cluster scores the same 0 or 1 (the bootstrap collapses to a point),
+  the Wilson interval over the clusters, which then are independent yes/no trials, is used.
+  """
+  groups = range(len(right)) if groups is None else groups
+  cluster_right, cluster_total = collections.defaultdict(float), collections.defaultdict(float)
+  for g, r, t in zip(groups, right, total, strict=True):
+    cluster_right[g] += r
+    cluster_total[g] += t
+  right_C = np.array(list(cluster_right.values()))
+  total_C = np.array(list(cluster_total.values()))
+  scores = right_C / total_C
+  if np.all(scores == 0) or np.all(scores == 1):
+    return wilson_interval(float(scores.sum()), len(scores))
+  draws = np.random.default_rng(seed).integers(0, len(right_C), (resamples, len(right_C)))
+  stats = right_C[draws].sum(1) / total_C[draws].sum(1)
+  return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
+
+
+def _metrics(judged: Sequence[dict], completions: Sequence[Sequence[str]], lengths=None,
+             prompts: Sequence[str] | None = None) -> dict:
+  """`score`'s metrics; `prompts` (one per problem) group repeated problems for the intervals
+  and the distinct count (None: every problem is distinct)."""
   k = len(completions[0])
   if any(len(texts) != k for texts in completions):
     raise ValueError(f"every problem needs the same number of completions; got "
                      f"{sorted({len(texts) for texts in completions})}")
+  groups = list(range(len(judged)) if prompts is None else prompts)
+  right = [sum(j["correct"]) for j in judged]
+  majority = [float(j["majority_correct"]) for j in judged]
+  pass1_low, pass1_high = interval(right, [k] * len(judged), groups)
+  maj_low, maj_high = interval(majority, [1] * len(judged), groups)
   metrics = {
       "eval/pass@1": float(np.mean([np.mean(j["correct"]) for j in judged])),
+      "eval/pass@1_ci95_low": pass1_low,
+      "eval/pass@1_ci95_high": pass1_high,
       f"eval/maj@{k}": float(np.mean([j["majority_correct"] for j in judged])),
+      f"eval/maj@{k}_ci95_low": maj_low,
+      f"eval/maj@{k}_ci95_high": maj_high,
       f"eval/pass@{k}": float(np.mean([pass_at_k(k, sum(j["correct"]), k) for j in judged])),
       "eval/num_problems": len(judged),
+      "eval/num_distinct_problems": len(set(groups)),
       "eval/mean_length_chars": float(np.mean([len(t) for texts in completions for t in texts])),
   }
   if lengths is not None:
@@ -131,11 +189,13 @@ def score(examples: Sequence[dict], completions: Sequence[Sequence[str]],
 
   Returns:
     {"eval/pass@1", "eval/maj@k", "eval/pass@k", "eval/num_problems",
-     "eval/mean_length_chars"[, "eval/mean_length"]} (one key for pass@k when k = 1).
+     "eval/num_distinct_problems", "eval/mean_length_chars"[, "eval/mean_length"]} (one key
+    for pass@k when k = 1), and the 95% intervals "eval/pass@1_ci95_low" / "_high" and
+    "eval/maj@k_ci95_low" / "_high" (`interval`: a bootstrap over the distinct problems).
   """
   judged = [score_problem(ex, texts, correct_fn)
             for ex, texts in zip(examples, completions, strict=True)]
-  return _metrics(judged, completions, lengths)
+  return _metrics(judged, completions, lengths, [ex["prompt"] for ex in examples])
 
 
 def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_samples: int,
@@ -240,7 +300,7 @@ def run(sampler: Sampler, examples: Sequence[dict], prompts: Sequence[str], *, n
                     "num_correct": sum(j["correct"]), "ungraded": j["ungraded"],
                     "votes": j["votes"], "majority": j["majority"],
                     "majority_correct": j["majority_correct"]})
-  return _metrics(judged, texts, lengths), records
+  return _metrics(judged, texts, lengths, [ex["prompt"] for ex in examples]), records
 
 
 def evaluate(graphdef, params, tokenizer, examples: Sequence[dict], *, template: str,
@@ -271,6 +331,11 @@ def _log(message: str):
 
 # The flags are cli's shared ones (model, task, task_kwargs, template, sampling, num_problems,
 # num_samples, reward, prompts_per_batch, output); their defaults are evaluate's.
+_ALLOW_REPEATS = flags.DEFINE_bool(
+    "allow_repeats", False, "evaluate the first --num_problems eval examples even when some "
+    "repeat a problem (a small problem space); by default only distinct problems, as many as "
+    "the split holds up to --num_problems")
+
 for _name in ("model", "task", "task_kwargs", "template", "num_problems", "num_samples",
               "temperature", "top_p", "top_k", "max_new_tokens", "reward", "reward_kwargs",
               "prompts_per_batch", "seed", "dtype", "output"):
@@ -321,6 +386,7 @@ def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
   cli.positive(cli.NUM_PROBLEMS, cli.NUM_SAMPLES, cli.PROMPTS_PER_BATCH)
   cli.check_sampling()
   args = types.SimpleNamespace(**{h.name: h.value for h in cli.SHARED})
+  args.allow_repeats = _ALLOW_REPEATS.value
   args.model_kind = cli.model_kind(args.model)
   # A training run knows its task, template and completion length: they become the defaults.
   args.from_workdir = _from_workdir(args.model) if args.model_kind == "workdir" else {}
@@ -378,11 +444,15 @@ def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> di
     _log("from the run's config.json: " + ", ".join(
         f"--{name}={value if isinstance(value, str) else json.dumps(value)}"
         for name, value in args.from_workdir.items()))
-  examples = args.task_obj.eval_examples(args.num_problems)
-  repeats = len(examples) - len({ex["prompt"] for ex in examples})
-  if repeats:
-    _log(f"warning: {repeats} of the {len(examples)} problems repeat an earlier one (the task's "
-         "eval split holds fewer distinct problems); each counts once per occurrence")
+  examples = args.task_obj.eval_examples(args.num_problems, allow_repeats=args.allow_repeats)
+  distinct = len({ex["prompt"] for ex in examples})
+  if distinct < len(examples):
+    _log(f"--allow_repeats: {len(examples) - distinct} of the {len(examples)} problems repeat an "
+         f"earlier one; {distinct} are distinct. The intervals count each distinct problem once.")
+  elif len(examples) < args.num_problems:
+    _log(f"warning: the task's eval split holds only {len(examples)} distinct problems; "
+         f"evaluating those, not {args.num_problems} (--allow_repeats repeats them, which adds "
+         "samples but no problems)")
   if args.temperature == 0 and args.num_samples > 1:
     _log(f"warning: greedy (--temperature=0): the {args.num_samples} samples are all the same")
   t = time.perf_counter()
@@ -408,8 +478,13 @@ def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> di
         f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
     _log(f"wrote {len(records)} records to {args.output}")
   k = args.num_samples
-  summary = {"pass@1": metrics["eval/pass@1"], f"maj@{k}": metrics[f"eval/maj@{k}"],
+  summary = {"pass@1": metrics["eval/pass@1"],
+             "pass@1_ci95": [metrics["eval/pass@1_ci95_low"], metrics["eval/pass@1_ci95_high"]],
+             f"maj@{k}": metrics[f"eval/maj@{k}"],
+             f"maj@{k}_ci95": [metrics[f"eval/maj@{k}_ci95_low"],
+                               metrics[f"eval/maj@{k}_ci95_high"]],
              f"pass@{k}": metrics[f"eval/pass@{k}"], "num_problems": metrics["eval/num_problems"],
+             "num_distinct_problems": metrics["eval/num_distinct_problems"],
              "mean_length": metrics["eval/mean_length"],
              "mean_length_chars": metrics["eval/mean_length_chars"],
              "model": args.model, "task": args.task, "task_kwargs": args.task_kwargs,

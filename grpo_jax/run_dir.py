@@ -31,7 +31,8 @@ RESUMABLE_KEYS = frozenset({
     "train.steps", "sft.epochs", "train.log_every", "train.eval_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.device_memory_gb",
     "train.grad_accum_steps", "model.attention_block", "mesh.data", "mesh.fsdp", "mesh.tensor",
-    "eval.num_problems", "eval.num_samples", "eval.temperature", "eval.prompts_per_batch",
+    "eval.num_problems", "eval.allow_repeats", "eval.num_samples", "eval.temperature",
+    "eval.prompts_per_batch",
 })
 _ABSENT = "<absent>"
 

@@ -201,7 +201,11 @@ def task_evaluator(run: Run, task) -> EvalFn | None:
   cfg = run.cfg
   if not cfg.eval.num_problems:
     return None
-  examples = task.eval_examples(cfg.eval.num_problems)
+  examples = task.eval_examples(cfg.eval.num_problems, allow_repeats=cfg.eval.allow_repeats)
+  if len(examples) < cfg.eval.num_problems:
+    log.warning("the task's eval split holds only %d distinct problems: evaluating those, not "
+                "config.eval.num_problems=%d (config.eval.allow_repeats=True repeats them)",
+                len(examples), cfg.eval.num_problems)
   key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1)  # no step reaches it
   stop_ids = templates.stop_ids(run.tokenizer)
   return lambda params: evaluate.evaluate(
@@ -272,6 +276,10 @@ class Log:
     if self.writer is not None:
       rec = self.writer.write(step, rec)
       self.progress.update(step, rec)
+      if "eval/pass@1_ci95_low" in rec:
+        log.info("step %d: held-out pass@1 %.3f, 95%% interval [%.3f, %.3f], over %d distinct "
+                 "problems", step, rec["eval/pass@1"], rec["eval/pass@1_ci95_low"],
+                 rec["eval/pass@1_ci95_high"], rec["eval/num_distinct_problems"])
     self.records.append(dict(rec, step=step))
     if self.run.is_main and (step % 5 == 0 or step == self.run.steps or evaluated):
       plots.write_plots(self.run.workdir, self.records)

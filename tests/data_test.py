@@ -5,6 +5,7 @@ import os
 import re
 import sys
 import types
+from fractions import Fraction
 
 import pytest
 
@@ -22,7 +23,7 @@ def test_examples_are_a_pure_function_of_seed_split_index():
   assert a.train_batch(0, 50) == b.train_batch(0, 50)
   # Any window of the stream equals the same slice of a longer one: resuming at an index is exact.
   assert a.train_batch(17, 9) == b.train_batch(0, 30)[17:26]
-  assert a.eval_examples(20) == [b.example("eval", i) for i in range(20)]
+  assert a.eval_examples(20, allow_repeats=True) == [b.example("eval", i) for i in range(20)]
   other = data.get_task("arithmetic", seed=4).train_batch(0, 50)
   assert sum(x != y for x, y in zip(a.train_batch(0, 50), other)) > 40
   assert len({e["prompt"] for e in a.train_batch(0, 50)}) > 40  # not a constant stream
@@ -32,6 +33,7 @@ def test_examples_are_a_pure_function_of_seed_split_index():
     dict(),
     dict(min_terms=3, max_terms=4, min_digits=2, max_digits=3, operators="*-"),
     dict(min_terms=2, max_terms=5, min_digits=1, max_digits=1, operators="+-*"),
+    dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2, operators="+-*/"),
 ])
 def test_difficulty_knobs_and_answers(knobs):
   task = data.get_task("arithmetic", **knobs)
@@ -45,14 +47,41 @@ def test_difficulty_knobs_and_answers(knobs):
       assert re.fullmatch(r"0|[1-9][0-9]*", x), x  # no leading zeros or signs
       assert cfg.min_digits <= len(x) <= cfg.max_digits
     assert set(ops) <= set(cfg.operators)
-    # Independent reference: Python's own evaluation of the expression.
-    assert ex["answer"] == str(eval(ex["expression"]))  # noqa: S307 (digits and + - * only)
+    # Independent reference: Python's own evaluation of the expression, in exact fractions.
+    exact = eval(re.sub(r"(\d+)", r"F(\1)", ex["expression"]), {"F": Fraction})  # noqa: S307
+    assert exact.denominator == 1 and ex["answer"] == str(exact.numerator)
     seen_terms.add(len(operands))
     seen_digits.update(len(x) for x in operands)
     seen_ops.update(ops)
   assert seen_terms == set(range(cfg.min_terms, cfg.max_terms + 1))
   assert seen_digits == set(range(cfg.min_digits, cfg.max_digits + 1))
   assert seen_ops == set(cfg.operators)
+
+
+def test_division_is_exact_and_keeps_its_share_of_problems():
+  task = data.get_task("arithmetic", min_digits=2, max_digits=2, operators="+-*/")
+  ops = [_operands_and_ops(e["expression"])[1][0] for e in task.train_batch(0, 800)]
+  assert 0.18 < ops.count("/") / len(ops) < 0.32  # drawn first: a quarter, not rejected away
+  for e in task.train_batch(0, 200):
+    (a, b), (op,) = _operands_and_ops(e["expression"])
+    if op == "/":
+      assert int(b) != 0 and int(a) % int(b) == 0 and int(e["answer"]) == int(a) // int(b)
+  assert tasks._evaluate([7, 2], ["/"]) is None and tasks._evaluate([7, 0], ["/"]) is None
+  assert tasks._evaluate([1, 8, 4, 3], ["+", "/", "*"]) == 7  # 1 + (8 / 4) * 3
+
+
+def test_eval_examples_are_distinct_unless_repeats_are_asked_for():
+  big = data.get_task("arithmetic", min_digits=2, max_digits=2, operators="+-*/")
+  assert len({e["prompt"] for e in big.eval_examples(500)}) == 500
+  small = data.get_task("arithmetic", min_digits=1, max_digits=1, operators="+-")  # 200 in all
+  distinct = small.eval_examples(48)
+  assert len(distinct) == len({e["prompt"] for e in distinct}) < 48  # all it has, once each
+  repeated = small.eval_examples(48, allow_repeats=True)
+  assert len(repeated) == 48 and {e["prompt"] for e in repeated} <= {e["prompt"] for e in distinct}
+  # The distinct problems come in the order the split lists them: a prefix stays a prefix.
+  assert big.eval_examples(20) == big.eval_examples(500)[:20]
+  countdown = data.get_task("countdown")
+  assert len({e["prompt"] for e in countdown.eval_examples(500)}) == 500
 
 
 def test_precedence_and_negative_answers():
@@ -83,7 +112,7 @@ def test_unknown_names_and_bad_knobs_are_clear_errors():
                      r"'jsonl', 'math'\]"):
     data.get_task("gsm9k")
   with pytest.raises(ValueError, match="operators"):
-    data.get_task("arithmetic", operators="+/")
+    data.get_task("arithmetic", operators="+^")
   with pytest.raises(ValueError, match="min_digits"):
     data.get_task("arithmetic", min_digits=3, max_digits=2)
   with pytest.raises(ValueError, match="min_terms"):
@@ -189,7 +218,7 @@ def _countdown_scores(examples):
 def test_countdown_answers_reach_their_targets(knobs):
   task = data.get_task("countdown", **knobs)
   cfg = tasks.Countdown(**knobs)
-  examples = task.train_batch(0, 200) + task.eval_examples(200)
+  examples = task.train_batch(0, 200) + task.eval_examples(200, allow_repeats=True)
   assert _countdown_scores(examples) == [1.0] * 400
   seen_counts, seen_ops = set(), set()
   for ex in examples:
@@ -211,7 +240,7 @@ def test_countdown_is_a_pure_function_of_seed_split_index():
   a, b = data.get_task("countdown", seed=5), data.get_task("countdown", seed=5)
   assert a.train_batch(0, 40) == b.train_batch(0, 40)
   assert a.train_batch(11, 7) == b.train_batch(0, 20)[11:18]
-  assert a.eval_examples(20) == [b.example("eval", i) for i in range(20)]
+  assert a.eval_examples(20, allow_repeats=True) == [b.example("eval", i) for i in range(20)]
   other = data.get_task("countdown", seed=6).train_batch(0, 40)
   assert sum(x != y for x, y in zip(a.train_batch(0, 40), other)) > 30
 

@@ -430,7 +430,7 @@ def test_cli_reward_kwargs_bind_keywords_to_the_reward(tmp_path, capsys):
   (tmp_path / "checkpoints").mkdir()
   (tmp_path / "config.json").write_text(json.dumps({
       "model": {"name": "tiny-random"}, "task": {"name": "arithmetic"},
-      "reward_kwargs": {"regex_format": {"pattern": "The answer is \\d+\\."}}}))
+      "reward_kwargs": {"regex_format": {"pattern": "The answer is -?\\d+\\."}}}))
   summary = evaluate.main([*CLI[1:], f"--model={tmp_path}", "--reward=regex_format"],
                           load=fake_loader("untagged", {}))
   assert summary["pass@1"] == 1.0 and "reward_kwargs" in summary["from_workdir"]
@@ -448,3 +448,60 @@ def test_cli_rejects_bad_reward_kwargs_before_loading(flags_, message):
 
   with pytest.raises(app.UsageError, match=message):
     evaluate.main([*CLI, *flags_], load=load)
+
+
+# -- intervals and distinct problems ------------------------------------------------------------
+def test_wilson_interval_matches_the_closed_form():
+  z = 1.959964
+  for successes, n in [(0, 10), (5, 10), (17, 48), (48, 48)]:
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    np.testing.assert_allclose(evaluate.wilson_interval(successes, n),
+                               (max(0.0, centre - half), min(1.0, centre + half)), rtol=1e-12)
+  low, high = evaluate.wilson_interval(0, 10)
+  assert low == 0.0 and abs(high - z * z / (10 + z * z)) < 1e-12  # the "rule of three" regime
+
+
+def test_interval_bootstraps_over_distinct_problems():
+  rng = np.random.default_rng(1)
+  right = rng.binomial(4, 0.5, 400)  # 400 problems x 4 samples at p = 0.5
+  low, high = evaluate.interval(right, [4] * 400)
+  assert low < right.sum() / 1600 < high
+  # A problem's 4 samples are correlated only through the problem here (iid), so the width is
+  # close to the normal approximation over 1600 samples: 2 x 1.96 x sqrt(0.25 / 1600).
+  assert abs((high - low) - 2 * 1.96 * 0.5 / 40) < 0.01
+  # A repeated problem is one cluster: two rows of one prompt count as one problem twice as big.
+  rows = evaluate.interval([3, 1, 0, 2, 2], [4] * 5, groups=["a", "a", "b", "c", "c"])
+  assert rows == evaluate.interval([4, 0, 4], [8, 4, 8])
+  # All problems right (or all wrong): the bootstrap has no spread; Wilson over the problems.
+  assert evaluate.interval([4, 4, 8], [4, 4, 8], groups=["a", "b", "b"]) == \
+      evaluate.wilson_interval(2, 2)
+
+
+def test_score_reports_distinct_problems_and_intervals():
+  examples = [{"prompt": p, "answer": "1"} for p in ("x", "y", "x", "z")]
+  completions = [["<answer>1</answer>", "<answer>2</answer>"]] * 4
+  metrics = evaluate.score(examples, completions)
+  assert metrics["eval/num_problems"] == 4 and metrics["eval/num_distinct_problems"] == 3
+  assert metrics["eval/pass@1"] == 0.5
+  # Every problem scores 1/2: the bootstrap interval is the point itself.
+  assert metrics["eval/pass@1_ci95_low"] == metrics["eval/pass@1_ci95_high"] == 0.5
+  assert (metrics["eval/maj@2_ci95_low"], metrics["eval/maj@2_ci95_high"]) == \
+      evaluate.wilson_interval(3, 3)  # the first vote (right) wins each tie
+
+
+def test_cli_evaluates_distinct_problems_and_says_when_the_split_has_fewer(capsys):
+  seen = {}
+  one_digit = ["--model=tiny-random", "--task=arithmetic",
+               '--task_kwargs={"min_digits": 1, "max_digits": 1, "operators": "+-"}',
+               "--num_problems=48", "--num_samples=2"]
+  summary = evaluate.main(one_digit, load=fake_loader("once", seen))
+  distinct = len({ex["prompt"] for ex in seen["examples"]})
+  assert summary["num_problems"] == summary["num_distinct_problems"] == distinct < 48
+  assert "holds only" in capsys.readouterr().err
+  low, high = summary["pass@1_ci95"]
+  assert low <= summary["pass@1"] == 0.5 <= high
+  summary = evaluate.main([*one_digit, "--allow_repeats"], load=fake_loader("right", seen))
+  assert summary["num_problems"] == 48 and summary["num_distinct_problems"] == distinct
+  assert summary["pass@1_ci95"] == list(evaluate.wilson_interval(distinct, distinct))

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 from absl import flags
 
@@ -11,11 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load(name):
   """Imports experiments/NAME.py; both scripts define --root, so an earlier one's goes first."""
-  for flag_name in ("root", "dry_run"):
+  for flag_name in ("root", "dry_run", "seeds"):
     if flag_name in flags.FLAGS:
       delattr(flags.FLAGS, flag_name)
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
@@ -28,55 +30,119 @@ def flag(command, name):
 
 def test_base_model_stages_train_and_evaluate_each_task_with_the_r1_zero_template(tmp_path):
   run = load("run")
-  stages = {stage: rest for stage, *rest in run.stages("r1_zero_base", str(tmp_path))}
+  stages = {st.name: st for st in run.stages("r1_zero_base", str(tmp_path))}
   assert list(stages) == ["base_arithmetic", "grpo_arithmetic", "base_countdown", "grpo_countdown"]
-  for stage, (command, _, model, on) in stages.items():
-    task = stage.split("_")[1]
-    evaluation = run.evaluate("out.jsonl", model, on)
+  for name, st in stages.items():
+    task = name.split("_")[1]
+    evaluation = run.evaluate("out.jsonl", st.model, st.on)
     assert (flag(evaluation, "task"), flag(evaluation, "template")) == (task, "r1_zero")
     assert flag(evaluation, "reward") == ("countdown" if task == "countdown" else "accuracy_lenient")
-    if command is not None:  # training: the Gemma config's preset for the same task
-      assert flag(command, "config").endswith("gemma3_arithmetic.py" + (
+    if st.command is not None:  # training: the Gemma config's preset for the same task
+      assert flag(st.command, "config").endswith("gemma3_arithmetic.py" + (
           ":countdown" if task == "countdown" else ""))
-      assert flag(command, "config.model.name") == "gemma3-270m"
+      assert flag(st.command, "config.model.name") == "gemma3-270m"
     else:
-      assert model == "gemma3-270m"
+      assert st.model == "gemma3-270m"
   # the SmolLM2 experiments keep the chat template
-  (_, _, _, instruct), *_ = run.stages("r1_zero", str(tmp_path))
-  assert flag(run.evaluate("out.jsonl", instruct), "template") == "chat"
+  instruct, *_ = run.stages("r1_zero", str(tmp_path))
+  assert flag(run.evaluate("out.jsonl", instruct.model, instruct.on), "template") == "chat"
+
+
+def test_each_seed_trains_and_evaluates_in_its_own_folder_with_its_seed(tmp_path):
+  run = load("run")
+  for seed in (0, 2):
+    instruct, grpo = run.stages("headline", str(tmp_path), seed)
+    assert grpo.product == str(tmp_path / "headline" / f"seed{seed}" / "grpo")
+    assert flag(grpo.command, "config.train.seed") == flag(grpo.command, "config.task.kwargs.seed") \
+        == str(seed)
+    assert flag(grpo.command, "config").endswith("smollm2_arithmetic.py:two_digit")
+    evaluation = run.evaluate("o.jsonl", grpo.model, grpo.on, seed)
+    assert flag(evaluation, "seed") == str(seed) and flag(evaluation, "num_problems") == "500"
+    # every seed is evaluated on the same problems: the task's own seed is not varied there
+    assert json.loads(flag(evaluation, "task_kwargs")) == {"min_digits": 1, "max_digits": 2,
+                                                           "operators": "+-"}
+  # The variants differ from each other only in their own flags, all at mu = 2.
+  variants = {st.name: st.command for st in run.stages("variants", str(tmp_path))}
+  assert list(variants) == list(run.VARIANTS)
+  for name, command in variants.items():
+    assert flag(command, "config.rl.num_iterations") == "2"
+    assert {a for a in command if a.startswith("--config.rl.") and "num_iterations" not in a} == \
+        {f"--config.{k}={v}" for k, v in run.VARIANTS[name].items()}
+
+
+def test_variant_and_ppo_commands_are_valid_configs(tmp_path):
+  import ast
+
+  from grpo_jax import config as config_lib
+
+  run = load("run")
+  for st in run.stages("variants", str(tmp_path)) + run.stages("ppo", str(tmp_path)):
+    path, preset = flag(st.command, "config").split(":")
+    cfg = config_lib.from_file(path, preset)
+    for arg in st.command:
+      if arg.startswith("--config."):
+        key, text = arg.removeprefix("--config.").split("=", 1)
+        *sections, leaf = key.split(".")
+        node = cfg
+        for section in sections:
+          node = node[section]
+        try:
+          node[leaf] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+          node[leaf] = text  # a string value
+    config_lib.validate(cfg, data=False)  # raises ConfigError on a bad key or value
+
+
+def test_one_seed_results_of_an_earlier_layout_become_seed_0(tmp_path):
+  results_io = load("results_io")
+  (tmp_path / "results.json").write_text(json.dumps(
+      {"r1_zero/grpo": {"stage_s": 5.0, "eval": {"pass@1": 0.5}}}))
+  entry = results_io.load_results(str(tmp_path / "results.json"))["r1_zero/grpo"]["seeds"]["0"]
+  assert entry["eval"] == {"pass@1": 0.5} and entry["stage_s"] == 5.0
+  assert entry["workdir"] == str(tmp_path / "r1_zero" / "grpo")
+  assert entry["eval_path"] == str(tmp_path / "r1_zero" / "eval_grpo.jsonl")
 
 
 def test_report_rewrites_only_the_blocks_that_have_results(tmp_path):
   report = load("report")
   root, out = tmp_path / "runs", tmp_path / "out"
-  (root / "r1_zero_base" / "grpo_countdown").mkdir(parents=True)
   out.mkdir()
   answers = ["<think>a</think><answer>7</answer>", "7"]
-  evals = {}
-  for stage, p in [("base_countdown", 0.25), ("grpo_countdown", 0.5)]:
-    with open(root / "r1_zero_base" / f"eval_{stage}.jsonl", "w") as f:
-      f.write(json.dumps({"prompt": "p", "completions": answers, "num_correct": 1}) + "\n")
-    evals[f"r1_zero_base/{stage}"] = {"eval": {"pass@1": p, "maj@2": p, "pass@2": p,
-                                               "num_samples": 2, "mean_length": 3.0}}
-  evals["r1_zero_base/grpo_countdown"]["stage_s"] = 120.0
-  (root / "results.json").write_text(json.dumps(evals))
-  with open(root / "r1_zero_base" / "grpo_countdown" / "metrics.jsonl", "w") as f:
-    for step in (1, 2):
-      f.write(json.dumps({"step": step, "reward": 0.1 * step, "rewards/countdown/mean": 0.1,
-                          "rewards/format/mean": 0.0, "completions/mean_length": 40.0}) + "\n")
-  main_block = "\n".join(report.BLOCKS["main"][1:])
-  base_begin, base_end = report.BLOCKS["r1_zero_base"][1:]
-  (out / "README.md").write_text(f"head\n{main_block}\nmiddle\n{base_begin}\nold\n{base_end}\ntail\n")
+  results = {}
+  for stage, p_S in [("instruct", [0.25]), ("grpo", [0.5, 0.7, 0.6])]:
+    seeds = {}
+    for seed, p in enumerate(p_S):
+      folder = root / "headline" / f"seed{seed}"
+      (folder / stage).mkdir(parents=True)
+      eval_path = folder / f"eval_{stage}.jsonl"
+      eval_path.write_text(json.dumps({"prompt": "p", "completions": answers,
+                                       "num_correct": 1}) + "\n")
+      seeds[str(seed)] = {"eval": {"pass@1": p, "pass@1_ci95": [p - 0.1, p + 0.1], "maj@2": p,
+                                   "pass@2": p, "num_samples": 2, "mean_length": 3.0,
+                                   "num_distinct_problems": 500},
+                          "stage_s": 60.0 * (seed + 1), "workdir": str(folder / stage),
+                          "eval_path": str(eval_path)}
+      with open(folder / stage / "metrics.jsonl", "w") as f:
+        for step in (1, 2):
+          f.write(json.dumps({"step": step, "reward": 0.1 * step, "rewards/accuracy_lenient/mean":
+                              0.1 * seed, "completions/mean_length": 40.0,
+                              "time/step_s": 2.0}) + "\n")
+    results[f"headline/{stage}"] = {"seeds": seeds}
+  (root / "results.json").write_text(json.dumps(results))
+  main_block = "\n".join(report.MARKERS["main"])
+  begin, end = report.MARKERS["headline"]
+  (out / "README.md").write_text(f"head\n{main_block}\nmiddle\n{begin}\nold\n{end}\ntail\n")
   report.report(str(root), str(out))
   text = (out / "README.md").read_text()
   assert main_block in text  # no r1_zero/r1/distill results: that block is left as it was
-  base = text.split(base_begin)[1].split(base_end)[0]
-  assert "old" not in base
-  assert ("| r1_zero_base/grpo_countdown | 0.500 | [0.50, 0.50] | 0.500 | 0.500 | 0.50 | 3.0 | "
-          "2.0 min |") in base
-  assert "| r1_zero_base/base_countdown | 0.250 |" in base
+  block = text.split(begin)[1].split(end)[0]
+  assert "old" not in block
+  # 3 seeds: mean 0.6, sample sd 0.1; each seed with its interval; stage time the seeds' mean.
+  assert ("| headline/grpo | 3 | 0.600 ± 0.100 | 0.500 [0.40, 0.60]; 0.700 [0.60, 0.80]; "
+          "0.600 [0.50, 0.70] | 0.600 ± 0.100 | 500 x 2 | 0.50 | 3.0 | 2.0 min |") in block
+  assert "| headline/instruct | 1 | 0.250 | 0.250 [0.15, 0.35] |" in block
   assert text.startswith("head\n") and text.endswith("tail\n")
-  assert (out / "r1_zero_base.png").exists() and not (out / "accuracy_per_stage.png").exists()
+  assert (out / "headline.png").exists() and not (out / "grpo_curves.png").exists()
 
 
 def test_pass1_interval_resamples_distinct_problems_with_all_their_rows(tmp_path):
