@@ -6,9 +6,12 @@ log-prob pass, and the whole update step with and without the reference model.
 The workload of bench.py (SmolLM2-135M, 2 prompts x 8 completions, 64 prompt and 64
 completion tokens, random ids), each piece jitted apart, best of 3 after a warm-up.
 A backward should cost about twice its forward; the ratio printed says how far off it is.
+Ends with the machine's load while it ran (../noise.py): on a loaded machine the best of 3
+is still the best of 3 slow calls.
 """
 
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -20,6 +23,9 @@ from absl import app  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from grpo_jax import cli, grpo, models, optim  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
+import noise  # noqa: E402
 
 B, G, P, T = 2, 8, 64, 64
 
@@ -36,6 +42,7 @@ def best_of(f, *args, reps=3):
 
 def main(argv):
   cli.no_arguments(argv)
+  load = noise.Load().start()
   model, _ = models.load("smollm2-135m-instruct")
   graphdef, params = nnx.split(model)
   rng = np.random.default_rng(0)
@@ -69,6 +76,7 @@ def main(argv):
     run = lambda: step(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt_state),  # noqa
                        ref, batch)[2]["loss"]
     print(f"update step, beta={beta}: {best_of(run):.2f} s (incl. copying params and state)")
+  print(noise.describe(load.stop()))
 
 
 if __name__ == "__main__":
