@@ -61,6 +61,7 @@ def test_task_kwargs_errors_are_one_usage_line(text, message):
   assert cli.parse_task_kwargs('{"max_digits": 1}') == {"max_digits": 1}
 
 
+@pytest.mark.slow  # ~40 s: a full CLI or multi-step run (the slow job)
 def test_generate_prints_only_the_completion():
   """stdout is the completion alone, under the chat template by default (the tiny tokenizer has
   one) and on the raw text with --nochat; loading messages go to stderr."""

@@ -132,6 +132,7 @@ def test_task_settings_from_flags_key_by_key_or_as_json(env):
   assert rows["task.kwargs.max_number"] == "9" and "task.kwargs.max_digits" not in rows
 
 
+@pytest.mark.slow  # ~40 s: a full CLI or multi-step run (the slow job)
 def test_jsonl_task_and_rewards_from_the_command_line_train(env, tmp_path):
   """The command the jsonl task's error recommends runs, with the rewards given as a flag."""
   data = tmp_path / "train.jsonl"

@@ -85,6 +85,7 @@ def test_real_scale_config_without_a_folder_has_shapes_but_no_weights():
     models.load(cfg.model.name)
 
 
+@pytest.mark.slow  # ~40 s: a full CLI or multi-step run (the slow job)
 def test_real_scale_config_runs_a_step_on_a_tiny_qwen2(tmp_path):
   import torch
   import transformers

@@ -190,6 +190,7 @@ def test_optimizer_schedule_warmup_then_cosine():
     optim.make_optimizer(1.0, total_steps=10, schedule="linear")
 
 
+@pytest.mark.slow  # ~40 s: a full CLI or multi-step run (the slow job)
 def test_several_iterations_use_the_sampling_logps_and_clip():
   """num_iterations > 1: old log-probs are the sampler's; a moved policy gets clipped."""
   model = models.init_model(CFG, seed=7)
