@@ -213,17 +213,24 @@ def load(name_or_path: str, dtype: Any = None, param_dtype: Any = "float32",
 
 
 def _load_workdir(workdir: str, dtype: Any, param_dtype: Any, attention_block: int):
-  """The run's base model (config.json's model.name) with its latest checkpoint's params."""
-  from grpo_jax import checkpointing  # lazy: orbax is only needed here
+  """The run's base model (config.json's model.name) with its latest checkpoint's params. A
+  LoRA run's checkpoint holds its adapters: they are merged into the base, so the model is a
+  plain one (for export, generate, evaluation)."""
+  import ml_collections
+
+  from grpo_jax import checkpointing, lora  # lazy: orbax is only needed here
 
   model_cfg = _workdir_model_config(workdir)
   model, tokenizer = load(model_cfg["name"], dtype=dtype or model_cfg.get("dtype", "float32"),
                           param_dtype=param_dtype, attention_block=attention_block)
-  _, params = nnx.split(model)  # the tree a run saves
+  lora_cfg = ml_collections.ConfigDict(model_cfg.get("lora") or {"rank": 0})
+  model = lora.attach(model, lora_cfg)
+  graphdef, params = nnx.split(model)
+  trainable, frozen = lora.split(params)  # the tree a run saves: the trainable part
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          params)
-  nnx.update(model, checkpointing.read_run_params(workdir, abstract))
-  return model, tokenizer
+                          trainable)
+  model = nnx.merge(graphdef, lora.join(checkpointing.read_run_params(workdir, abstract), frozen))
+  return lora.merge_model(model), tokenizer
 
 
 def params_dict(model: Transformer) -> dict[str, Any]:
