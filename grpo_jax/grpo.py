@@ -125,6 +125,16 @@ def completion_logps(model, prompts_BxP, prompt_mask_BxP, completions_NxT, compl
   return losses.token_logps_and_entropy(hidden, completions_NxT, head, chunk_size=chunk_size)
 
 
+def reference_model(graphdef, params, ref_params):
+  """The KL reference, without gradient: `ref_params`' model, or with LoRA (ref_params None)
+  the same base as the policy's with the adapters off: no second copy of the weights."""
+  if ref_params is not None:
+    return nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
+  if not lora.has_adapters(params):
+    raise ValueError("beta != 0 needs reference params (or LoRA adapters, whose base is it)")
+  return lora.without_adapters(nnx.merge(graphdef, jax.lax.stop_gradient(params)))
+
+
 def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig):
   """GRPO loss of one (micro-)batch and its metrics (all scalars)."""
   lp = functools.partial(completion_logps, num_generations=cfg.num_generations,
@@ -133,10 +143,7 @@ def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig
   logps, entropy = lp(nnx.merge(graphdef, params), *args, remat=cfg.remat)
   ref_logps = None  # the reference has no backward (stop_gradient): nothing to rematerialise
   if cfg.beta != 0:
-    # With LoRA (no ref_params) the reference is the same base with the adapters off.
-    ref_model = (nnx.merge(graphdef, jax.lax.stop_gradient(ref_params)) if ref_params is not None
-                 else lora.without_adapters(nnx.merge(graphdef, jax.lax.stop_gradient(params))))
-    ref_logps, _ = lp(ref_model, *args)
+    ref_logps, _ = lp(reference_model(graphdef, params, ref_params), *args)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   old = batch.old_logps if cfg.use_old_logps else jax.lax.stop_gradient(logps)
   # The sampler's log-probs: with one update per rollout `old` is the trainer's own, and the

@@ -1,0 +1,250 @@
+"""LoRA (config.model.lora, grpo_jax/lora.py): adapters start as the base and merge exactly,
+only they train and hold optimizer state, the reference is the base with adapters off, SFT,
+checkpoints of adapters only, exact resume, export to a folder transformers loads."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from grpo_jax import (checkpointing, compiled, config as config_lib, grpo, lora, metrics_io,
+                      models, optim, sft, train)
+from grpo_jax.models import transformer
+from tests.grpo_test import G, make_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny_arithmetic.py")
+CFG = transformer.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2,
+                              num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
+
+
+def lora_cfg(rank=4, alpha=8.0, targets=lora.DEFAULT_TARGETS):
+  return ml_collections.ConfigDict(dict(rank=rank, alpha=alpha, dropout=0.0, targets=targets,
+                                        quantize_base="none"))
+
+
+def adapted(seed=0, b_scale=0.0, **kw):
+  """(graphdef, params) of a small model with adapters; B drawn at `b_scale` (0: as attached)."""
+  model = lora.attach(models.init_model(CFG, seed=seed), lora_cfg(**kw), seed=seed + 1)
+  graphdef, params = nnx.split(model)
+  if b_scale:
+    trainable, frozen = lora.split(params)
+    keys = iter(jax.random.split(jax.random.key(seed + 2), 64))
+    trainable = {k: (v.replace(b_scale * jax.random.normal(next(keys), v.shape))
+                     if k.endswith("_lora_b") else v) for k, v in trainable.items()}
+    params = lora.join(trainable, frozen)
+  return graphdef, params
+
+
+def logits(graphdef, params, tokens):
+  return np.asarray(nnx.merge(graphdef, params)(tokens))
+
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(1, 50, (2, 9)), jnp.int32)
+
+
+def test_adapters_start_as_the_base_and_merge_into_the_same_function():
+  base = models.init_model(CFG, seed=0)
+  graphdef, params = adapted(seed=0)
+  np.testing.assert_array_equal(logits(graphdef, params, TOKENS), np.asarray(base(TOKENS)))
+  graphdef, params = adapted(seed=0, b_scale=0.5)
+  unmerged = logits(graphdef, params, TOKENS)
+  assert np.abs(unmerged - np.asarray(base(TOKENS))).max() > 1e-2  # the adapters do something
+  merged_graphdef, merged = jax.jit(lora.merged, static_argnums=0)(graphdef, params)
+  assert not lora.has_adapters(merged)
+  np.testing.assert_allclose(logits(merged_graphdef, merged, TOKENS), unmerged, atol=2e-5)
+
+
+@pytest.mark.parametrize("targets", [lora.DEFAULT_TARGETS, "(q|v)_proj"])
+def test_adapter_gradients_are_the_chain_rule_of_the_full_gradient(targets):
+  """With B = 0, dL/dB = scale A^T dL/dW and dL/dA = 0: the unmerged adapters (and the plain
+  MLP expression they use) differentiate like the full model's weights (swiglu's backward)."""
+  graphdef, params = adapted(seed=1, targets=targets)
+  batch, cfg = make_batch(seed=2), grpo.loss_config(G, beta=0.0)
+  grads, _ = grpo.grads_and_metrics(params, None, graphdef, batch, cfg)
+  _, base = lora.split(params)
+  base_graphdef, _ = lora.base_of(graphdef, params)
+  full, _ = grpo.grads_and_metrics(base, None, base_graphdef, batch, cfg)
+  names = lora.targets(targets)
+  assert sorted(grads) == sorted(f"{n}{e}" for n in names for e in transformer.LORA_ENDS)
+  scale = 8.0 / 4
+  for name in names:
+    a = np.asarray(params.raw_mapping["lora"][f"{name}_lora_a"][...])
+    want = scale * np.einsum("lir,lio->lro", a, np.asarray(full[name][...]))
+    np.testing.assert_allclose(np.asarray(grads[f"{name}_lora_b"][...]), want, rtol=2e-4,
+                               atol=1e-7, err_msg=name)
+    assert float(jnp.abs(grads[f"{name}_lora_a"][...]).max()) == 0.0
+
+
+def test_update_trains_only_the_adapters_and_holds_their_optimizer_state_alone():
+  graphdef, params = adapted(seed=3, rank=1, alpha=2.0)
+  optimizer, _ = optim.make_optimizer(1e-2, total_steps=10)
+  opt_state = optimizer.init(lora.trainable(params))
+  adapters, model = lora.count(lora.trainable(params)), lora.count(params)
+  # AdamW's two moments of the adapters and two step counts: nothing of the base's size.
+  assert lora.count(opt_state) == 2 * adapters + 2
+  assert adapters < model / 10
+  before = jax.tree.map(np.array, params)
+  step = grpo.make_update_step(graphdef, optimizer, grpo.loss_config(G, beta=0.04))
+  new, opt_state, metrics = step(params, opt_state, None, make_batch(seed=4))
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+  assert lora.count(opt_state) == 2 * adapters + 2
+  new_adapters, new_base = lora.split(new)
+  old_adapters, old_base = lora.split(before)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_base), old_base)
+  # B moves (A's gradient is B^T-weighted: 0 at the first step, B = 0).
+  for name, old in old_adapters.items():
+    moved = bool(np.abs(np.asarray(new_adapters[name][...]) - old[...]).max() > 0)
+    assert moved == name.endswith("_lora_b"), name
+
+
+def test_reference_is_the_loaded_base_model_with_adapters_off():
+  """beta != 0 with LoRA: no reference params; the loss's reference log-probs are the base
+  model's as loaded, whatever the adapters have learned."""
+  graphdef, params = adapted(seed=0, b_scale=0.5)
+  batch = make_batch(seed=5)
+  args = (batch.prompts, batch.prompt_mask, batch.completions, batch.completion_mask)
+  ref, _ = grpo.completion_logps(grpo.reference_model(graphdef, params, None), *args,
+                                 num_generations=G)
+  loaded, _ = grpo.completion_logps(models.init_model(CFG, seed=0), *args, num_generations=G)
+  policy, _ = grpo.completion_logps(nnx.merge(graphdef, params), *args, num_generations=G)
+  np.testing.assert_array_equal(np.asarray(ref), np.asarray(loaded))
+  assert np.abs(np.asarray(policy) - np.asarray(ref)).max() > 1e-2
+  # and the loss reads it: the KL of the adapted policy to it is positive, 0 with B = 0
+  cfg = grpo.loss_config(G, beta=0.04)
+  assert float(grpo.loss_and_metrics(params, None, graphdef, batch, cfg)[1]["kl"]) > 1e-4
+  fresh_graphdef, fresh = adapted(seed=0)
+  assert float(grpo.loss_and_metrics(fresh, None, fresh_graphdef, batch, cfg)[1]["kl"]) == 0.0
+
+
+def test_one_sft_step_changes_only_the_adapters():
+  graphdef, params = adapted(seed=6)
+  rng = np.random.default_rng(0)
+  cmask = (np.arange(9)[None] < np.array([[9], [4], [6]])).astype(np.int32)
+  batch = sft.Batch(jnp.asarray(rng.integers(1, 50, (3, 5)), jnp.int32),
+                    jnp.ones((3, 5), jnp.int32),
+                    jnp.asarray(rng.integers(1, 50, (3, 9)) * cmask, jnp.int32), jnp.asarray(cmask))
+  optimizer = optax.adam(1e-2)
+  opt_state = optimizer.init(lora.trainable(params))
+  before = jax.tree.map(np.array, params)
+  new, _, metrics = sft.make_update_step(graphdef, optimizer)(params, opt_state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  new_adapters, new_base = lora.split(new)
+  old_adapters, old_base = lora.split(before)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_base), old_base)
+  for name, old in old_adapters.items():  # B moves; A's gradient is 0 while B = 0
+    moved = bool(np.abs(np.asarray(new_adapters[name][...]) - old[...]).max() > 0)
+    assert moved == name.endswith("_lora_b"), name
+
+
+# -- config ----------------------------------------------------------------------------
+def tiny_config(overrides):
+  cfg = config_lib.from_file(TINY)
+  for key, value in overrides.items():
+    *sections, leaf = key.split(".")
+    node = cfg
+    for section in sections:
+      node = node[section]
+    node[leaf] = value
+  return cfg
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.lora.rank": -1}, r"lora.rank=-1 must be an integer >= 0"),
+    ({"model.lora.rank": 4, "model.lora.alpha": 0.0}, r"lora.alpha=0.0 must be > 0"),
+    ({"model.lora.rank": 4, "model.lora.targets": "(q_proj"}, r"lora.targets='\(q_proj' is not "
+     "a regex"),
+    ({"model.lora.rank": 4, "model.lora.targets": "embed|lm_head"}, r"matches none of the "
+     "projections"),
+    ({"model.lora.rank": 4, "model.lora.quantize_base": "nf4"}, r"quantize_base='nf4': QLoRA"),
+    ({"model.lora.rank": 4, "model.lora.quantize_base": "fp8"}, r"expected one of \['none'\]"),
+    ({"model.lora.rank": 4, "model.lora.dropout": 0.05}, r"lora.dropout=0.05: only 0"),
+    ({"model.lora.rank": 4, "rl.advantage_estimator": "gae"}, r"PPO"),
+])
+def test_bad_lora_configs_are_rejected_at_start_up(overrides, message):
+  cfg = tiny_config(overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(cfg)
+
+
+def test_compiled_update_holds_optimizer_state_of_the_adapters_only():
+  """The programs a run compiles (memory check, python -m grpo_jax.aot): with LoRA the update's
+  optimizer state is the adapters', no reference params are passed, and the sampler decodes
+  the base's shapes (the merged rollout copy)."""
+  cfg = tiny_config({"model.lora.rank": 4, "rl.beta": 0.04})
+  model_cfg = models.load("tiny-random")[0].cfg
+  progs = compiled.programs(cfg, model_cfg, None)
+  params, opt_state, ref, _ = progs["update"][1]
+  adapters = lora.count(lora.trainable(params))
+  assert lora.count(opt_state) == 2 * adapters + 2 and ref is None
+  assert adapters < lora.count(params) / 10
+  rollout = progs["sample"][1][0]
+  assert not lora.has_adapters(rollout) and lora.count(rollout) == lora.count(params) - adapters
+
+
+# -- a run -----------------------------------------------------------------------------
+RUN = {"model.lora.rank": 4, "model.lora.alpha": 8.0, "rl.beta": 0.04, "eval.num_problems": 0,
+       "opt.schedule": "constant", "opt.warmup_steps": 0, "opt.learning_rate": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("lora_run"))
+  records = train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 4})), workdir)
+  return workdir, records
+
+
+def saved_state(workdir):
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as ckpt:
+    state, _ = ckpt.restore()
+  return state
+
+
+def test_checkpoint_holds_the_adapters_and_the_config_names_the_base(lora_run):
+  workdir, records = lora_run
+  state = saved_state(workdir)
+  names = {f"{n}{e}" for n in transformer.LORA_TARGETABLE for e in transformer.LORA_ENDS}
+  assert set(state["params"]) == names  # no base weight is saved
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)["model"]
+  assert saved["name"] == "tiny-random" and saved["lora"]["rank"] == 4
+  # Step 1 samples from the base itself: its KL to the reference (the base) is 0; then > 0.
+  kl = [r["kl"] for r in records if "kl" in r]
+  assert kl[0] == 0.0 and kl[-1] > 0
+
+
+def test_export_of_a_lora_workdir_merges_the_adapters_and_transformers_agrees(lora_run, tmp_path):
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  workdir, _ = lora_run
+  merged, tokenizer = models.load(workdir)  # the workdir's adapters merged into the base
+  assert merged.lora is None
+  base, _ = models.load("tiny-random")
+  ids = tokenizer("What is 3 + 4?", add_special_tokens=False)["input_ids"]
+  tokens = jnp.asarray([ids], jnp.int32)
+  ours = np.asarray(merged(tokens))
+  assert np.abs(ours - np.asarray(base(tokens))).max() > 1e-3  # trained adapters are in it
+  out = models.export(merged, tokenizer, str(tmp_path / "hf"))
+  hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf(torch.tensor([ids])).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_restart_resumes_exactly(lora_run, tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 2})), workdir)
+  train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 4})), workdir)
+  strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
+                        for r in recs if "loss" in r]
+  assert strip(metrics_io.read_metrics(workdir)) == strip(lora_run[1])
+  jax.tree.map(np.testing.assert_array_equal, saved_state(workdir)["params"],
+               saved_state(lora_run[0])["params"])
