@@ -148,6 +148,45 @@ def merge_model(model: transformer.Transformer) -> transformer.Transformer:
   return nnx.merge(*jax.jit(merged, static_argnums=0)(graphdef, params))
 
 
+# Where each projection sits in a Hugging Face Llama-family (Qwen, Gemma 3) decoder layer.
+HF_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+              "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def write_peft(path: str, model: transformer.Transformer, base_model: str) -> str:
+  """The adapters of `model` alone, in peft's LoRA format: `path`/adapter_config.json and
+  adapter_model.safetensors (lora_A [r, in] and lora_B [out, r] per layer and projection,
+  torch's [out, in] layout, so W + (alpha / r) B A is peft's merge). `base_model` is recorded
+  as base_model_name_or_path. Written without peft (not a dependency); the test checks that
+  these tensors merge into the same weights as our export, not that peft loads them."""
+  import json
+  import os
+
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  adapters = model.lora
+  if adapters is None:
+    raise ValueError("the model has no LoRA adapters (config.model.lora.rank = 0)")
+  tensors = {}
+  for name in adapters.targets:
+    a = np.asarray(getattr(adapters, f"{name}_lora_a")[...], np.float32)  # [L, in, r]
+    b = np.asarray(getattr(adapters, f"{name}_lora_b")[...], np.float32)  # [L, r, out]
+    for i in range(a.shape[0]):
+      prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[name]}.{name}"
+      tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+      tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+  os.makedirs(path, exist_ok=True)
+  save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": adapters.rank, "lora_alpha": adapters.scale * adapters.rank,
+            "lora_dropout": 0.0, "target_modules": list(adapters.targets), "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False}
+  with open(os.path.join(path, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return path
+
+
 def count(tree) -> int:
   """Elements of a pytree's arrays."""
   return sum(int(x.size) for x in jax.tree.leaves(tree))

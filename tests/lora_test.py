@@ -108,19 +108,24 @@ def test_reference_is_the_loaded_base_model_with_adapters_off():
   """beta != 0 with LoRA: no reference params; the loss's reference log-probs are the base
   model's as loaded, whatever the adapters have learned."""
   graphdef, params = adapted(seed=0, b_scale=0.5)
+  base_graphdef, base = nnx.split(models.init_model(CFG, seed=0))
   batch = make_batch(seed=5)
   args = (batch.prompts, batch.prompt_mask, batch.completions, batch.completion_mask)
-  ref, _ = grpo.completion_logps(grpo.reference_model(graphdef, params, None), *args,
-                                 num_generations=G)
-  loaded, _ = grpo.completion_logps(models.init_model(CFG, seed=0), *args, num_generations=G)
-  policy, _ = grpo.completion_logps(nnx.merge(graphdef, params), *args, num_generations=G)
+
+  @jax.jit
+  def logps(params, base):
+    lp = lambda model: grpo.completion_logps(model, *args, num_generations=G)[0]  # noqa: E731
+    return (lp(grpo.reference_model(graphdef, params, None)), lp(nnx.merge(base_graphdef, base)),
+            lp(nnx.merge(graphdef, params)))
+
+  ref, loaded, policy = logps(params, base)
   np.testing.assert_array_equal(np.asarray(ref), np.asarray(loaded))
   assert np.abs(np.asarray(policy) - np.asarray(ref)).max() > 1e-2
   # and the loss reads it: the KL of the adapted policy to it is positive, 0 with B = 0
-  cfg = grpo.loss_config(G, beta=0.04)
-  assert float(grpo.loss_and_metrics(params, None, graphdef, batch, cfg)[1]["kl"]) > 1e-4
-  fresh_graphdef, fresh = adapted(seed=0)
-  assert float(grpo.loss_and_metrics(fresh, None, fresh_graphdef, batch, cfg)[1]["kl"]) == 0.0
+  kl = jax.jit(lambda p: grpo.loss_and_metrics(p, None, graphdef, batch,
+                                               grpo.loss_config(G, beta=0.04))[1]["kl"])
+  assert float(kl(params)) > 1e-4
+  assert float(kl(adapted(seed=0)[1])) == 0.0
 
 
 def test_one_sft_step_changes_only_the_adapters():
@@ -248,3 +253,27 @@ def test_restart_resumes_exactly(lora_run, tmp_path):
   assert strip(metrics_io.read_metrics(workdir)) == strip(lora_run[1])
   jax.tree.map(np.testing.assert_array_equal, saved_state(workdir)["params"],
                saved_state(lora_run[0])["params"])
+
+
+def test_adapters_alone_in_peft_format_merge_into_the_exported_weights(lora_run, tmp_path):
+  """export --adapters: peft's tensors (lora_A [r, in], lora_B [out, r], torch layout) give
+  W + (alpha / r) B A = the merged export's weights. (peft itself is not installed.)"""
+  from safetensors.numpy import load_file
+
+  workdir, _ = lora_run
+  adapted, _ = models.load_workdir_adapted(workdir)
+  out = lora.write_peft(str(tmp_path / "adapter"), adapted, "tiny-random")
+  with open(os.path.join(out, "adapter_config.json")) as f:
+    config = json.load(f)
+  assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
+  tensors = load_file(os.path.join(out, "adapter_model.safetensors"))
+  merged = models.params_dict(models.load(workdir)[0])
+  base = models.params_dict(models.load("tiny-random")[0])
+  scale = config["lora_alpha"] / config["r"]
+  assert len(tensors) == 2 * len(config["target_modules"]) * base["q_proj"].shape[0]
+  for name in config["target_modules"]:
+    for i in range(base[name].shape[0]):
+      prefix = f"base_model.model.model.layers.{i}.{lora.HF_MODULES[name]}.{name}"
+      a, b = tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"]
+      np.testing.assert_allclose(np.asarray(base[name][i]).T + scale * b @ a,
+                                 np.asarray(merged[name][i]).T, atol=1e-6, err_msg=prefix)
