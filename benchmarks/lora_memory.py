@@ -1,6 +1,6 @@
 """Per-device peak memory of a run's compiled programs, full fine-tuning vs LoRA, on this CPU.
 
-    .venv/bin/python benchmarks/lora_memory.py --config configs/smollm2_arithmetic.py \
+    PYTHONPATH=. .venv/bin/python benchmarks/lora_memory.py --config configs/smollm2_arithmetic.py \
         --rank 16 --set rl.beta=0.04
 
 The programs a run compiles (`compiled.programs`: update, sampler, evaluation sampler) at the

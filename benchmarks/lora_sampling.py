@@ -1,6 +1,6 @@
 """Rollout time with LoRA adapters merged into the sampler's copy vs applied unmerged.
 
-    .venv/bin/python benchmarks/lora_sampling.py --rank 16 --repeats 3
+    PYTHONPATH=. .venv/bin/python benchmarks/lora_sampling.py --rank 16 --repeats 3
 
 SmolLM2-135M with rank-`--rank` adapters on every projection (B drawn small, so the adapted
 model is not the base), the default experiment's rollout shape (4 prompts x 8 completions,

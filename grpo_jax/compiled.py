@@ -350,10 +350,12 @@ def held_while_sampling(cfg, progs) -> int:
   held = _device_bytes(update_args[1])
   if cfg.mode != "sft" and update_args[2] is not None:
     held += _device_bytes(update_args[2])
+  from grpo_jax import lora
+
   sampler = next((args for name, (_, args, _) in progs.items() if name != "update"), None)
-  if sampler is not None and any(
+  if sampler is not None and (lora.has_adapters(update_args[0]) or any(  # LoRA: a merged copy
       a.dtype != b.dtype or not a.sharding.is_equivalent_to(b.sharding, a.ndim)
-      for a, b in zip(jax.tree.leaves(sampler[0]), jax.tree.leaves(update_args[0]))):
+      for a, b in zip(jax.tree.leaves(sampler[0]), jax.tree.leaves(update_args[0])))):
     held += _device_bytes(update_args[0])
   return held
 

@@ -14,12 +14,11 @@ import pytest
 from flax import nnx
 
 from grpo_jax import (checkpointing, compiled, config as config_lib, grpo, lora, metrics_io,
-                      models, optim, sft, train)
+                      models, optim, sft, sharding, train)
 from grpo_jax.models import transformer
 from tests.grpo_test import G, make_batch
+from tests.train_test import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "tiny_arithmetic.py")
 CFG = transformer.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2,
                               num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
 
@@ -149,17 +148,6 @@ def test_one_sft_step_changes_only_the_adapters():
 
 
 # -- config ----------------------------------------------------------------------------
-def tiny_config(overrides):
-  cfg = config_lib.from_file(TINY)
-  for key, value in overrides.items():
-    *sections, leaf = key.split(".")
-    node = cfg
-    for section in sections:
-      node = node[section]
-    node[leaf] = value
-  return cfg
-
-
 @pytest.mark.parametrize("overrides,message", [
     ({"model.lora.rank": -1}, r"lora.rank=-1 must be an integer >= 0"),
     ({"model.lora.rank": 4, "model.lora.alpha": 0.0}, r"lora.alpha=0.0 must be > 0"),
@@ -184,13 +172,17 @@ def test_compiled_update_holds_optimizer_state_of_the_adapters_only():
   the base's shapes (the merged rollout copy)."""
   cfg = tiny_config({"model.lora.rank": 4, "rl.beta": 0.04})
   model_cfg = models.load("tiny-random")[0].cfg
-  progs = compiled.programs(cfg, model_cfg, None)
+  progs = compiled.programs(cfg, model_cfg, sharding.make_mesh(1, 1, 1))
   params, opt_state, ref, _ = progs["update"][1]
   adapters = lora.count(lora.trainable(params))
   assert lora.count(opt_state) == 2 * adapters + 2 and ref is None
   assert adapters < lora.count(params) / 10
   rollout = progs["sample"][1][0]
   assert not lora.has_adapters(rollout) and lora.count(rollout) == lora.count(params) - adapters
+  # While the sampler runs, the training params (base + adapters) and the adapters' optimizer
+  # state stay on the device beside the merged copy.
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa
+  assert compiled.held_while_sampling(cfg, progs) == nbytes(params) + nbytes(opt_state)
 
 
 # -- a run -----------------------------------------------------------------------------
