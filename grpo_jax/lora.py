@@ -113,7 +113,8 @@ def without_adapters(model: transformer.Transformer) -> transformer.Transformer:
 def merged(graphdef, params):
   """(graphdef, params) of the base model with the adapters folded into its weights,
   W + scale * A @ B per layer (fp32 sums, then the weight's dtype): the same function as the
-  adapted model, without adapters. Traceable (the rollout copy, export)."""
+  adapted model, without adapters. Call it under jit (the rollout copy, `merge_model`): it
+  writes the merged weights into the module that nnx.merge builds from `params`."""
   model = nnx.merge(graphdef, params)
   adapters = model.lora
   if adapters is not None:
@@ -143,7 +144,10 @@ def rollout_copier(graphdef, rollout_shardings, dtype):
 
 
 def merge_model(model: transformer.Transformer) -> transformer.Transformer:
-  """A plain model equal to `model` with its adapters merged (export, generate on a workdir)."""
+  """A plain model equal to `model` with its adapters merged (export, generate on a workdir);
+  `model` itself when it has none."""
+  if model.lora is None:
+    return model
   graphdef, params = nnx.split(model)
   return nnx.merge(*jax.jit(merged, static_argnums=0)(graphdef, params))
 
