@@ -245,11 +245,13 @@ def test_export_of_a_lora_workdir_merges_the_adapters_and_transformers_agrees(lo
 @pytest.mark.slow
 def test_restart_resumes_exactly(lora_run, tmp_path):
   workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 2})), workdir)
+  first = train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 2})), workdir)
   train.train_and_evaluate(tiny_config(dict(RUN, **{"train.steps": 4})), workdir)
+  records = metrics_io.read_metrics(workdir)
+  assert records[:2] == first  # resumed, not redone: the first run's records, times included
   strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith("time/")}  # noqa: E731
                         for r in recs if "loss" in r]
-  assert strip(metrics_io.read_metrics(workdir)) == strip(lora_run[1])
+  assert strip(records) == strip(lora_run[1])
   jax.tree.map(np.testing.assert_array_equal, saved_state(workdir)["params"],
                saved_state(lora_run[0])["params"])
 
