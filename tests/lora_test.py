@@ -14,8 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
-from grpo_jax import (checkpointing, compiled, config as config_lib, grpo, lora, metrics_io,
-                      models, optim, sft, sharding, train)
+from grpo_jax import (checkpointing, compiled, config as config_lib, grpo, lora, memory,
+                      metrics_io, models, optim, sft, sharding, train)
 from grpo_jax.models import transformer
 from tests.grpo_test import G, make_batch
 from tests.train_test import tiny_config
@@ -190,6 +190,17 @@ def test_compiled_update_holds_optimizer_state_of_the_adapters_only():
   # state stay on the device beside the merged copy.
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa
   assert compiled.held_while_sampling(cfg, progs) == nbytes(params) + nbytes(opt_state)
+
+
+def test_memory_estimate_counts_gradients_and_optimizer_state_of_the_adapters():
+  cfg = tiny_config({"model.lora.rank": 4, "rl.beta": 0.04})
+  model_cfg, mesh = models.load("tiny-random")[0].cfg, sharding.make_mesh(1, 1, 1)
+  full = memory.estimate(cfg, model_cfg, mesh, param_bytes=1000)
+  adapted_ = memory.estimate(cfg, model_cfg, mesh, param_bytes=1000, trainable_bytes=10)
+  assert full.persistent == {"params": 1000, "optimizer state": 2000, "reference params": 1000}
+  assert adapted_.persistent == {"params": 1000, "optimizer state": 20}  # no reference copy
+  assert (full.update["gradients"], adapted_.update["gradients"]) == (1000, 10)
+  assert "weights (rollout copy)" in adapted_.sampling  # the merged copy, even on one CPU
 
 
 # -- a run -----------------------------------------------------------------------------
