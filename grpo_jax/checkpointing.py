@@ -128,7 +128,8 @@ class Checkpointer:
 
 
 # -- a training run's checkpoints ----------------------------------------------------
-# WORKDIR/checkpoints/<step>/ holds state = {"params", "opt_state"} (with PPO's critic also
+# WORKDIR/checkpoints/<step>/ holds state = {"params" (with LoRA: the adapters), "opt_state"}
+# (with PPO's critic also
 # "critic": {"params", "opt_state"}) and meta = {"step", "data_position", "seed"}. The run
 # harness (runner.py) writes them; models.load(WORKDIR) reads the params back.
 RUN_DIR = "checkpoints"
@@ -141,8 +142,11 @@ def run_checkpointer(workdir: str, max_to_keep: int = 3, read_only: bool = False
 
 def run_state(train_state) -> dict:
   """The saved tree of a run's train state (anything with .params and .opt_state): with PPO's
-  critic (`.critic` not None) also {"critic": {"params", "opt_state"}}."""
-  state = {"params": train_state.params, "opt_state": train_state.opt_state}
+  critic (`.critic` not None) also {"critic": {"params", "opt_state"}}. With LoRA "params" are
+  the adapters alone (`lora.trainable`): the frozen base is config.json's model.name."""
+  from grpo_jax import lora  # lazy: keeps this module free of the model code
+
+  state = {"params": lora.trainable(train_state.params), "opt_state": train_state.opt_state}
   critic = getattr(train_state, "critic", None)
   if critic is not None:
     state["critic"] = {"params": critic.params, "opt_state": critic.opt_state}

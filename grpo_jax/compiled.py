@@ -32,14 +32,18 @@ def _abstract(tree, shardings=None):
 
 
 def abstract_model(cfg, model_cfg):
-  """(graphdef, params as ShapeDtypeStructs) of the config's model: shapes only, no memory."""
+  """(graphdef, params as ShapeDtypeStructs) of the config's model (with config.model.lora's
+  adapters): shapes only, no memory."""
   import jax.numpy as jnp
   from flax import nnx
 
   from grpo_jax.models import transformer
 
-  return nnx.split(nnx.eval_shape(lambda: transformer.init_model(
-      model_cfg, dtype=jnp.dtype(cfg.model.dtype), attention_block=cfg.model.attention_block)))
+  from grpo_jax import lora
+
+  return nnx.split(nnx.eval_shape(lambda: lora.attach(transformer.init_model(
+      model_cfg, dtype=jnp.dtype(cfg.model.dtype), attention_block=cfg.model.attention_block),
+      cfg.model.get("lora"))))
 
 
 def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tuple, int]]:
@@ -54,16 +58,19 @@ def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tup
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from grpo_jax import distributed, grpo, optim, sampling, sft, sharding
+  from grpo_jax import distributed, grpo, lora, optim, sampling, sft, sharding
 
   rl, train = cfg.rl, cfg.train
   graphdef, params = abstract_model(cfg, model_cfg)
   param_sh = sharding.param_shardings(mesh, params) if mesh is not None else None
   batch_sh = sharding.batch_sharding(mesh) if mesh is not None else None
   replicated = NamedSharding(mesh, P()) if mesh is not None else None
-  # The samplers decode from their own copy of the weights (sampling.rollout_copier).
-  rollout = jax.eval_shape(lambda x: sampling.cast_for_rollout(x, cfg.model.dtype), params)
-  rollout = _abstract(rollout, sharding.rollout_shardings(mesh, params) if mesh else None)
+  # The samplers decode from their own copy of the weights (sampling.rollout_copier; with LoRA
+  # of the base with the adapters merged in, lora.rollout_copier).
+  adapted = lora.has_adapters(params)
+  sample_graphdef, base = lora.base_of(graphdef, params) if adapted else (graphdef, params)
+  rollout = jax.eval_shape(lambda x: sampling.cast_for_rollout(x, cfg.model.dtype), base)
+  rollout = _abstract(rollout, sharding.rollout_shardings(mesh, base) if mesh else None)
   params = _abstract(params, param_sh)
 
   def arr(shape, dtype, sh=None):
@@ -74,7 +81,7 @@ def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tup
   b, g, p, t = train.prompts_per_step, rl.num_generations, rl.max_prompt_length, \
       rl.max_completion_length
   optimizer, _ = optim.optimizer_from_config(cfg.opt, train.steps)
-  opt_state = jax.eval_shape(optimizer.init, params)
+  opt_state = jax.eval_shape(optimizer.init, lora.trainable(params))  # LoRA: adapters only
   opt_sh = sharding.param_shardings(mesh, opt_state) if mesh is not None else None
   opt_state = _abstract(opt_state, opt_sh)
   out: dict[str, tuple[Any, tuple, int]] = {}
@@ -91,7 +98,7 @@ def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tup
     shards = sharding.batch_shards(mesh) if mesh is not None else 1
     sample_kw = dict(num_generations=g, max_new_tokens=t, stop_ids=(0,), pad_id=0,
                      parts=rl.rollout_parts, shards=shards)
-    out["sample"] = (_bind(sampling.sample_jit, graphdef, sample_kw),
+    out["sample"] = (_bind(sampling.sample_jit, sample_graphdef, sample_kw),
                      (rollout, arr((b, p), jnp.int32, batch_sh), arr((b, p), jnp.int32, batch_sh),
                       key), t)
     step = grpo.make_update_step(graphdef, optimizer,
@@ -103,14 +110,14 @@ def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tup
     batch = grpo.Batch(arr((b, p), jnp.int32, batch_sh), arr((b, p), jnp.int32, batch_sh),
                        arr((n, t), jnp.int32, batch_sh), arr((n, t), jnp.int32, batch_sh),
                        arr((n, t), jnp.float32, batch_sh), arr((n,), jnp.float32, batch_sh))
-    ref = params if rl.beta != 0 else None
+    ref = params if rl.beta != 0 and not adapted else None  # LoRA: the base, adapters off
     out["update"] = (step, (params, opt_state, ref, batch), 0)
   if cfg.eval.num_problems:
     rows_for = mesh if rows_for is None else rows_for
     e = distributed.padded_rows(min(cfg.eval.prompts_per_batch, cfg.eval.num_problems),
                                 sharding.batch_sharding(rows_for) if rows_for is not None else None)
     kw = dict(num_generations=cfg.eval.num_samples, max_new_tokens=t, stop_ids=(0,), pad_id=0)
-    out["eval_sample"] = (_bind(sampling.sample_jit, graphdef, kw),
+    out["eval_sample"] = (_bind(sampling.sample_jit, sample_graphdef, kw),
                           (rollout, arr((e, p), jnp.int32, batch_sh),
                            arr((e, p), jnp.int32, batch_sh), key), t)
   return out
@@ -158,7 +165,11 @@ def total_cost(name: str, fn, args, decode_steps: int, cfg, model_cfg) -> dict[s
 
   if not decode_steps:
     return _cost(fn, args)
-  graphdef, _ = abstract_model(cfg, model_cfg)
+  from grpo_jax import lora
+
+  graphdef, params = abstract_model(cfg, model_cfg)
+  if lora.has_adapters(params):  # the samplers decode the base with the adapters merged in
+    graphdef, _ = lora.base_of(graphdef, params)
   g = cfg.rl.num_generations if name == "sample" else cfg.eval.num_samples
   start_fn = _start_decoding_fn(graphdef, g, decode_steps)
   start = _cost(start_fn, args)
@@ -339,10 +350,12 @@ def held_while_sampling(cfg, progs) -> int:
   held = _device_bytes(update_args[1])
   if cfg.mode != "sft" and update_args[2] is not None:
     held += _device_bytes(update_args[2])
+  from grpo_jax import lora
+
   sampler = next((args for name, (_, args, _) in progs.items() if name != "update"), None)
-  if sampler is not None and any(
+  if sampler is not None and (lora.has_adapters(update_args[0]) or any(  # LoRA: a merged copy
       a.dtype != b.dtype or not a.sharding.is_equivalent_to(b.sharding, a.ndim)
-      for a, b in zip(jax.tree.leaves(sampler[0]), jax.tree.leaves(update_args[0]))):
+      for a, b in zip(jax.tree.leaves(sampler[0]), jax.tree.leaves(update_args[0])))):
     held += _device_bytes(update_args[0])
   return held
 

@@ -12,11 +12,12 @@ import difflib
 import importlib.util
 import inspect
 import os
+import re
 import typing
 
 import ml_collections
 
-from grpo_jax import advantages, losses, metrics_io, ppo, rewards
+from grpo_jax import advantages, lora, losses, metrics_io, ppo, rewards
 from grpo_jax.data import TASKS, TEMPLATES
 from grpo_jax.models import transformer
 
@@ -63,6 +64,18 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("model.attention_block", transformer.ATTENTION_BLOCK,
       "queries per attention block: a forward of more tokens holds one block's scores at a time "
       "(the backward recomputes them); 0 = all scores at once")
+  # LoRA (lora.py): only low-rank adapters train; the base stays frozen and is the reference.
+  key("model.lora.rank", 0, "LoRA rank r: adapters (alpha / r) B A on the targeted "
+      "projections get the gradients and optimizer state, the base is frozen; 0 = off (full "
+      "fine-tuning)")
+  key("model.lora.alpha", 32.0, "LoRA's alpha: the adapters' output is scaled by alpha / rank")
+  key("model.lora.dropout", 0.0, "dropout on the adapters' input; only 0 is supported (the "
+      "update has no per-step randomness, and dropout would make the trainer's log-probs "
+      "differ from the sampler's)")
+  key("model.lora.targets", lora.DEFAULT_TARGETS, "regex fully matching the names of the "
+      f"projections that get adapters, of {list(transformer.LORA_TARGETABLE)}; default all")
+  key("model.lora.quantize_base", "none", 'the frozen base\'s storage: "none" (as loaded); '
+      '"int8" / "nf4" (QLoRA) are rejected: not implemented')
 
   key("task.name", "arithmetic", f"the prompt source, one of {sorted(TASKS)}")
   key("task.template", "chat", 'how a question becomes a prompt: "chat" | "r1_zero" | "plain"')
@@ -389,6 +402,7 @@ def validate(cfg, *, data: bool = True) -> None:
   _check(isinstance(block, int) and not isinstance(block, bool) and block >= 0,
          f"config.model.attention_block={block!r} must be an integer >= 0 "
          "(queries per attention block, e.g. 512; 0: never blocked)")
+  _validate_lora(cfg)
   if cfg.mode == "sft" and data:
     _validate_sft(cfg.sft)
   if rl.advantage_estimator == ppo.ESTIMATOR:
@@ -564,6 +578,41 @@ def _validate_loss_options(rl) -> None:
   _check(rl.loss_type != "gmpo" or rl.importance_sampling_level == "token",
          "config.rl.loss_type='gmpo' takes a geometric mean of token ratios per sequence itself; "
          "set config.rl.importance_sampling_level='token'")
+
+
+def _validate_lora(cfg) -> None:
+  """config.model.lora: the adapters' settings, and what LoRA does not combine with."""
+  lo = cfg.model.lora
+  rank = lo.rank
+  _check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0,
+         f"config.model.lora.rank={rank!r} must be an integer >= 0 (0: no LoRA, full "
+         "fine-tuning; e.g. 16)")
+  if not rank:
+    return
+  _check(_is_number(lo.alpha) and lo.alpha > 0,
+         f"config.model.lora.alpha={lo.alpha!r} must be > 0 (the adapters' scale is alpha / "
+         "rank; e.g. 2 x rank)")
+  _check(_is_number(lo.dropout) and lo.dropout == 0,
+         f"config.model.lora.dropout={lo.dropout!r}: only 0 is supported (the update step "
+         "takes no random key, and in RL dropout would make the trainer's log-probs differ "
+         "from the sampler's); set it to 0")
+  try:
+    re.compile(lo.targets)
+  except (re.error, TypeError) as e:
+    raise ConfigError(f"config.model.lora.targets={lo.targets!r} is not a regex: {e}") from None
+  _check(bool(lora.targets(lo.targets)),
+         f"config.model.lora.targets={lo.targets!r} matches none of the projections that can "
+         f"take adapters, {list(transformer.LORA_TARGETABLE)} (a full match of the name; "
+         f"default {lora.DEFAULT_TARGETS!r})")
+  _check(lo.quantize_base in lora.QUANTIZE_BASE,
+         f"config.model.lora.quantize_base={lo.quantize_base!r}: "
+         + (f"QLoRA's quantised base ({lo.quantize_base}) is not implemented in this build; "
+            "set it to 'none' (the base stays in its loaded dtype)"
+            if lo.quantize_base in lora.QUANTIZE_BASE_PLANNED
+            else f"expected one of {list(lora.QUANTIZE_BASE)}"))
+  _check(cfg.rl.advantage_estimator != ppo.ESTIMATOR,
+         "config.model.lora with advantage_estimator='gae' (PPO): the critic copies the "
+         "policy's trunk, which LoRA does not adapt; use a GRPO-family estimator or lora.rank=0")
 
 
 def _validate_schedule(train) -> None:

@@ -10,12 +10,14 @@ generation_config.json whose eos_token_id lists the tokens our sampler stops at
 (EOS and the chat template's end of turn). --dtype is the stored tensors'
 dtype: float32 (the default: the training params as they are) or bfloat16
 (half the size). --out must be empty or new, unless --overwrite. Prints the
-folder on stdout.
+folder on stdout. A LoRA run's workdir exports with its adapters merged into the
+base; --adapters also writes the adapters alone in peft's format to OUT/adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -26,6 +28,9 @@ from grpo_jax import cli
 
 _OUT = flags.DEFINE_string("out", None, "the folder to write (required; empty or new)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "write into a folder that has files already")
+_ADAPTERS = flags.DEFINE_bool("adapters", False, "a LoRA workdir: also write its adapters alone "
+                              "in peft's format to OUT/adapter (adapter_config.json, "
+                              "adapter_model.safetensors)")
 for _name in ("model", "dtype"):
   flags.declare_key_flag(_name)
 
@@ -48,6 +53,9 @@ def check_flags() -> None:
   if os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value:
     raise app.UsageError(f"--out={out} is not empty; choose a new folder or pass --overwrite")
   kind = cli.model_kind(cli.MODEL.value)
+  if _ADAPTERS.value and kind != "workdir":
+    raise app.UsageError(f"--adapters needs a LoRA training workdir as --model; "
+                         f"{cli.MODEL.value!r} is not a workdir")
   if kind in ("workdir", "hf") and os.path.realpath(out) == os.path.realpath(cli.MODEL.value):
     raise app.UsageError(f"--out must differ from --model ({out})")
 
@@ -66,6 +74,17 @@ def main(argv):
     model, tokenizer = models.load(cli.MODEL.value, dtype="float32")
     models.export(model, tokenizer, _OUT.value, dtype=cli.DTYPE.value)
     print(f"[export] wrote {cli.DTYPE.value} weights, config, tokenizer and generation config")
+    if _ADAPTERS.value:
+      from grpo_jax import lora
+
+      adapted, _ = models.load_workdir_adapted(cli.MODEL.value, dtype="float32")
+      if adapted.lora is None:
+        raise app.UsageError(f"--adapters: {cli.MODEL.value} trained without LoRA "
+                             "(config.model.lora.rank = 0): it has no adapters")
+      with open(os.path.join(cli.MODEL.value, "config.json")) as f:
+        base = json.load(f)["model"]["name"]
+      lora.write_peft(os.path.join(_OUT.value, "adapter"), adapted, base)
+      print("[export] wrote the LoRA adapters in peft's format to adapter/")
   print(_OUT.value, flush=True)
 
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from grpo_jax import losses, optim
+from grpo_jax import lora, losses, optim
 from grpo_jax.models import transformer
 
 
@@ -125,6 +125,16 @@ def completion_logps(model, prompts_BxP, prompt_mask_BxP, completions_NxT, compl
   return losses.token_logps_and_entropy(hidden, completions_NxT, head, chunk_size=chunk_size)
 
 
+def reference_model(graphdef, params, ref_params):
+  """The KL reference, without gradient: `ref_params`' model, or with LoRA (ref_params None)
+  the same base as the policy's with the adapters off: no second copy of the weights."""
+  if ref_params is not None:
+    return nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
+  if not lora.has_adapters(params):
+    raise ValueError("beta != 0 needs reference params (or LoRA adapters, whose base is it)")
+  return lora.without_adapters(nnx.merge(graphdef, jax.lax.stop_gradient(params)))
+
+
 def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig):
   """GRPO loss of one (micro-)batch and its metrics (all scalars)."""
   lp = functools.partial(completion_logps, num_generations=cfg.num_generations,
@@ -133,7 +143,7 @@ def loss_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig
   logps, entropy = lp(nnx.merge(graphdef, params), *args, remat=cfg.remat)
   ref_logps = None  # the reference has no backward (stop_gradient): nothing to rematerialise
   if cfg.beta != 0:
-    ref_logps, _ = lp(nnx.merge(graphdef, jax.lax.stop_gradient(ref_params)), *args)
+    ref_logps, _ = lp(reference_model(graphdef, params, ref_params), *args)
     ref_logps = jax.lax.stop_gradient(ref_logps)
   old = batch.old_logps if cfg.use_old_logps else jax.lax.stop_gradient(logps)
   # The sampler's log-probs: with one update per rollout `old` is the trainer's own, and the
@@ -162,13 +172,14 @@ def _micro_weight(mb: Batch, full: Batch, cfg: LossConfig, parts: int):
 
 def grads_and_metrics(params, ref_params, graphdef, batch: Batch, cfg: LossConfig,
                       grad_accum_steps: int = 1):
-  """Gradients of the batch's loss, accumulated over micro-batches with lax.scan."""
-  grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+  """Gradients of the batch's loss with respect to the trainable params (`lora.trainable`: the
+  adapters with LoRA, else all), accumulated over micro-batches with lax.scan."""
+  grad_fn = lora.grad(loss_and_metrics)
   if grad_accum_steps == 1:
     grads, metrics = grad_fn(params, ref_params, graphdef, batch, cfg)
     return grads, metrics
   grads, metrics, weights = optim.accumulate(
-      lambda mb: grad_fn(params, ref_params, graphdef, mb, cfg), params,
+      lambda mb: grad_fn(params, ref_params, graphdef, mb, cfg), lora.trainable(params),
       optim.split_micro_batches(batch, grad_accum_steps),
       lambda mb: _micro_weight(mb, batch, cfg, grad_accum_steps))
   # Metrics are token means or per-sequence means: combine like the loss; maxima by a max.
@@ -194,7 +205,8 @@ def make_update_step(graphdef, optimizer, cfg: LossConfig, *, grad_accum_steps: 
   extra = None
   if param_sharding is not None:
     batch_sh = jax.tree.map(lambda _: batch_sharding, Batch(*([0] * 6)))
-    ref_sh = param_sharding if cfg.beta != 0 else None  # no reference params when beta == 0
+    # No reference params when beta == 0, nor with LoRA (the base with adapters off).
+    ref_sh = param_sharding if cfg.beta != 0 and not lora.has_adapters(param_sharding) else None
     extra = (ref_sh, batch_sh)
   return optim.jit_update(grads_fn, optimizer, param_sharding=param_sharding,
                     opt_sharding=opt_sharding, extra_shardings=extra)

@@ -65,7 +65,8 @@ def _size(n: int) -> str:
   return f"{n / GIB:9.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:9.2f} MiB"
 
 
-def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
+def estimate(cfg, model_cfg, mesh, *, param_bytes: int,
+             trainable_bytes: int | None = None) -> Estimate:
   """Bytes per device of the config's run (see the module docstring).
 
   Args:
@@ -73,6 +74,8 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
     model_cfg: the model's `ModelConfig`.
     mesh: the run's mesh (axes data, fsdp, tensor).
     param_bytes: bytes of the policy's params on one device (after sharding).
+    trainable_bytes: with LoRA, the adapters' bytes on one device: only they have gradients
+      and optimizer state, and the reference is the base itself (no copy); None: all train.
   """
   m, rl, train = model_cfg, cfg.rl, cfg.train
   shards = sharding.batch_shards(mesh)
@@ -83,8 +86,10 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
   p_len, t_len = rl.max_prompt_length, rl.max_completion_length
   kv_width = 2 * m.num_kv_heads * m.head_dim // tp  # keys and values per token and layer
 
-  persistent = {"params": param_bytes, "optimizer state": 2 * param_bytes}
-  if rl.beta != 0:
+  lora = trainable_bytes is not None
+  trained = trainable_bytes if lora else param_bytes
+  persistent = {"params": param_bytes, "optimizer state": 2 * trained}
+  if rl.beta != 0 and not lora:
     persistent["reference params"] = param_bytes
   if rl.get("advantage_estimator") == "gae":  # PPO's critic: the policy's trunk, its own AdamW
     persistent["critic params"] = param_bytes  # (an untied LM head counted: an upper bound)
@@ -94,7 +99,7 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
       "KV cache": m.num_layers * kv_width * (prompts * p_len + rows * t_len) * act // parts,
       "next-token logits": 3 * rows * m.vocab_size * 4 // parts,
   }
-  if shards > 1 or cfg.model.dtype != "float32":  # sampling.rollout_copier makes a copy
+  if lora or shards > 1 or cfg.model.dtype != "float32":  # the rollout copy (lora: merged)
     sampling["weights (rollout copy)"] = m.num_params() * act // tp
 
   micro_prompts = max(prompts // train.grad_accum_steps, 1)
@@ -122,7 +127,7 @@ def estimate(cfg, model_cfg, mesh, *, param_bytes: int) -> Estimate:
   else:  # "dots_saveable" keeps most of it (the attention scores are matmul outputs)
     layers = kept(m.num_layers, per_token)
   chunk = min(64, t_len)
-  update = {"gradients": param_bytes, "activations": layers,
+  update = {"gradients": trained, "activations": layers,
             "logits (one chunk)": 3 * micro_rows * chunk * m.vocab_size * 4 // tp}
   one_block = max(micro_prompts * 3 * heads * block * p_len * 4 if blocked(p_len) else 0,
                   micro_rows * 3 * heads * block * (p_len + t_len) * 4 if blocked(t_len - 1) else 0)

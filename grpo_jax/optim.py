@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from grpo_jax import flop_count, sharding
+from grpo_jax import flop_count, lora, sharding
 
 SCHEDULES = ("constant", "cosine")
 
@@ -77,16 +77,18 @@ def jit_update(grads_fn, optimizer, *, param_sharding=None, opt_sharding=None,
                extra_shardings=None):
   """(params, opt_state, *args) -> (params, opt_state, metrics) under jit, from
   `grads_fn(params, *args) -> (grads, metrics)`: one optimizer step, `grad_norm`
-  added to the metrics, params and opt_state donated. With `param_sharding`, the
+  added to the metrics, params and opt_state donated. With LoRA adapters in `params`, grads
+  and opt_state are of the adapters alone (`lora.trainable`); the base passes through. With `param_sharding`, the
   params and optimizer state keep their shardings and `extra_shardings` (one per
   arg) place the other inputs, and the step traces under their mesh (`sharding.on_mesh`), so
   the model's activation layouts (`sharding.constrain`) apply.
   """
 
   def step(params, opt_state, *args):
-    grads, metrics = grads_fn(params, *args)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    grads, metrics = grads_fn(params, *args)  # of the trainable params (`lora.trainable`)
+    trainable, frozen = lora.split(params)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    params = lora.join(optax.apply_updates(trainable, updates), frozen)
     return params, opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
 
   kw: dict[str, Any] = dict(donate_argnums=(0, 1))

@@ -38,7 +38,7 @@ from flax import nnx, struct
 from jax.experimental import multihost_utils
 
 from grpo_jax import (checkpointing, compiled, config as config_lib, distributed, evaluate,
-                      memory, metrics_io, models, optim, plots, rewards, sampling, sharding)
+                      lora, memory, metrics_io, models, optim, plots, rewards, sampling, sharding)
 from grpo_jax.run_dir import CONFIG_FILE
 from grpo_jax.data import templates
 
@@ -71,7 +71,9 @@ class Run:
   ckpt: checkpointing.Checkpointer
   # params -> the samplers' copy of them (sampling.rollout_copier): compute dtype, whole on
   # each device but for the tensor split; the params themselves when that changes nothing.
+  # With LoRA the copy has the adapters merged in (lora.rollout_copier).
   rollout_params: Callable[[Any], Any]
+  rollout_graphdef: Any  # the model the rollout copy is of: graphdef, or the base's with LoRA
 
   @property
   def is_main(self) -> bool:
@@ -102,19 +104,25 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
   except (ValueError, FileNotFoundError) as e:  # a file that is not a model, a missing file
     raise config_lib.ConfigError(f"config.model.name={cfg.model.name!r}: {e}") from None
   config_lib.validate_with_model(cfg, model.cfg)
+  model = lora.attach(model, cfg.model.lora, seed=cfg.train.seed)  # rank 0: unchanged
 
   model_cfg = model.cfg
   graphdef, params = nnx.split(model)
   del model
+  trainable = lora.trainable(params)  # what gets gradients and optimizer state
   try:
     param_sh = sharding.param_shardings(mesh, params)
   except ValueError as e:  # a mesh axis that does not divide a param it must split
     raise config_lib.ConfigError(str(e)) from None
   params = jax.device_put(params, param_sh)
+  def device_bytes(tree, shardings):
+    return sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
   est = memory.estimate(memory_cfg or cfg, model_cfg, mesh,
-                        param_bytes=sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
-                                        for x, sh in zip(jax.tree.leaves(params),
-                                                         jax.tree.leaves(param_sh))))
+                        param_bytes=device_bytes(params, param_sh),
+                        trainable_bytes=(device_bytes(trainable, lora.trainable(param_sh))
+                                         if lora.has_adapters(params) else None))
   log.info("memory per device (estimate):\n%s", est.table())
   limit = memory.device_memory_limit(cfg)
   if limit is not None:  # XLA's analysis of the programs the run will execute, when it has one
@@ -139,13 +147,19 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       json.dump(saved, f, indent=2)
   optimizer, lr_schedule = optim.optimizer_from_config(cfg.opt, optimizer_steps or steps)
-  opt_sh = sharding.param_shardings(mesh, jax.eval_shape(optimizer.init, params))
+  opt_sh = sharding.param_shardings(mesh, jax.eval_shape(optimizer.init, trainable))
   ckpt = checkpointing.run_checkpointer(workdir, cfg.train.keep_checkpoints)
-  rollout = sampling.rollout_copier(param_sh, sharding.rollout_shardings(mesh, params),
-                                    cfg.model.dtype)
+  if lora.has_adapters(params):
+    rollout_graphdef, base = lora.base_of(graphdef, params)
+    rollout = lora.rollout_copier(graphdef, sharding.rollout_shardings(mesh, base),
+                                  cfg.model.dtype)
+  else:
+    rollout_graphdef = graphdef
+    rollout = sampling.rollout_copier(param_sh, sharding.rollout_shardings(mesh, params),
+                                      cfg.model.dtype)
   return Run(cfg, workdir, steps, mesh, tokenizer, model_cfg, graphdef, param_sh,
              sharding.batch_sharding(mesh), optimizer, lr_schedule, opt_sh, ckpt,
-             rollout), params
+             rollout, rollout_graphdef), params
 
 
 def restore_or_init(run: Run, params, critic: tuple[Any, Any] | None = None
@@ -153,8 +167,9 @@ def restore_or_init(run: Run, params, critic: tuple[Any, Any] | None = None
   """The train state of the workdir's latest checkpoint, else `params` with a fresh optimizer
   state; the step it starts from and its data position (the examples consumed; 0 and 0 for a
   fresh run). `critic`: PPO's (initial critic state, its shardings) (`critic.Critic.init_state`),
-  restored with the rest."""
-  opt_state = jax.jit(run.optimizer.init, out_shardings=run.opt_sh)(params)
+  restored with the rest. With LoRA a checkpoint holds the adapters (`checkpointing.run_state`),
+  joined to the base `params` as loaded."""
+  opt_state = jax.jit(run.optimizer.init, out_shardings=run.opt_sh)(lora.trainable(params))
   state = TrainState(params, opt_state, None if critic is None else critic[0])
   start, position = run.ckpt.latest_step() or 0, 0
   if start:
@@ -162,7 +177,8 @@ def restore_or_init(run: Run, params, critic: tuple[Any, Any] | None = None
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             state, shardings)
     restored, meta = run.ckpt.restore(abstract_state=checkpointing.run_state(abstract))
-    state = TrainState(restored["params"], restored["opt_state"],
+    state = TrainState(lora.join(restored["params"], lora.split(params)[1]),
+                       restored["opt_state"],
                        None if critic is None else critic[0].replace(**restored["critic"]))
     position = int(meta["data_position"])
     log.info("resumed from step %d (data position %d)", start, position)
@@ -209,7 +225,7 @@ def task_evaluator(run: Run, task) -> EvalFn | None:
   key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1)  # no step reaches it
   stop_ids = templates.stop_ids(run.tokenizer)
   return lambda params: evaluate.evaluate(
-      run.graphdef, params, run.tokenizer, examples, template=cfg.task.template,
+      run.rollout_graphdef, params, run.tokenizer, examples, template=cfg.task.template,
       num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
       max_new_tokens=cfg.rl.max_completion_length, key=key, stop_ids=stop_ids,
       prompts_per_batch=min(cfg.eval.prompts_per_batch, len(examples)),  # as compiled.programs

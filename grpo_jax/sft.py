@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from grpo_jax import distributed, grpo, losses, optim
+from grpo_jax import distributed, grpo, lora, losses, optim
 from grpo_jax.config import ConfigError
 from grpo_jax.data import batching, format_prompt
 from grpo_jax.data.tasks import read_jsonl
@@ -145,14 +145,14 @@ def make_update_step(graphdef, optimizer, *, grad_accum_steps: int = 1, param_sh
   up to the whole batch's token mean. params and opt_state are donated; shardings as in
   `grpo.make_update_step`; `remat` is config.model.remat.
   """
-  grad_fn = functools.partial(jax.grad(loss_and_metrics, has_aux=True), remat=remat)
+  grad_fn = functools.partial(lora.grad(loss_and_metrics), remat=remat)  # adapters only, w/ LoRA
 
   def grads_fn(params, batch):
     if grad_accum_steps == 1:
       return grad_fn(params, graphdef, batch)
     total = jnp.maximum(jnp.sum(batch.completion_mask), 1).astype(jnp.float32)
     grads, metrics, weights = optim.accumulate(
-        lambda mb: grad_fn(params, graphdef, mb), params,
+        lambda mb: grad_fn(params, graphdef, mb), lora.trainable(params),
         optim.split_micro_batches(batch, grad_accum_steps),
         lambda mb: jnp.sum(mb.completion_mask) / total)
     return grads, jax.tree.map(lambda m: jnp.sum(m * weights), metrics)

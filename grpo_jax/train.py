@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import (advantages, config as config_lib, critic, distributed, dynamic_sampling,
-                      grpo, metrics_io, rewards, run_dir, runner, sampling, sharding)
+                      grpo, lora, metrics_io, rewards, run_dir, runner, sampling, sharding)
 from grpo_jax.data import batching, format_prompt, get_task, templates
 
 log = logging.getLogger("grpo_jax")
@@ -225,9 +225,10 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
                              optimizer_steps=train.steps * rl.num_iterations,
                              history=resume.history)
   tokenizer, batch_sh = run.tokenizer, run.batch_sh
-  # The reference is the initial policy; a copy, since the policy's buffers are donated.
+  # The reference is the initial policy; a copy, since the policy's buffers are donated. With
+  # LoRA it is the frozen base itself, adapters off (grpo.loss_and_metrics): no copy.
   ref_params = (jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=run.param_sh)(params)
-                if rl.beta != 0 else None)
+                if rl.beta != 0 and not lora.has_adapters(params) else None)
   # PPO: the critic, a ValueModel whose trunk is a copy of the policy's (critic.py).
   ppo_critic, critic_init = None, None
   if critic.enabled(rl):
@@ -277,10 +278,10 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   def rollout(prompts, prompt_mask, key):
     """The sampler's completions of the prompts (global arrays, on the devices). It decodes
     from its own copy of the weights (compute dtype, whole on each device but for the tensor
-    split), dropped as soon as it is done."""
+    split; with LoRA the adapters merged in), dropped as soon as it is done."""
     with jax.set_mesh(run.mesh):
       return sampling.sample_jit(
-          run.graphdef, run.rollout_params(state.params), prompts, prompt_mask, key,
+          run.rollout_graphdef, run.rollout_params(state.params), prompts, prompt_mask, key,
           num_generations=g, max_new_tokens=rl.max_completion_length, stop_ids=stop_ids,
           pad_id=pad_id, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
           parts=rl.rollout_parts, shards=shards)

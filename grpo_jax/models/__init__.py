@@ -213,17 +213,36 @@ def load(name_or_path: str, dtype: Any = None, param_dtype: Any = "float32",
 
 
 def _load_workdir(workdir: str, dtype: Any, param_dtype: Any, attention_block: int):
-  """The run's base model (config.json's model.name) with its latest checkpoint's params."""
-  from grpo_jax import checkpointing  # lazy: orbax is only needed here
+  """The run's base model (config.json's model.name) with its latest checkpoint's params. A
+  LoRA run's checkpoint holds its adapters: they are merged into the base, so the model is a
+  plain one (for export, generate, evaluation)."""
+  from grpo_jax import lora
+
+  model, tokenizer = load_workdir_adapted(workdir, dtype, param_dtype, attention_block)
+  return lora.merge_model(model), tokenizer
+
+
+def load_workdir_adapted(workdir: str, dtype: Any = None, param_dtype: Any = "float32",
+                         attention_block: int = ATTENTION_BLOCK):
+  """A training workdir's model as it trained: with LoRA the base with its adapters attached,
+  unmerged (`model.lora`; None for a run without LoRA), and the tokenizer."""
+  import ml_collections
+
+  from grpo_jax import checkpointing, lora  # lazy: orbax is only needed here
 
   model_cfg = _workdir_model_config(workdir)
+  if model_cfg is None:
+    raise ValueError(f"{workdir} is not a training workdir (config.json + checkpoints/)")
   model, tokenizer = load(model_cfg["name"], dtype=dtype or model_cfg.get("dtype", "float32"),
                           param_dtype=param_dtype, attention_block=attention_block)
-  _, params = nnx.split(model)  # the tree a run saves
+  lora_cfg = ml_collections.ConfigDict(model_cfg.get("lora") or {"rank": 0})
+  model = lora.attach(model, lora_cfg)
+  graphdef, params = nnx.split(model)
+  trainable, frozen = lora.split(params)  # the tree a run saves: the trainable part
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          params)
-  nnx.update(model, checkpointing.read_run_params(workdir, abstract))
-  return model, tokenizer
+                          trainable)
+  return nnx.merge(graphdef, lora.join(checkpointing.read_run_params(workdir, abstract),
+                                       frozen)), tokenizer
 
 
 def params_dict(model: Transformer) -> dict[str, Any]:

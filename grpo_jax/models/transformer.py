@@ -465,6 +465,46 @@ def positions_from_mask(mask_BxL: Array, offset_B: Array | int = 0) -> Array:
   ).reshape(-1, 1)
 
 
+# The per-layer matmul weights an adapter can target ([L, in, out] each), and the ends of
+# an adapter's two params' names: q_proj_lora_a [L, in, r], q_proj_lora_b [L, r, out].
+LORA_TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_ENDS = ("_lora_a", "_lora_b")
+
+
+class LoRA(nnx.Module):
+  """Low-rank adapters of a Transformer's projections: W x becomes W x + (alpha / rank) B A x
+  (here row vectors: y @ W + scale * (y @ A) @ B), stacked over layers like the weights.
+
+  A starts as peft's (uniform in +-1 / sqrt(in)), B at zero: the adapted model starts as the
+  base. `targets` (names in LORA_TARGETABLE), `rank` and `scale` are structure (the graphdef).
+  """
+
+  def __init__(self, cfg: ModelConfig, targets: tuple[str, ...], rank: int, alpha: float, *,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if rank < 1:
+      raise ValueError(f"LoRA rank={rank}; expected >= 1")
+    unknown = sorted(set(targets) - set(LORA_TARGETABLE))
+    if unknown or not targets:
+      raise ValueError(f"LoRA targets {list(targets)}: expected some of {LORA_TARGETABLE}")
+    self.targets, self.rank, self.scale = tuple(targets), int(rank), float(alpha) / rank
+    shapes = projection_shapes(cfg)
+    for name in self.targets:
+      nl, d_in, d_out = shapes[name]
+      bound = 1.0 / math.sqrt(d_in)
+      setattr(self, f"{name}_lora_a", nnx.Param(jax.random.uniform(
+          rngs.params(), (nl, d_in, rank), param_dtype, -bound, bound)))
+      setattr(self, f"{name}_lora_b", nnx.Param(jnp.zeros((nl, rank, d_out), param_dtype)))
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
+  """[num_layers, in, out] of each per-layer projection (LORA_TARGETABLE)."""
+  d, f, nl = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  return {"q_proj": (nl, d, q), "k_proj": (nl, d, kv), "v_proj": (nl, d, kv),
+          "o_proj": (nl, q, d), "gate_proj": (nl, d, f), "up_proj": (nl, d, f),
+          "down_proj": (nl, f, d)}
+
+
 # config.model.attention_block's default: queries per attention block (0: never blocked).
 ATTENTION_BLOCK = 512
 
@@ -480,6 +520,7 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, attention_block: int = ATTENTION_BLOCK,
                rngs: nnx.Rngs):
+    self.lora = nnx.data(None)  # low-rank adapters (grpo_jax/lora.py attaches them; None: plain model)
     if attention_block < 0:
       raise ValueError(f"attention_block={attention_block}; expected >= 0 (0: never blocked)")
     self.cfg = cfg
@@ -543,7 +584,12 @@ class Transformer(nnx.Module):
 
   # -- forward ----------------------------------------------------------------
   def _layer_params(self) -> dict[str, Array]:
-    return {n: getattr(self, n)[...] for n in layer_param_names(self.cfg)}
+    """The stacked per-layer params the layer scan reads, the adapters' (`LoRA`) among them."""
+    params = {n: getattr(self, n)[...] for n in layer_param_names(self.cfg)}
+    if self.lora is not None:
+      params.update({f"{n}{end}": getattr(self.lora, f"{n}{end}")[...]
+                     for n in self.lora.targets for end in LORA_ENDS})
+    return params
 
   def prefill(self, tokens_BxL: Array, attention_mask_BxL: Array | None = None,
               max_len: int | None = None, remat: str = "none"):
@@ -613,6 +659,25 @@ class Transformer(nnx.Module):
     else:
       inv_freq, per_layer = rope_inv_freq(cfg), None
 
+    lora_scale = None if self.lora is None else self.lora.scale
+
+    def proj(y, p, name):
+      """y @ p[name], plus the adapter's scale * (y @ A) @ B when `name` has one (unmerged: the
+      frozen weight gets no gradient, the adapters' is rank-wide)."""
+      out = matmul(y, p[name], dt)
+      if f"{name}_lora_a" in p:
+        low = matmul(y, p[f"{name}_lora_a"], dt)
+        out = out + lora_scale * matmul(low, p[f"{name}_lora_b"], dt)
+      return out
+
+    def mlp(y, p):
+      if not any(f"{n}_lora_a" in p for n in ("gate_proj", "up_proj", "down_proj")):
+        return swiglu(y, p["gate_proj"], p["up_proj"], p["down_proj"], dt, cfg.hidden_act)
+      # With adapters the plain expression: its backward needs no weight gradient of the
+      # frozen MLP, the slow part that swiglu's hand-written backward avoids.
+      gate = _ACT[cfg.hidden_act](proj(y, p, "gate_proj"))
+      return proj(gate * proj(y, p, "up_proj"), p, "down_proj")
+
     def layer(x, inputs):
       p, k_cache, v_cache, k_prefix, v_prefix, layer_xs = inputs
       window, freqs = None, inv_freq
@@ -620,7 +685,7 @@ class Transformer(nnx.Module):
         window_size, freqs = layer_xs
         window = Window(size=window_size, **window_pos)
       y = rms_norm(x, p["attn_norm"], eps, plus_one)
-      q, k, v = matmul(y, p["q_proj"], dt), matmul(y, p["k_proj"], dt), matmul(y, p["v_proj"], dt)
+      q, k, v = proj(y, p, "q_proj"), proj(y, p, "k_proj"), proj(y, p, "v_proj")
       if cfg.attention_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
       q, k, v = q.reshape(b, l, h, hd), k.reshape(b, l, kv, hd), v.reshape(b, l, kv, hd)
@@ -636,12 +701,12 @@ class Transformer(nnx.Module):
                        prefix=None if k_prefix is None else (k_prefix, v_prefix, prefix_mask),
                        dtype=dt, block=block, scale=scale, window=window)
       attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, l, h * hd)
-      out = matmul(attn, p["o_proj"], dt)
+      out = proj(attn, p, "o_proj")
       if cfg.sandwich_norm:
         out = rms_norm(out, p["post_attn_norm"], eps, plus_one)
       x = x + out
       y = rms_norm(x, p["mlp_norm"], eps, plus_one)
-      out = swiglu(y, p["gate_proj"], p["up_proj"], p["down_proj"], dt, cfg.hidden_act)
+      out = mlp(y, p)
       if cfg.sandwich_norm:
         out = rms_norm(out, p["post_mlp_norm"], eps, plus_one)
       x = x + out
