@@ -43,7 +43,6 @@ setuptools.setup(
         "tensorboardX",
         "tqdm",
         "matplotlib",
-        "qwix>=0.1.8",  # LoRA / QLoRA (config.model.lora)
     ],
     extras_require={
         "test": ["torch==2.13.0", "accelerate", "pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
