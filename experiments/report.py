@@ -48,6 +48,7 @@ BLOCKS = {
     "headline": (("headline",), "headline.png", "curves"),
     "variants": (("variants",), "variants.png", "curves"),
     "ppo": (("ppo", "headline"), "ppo_vs_grpo.png", "wall_clock"),
+    "lora": (("lora", "headline"), "lora_vs_full.png", "wall_clock"),
 }
 # The main block's markers predate the per-block ones.
 MARKERS = dict({name: _markers(name) for name in BLOCKS},

@@ -76,7 +76,7 @@ def test_variant_and_ppo_commands_are_valid_configs(tmp_path):
   from grpo_jax import config as config_lib
 
   run = load("run")
-  for st in run.stages("variants", str(tmp_path)) + run.stages("ppo", str(tmp_path)):
+  for st in sum((run.stages(n, str(tmp_path)) for n in ("variants", "ppo", "lora")), []):
     path, preset = flag(st.command, "config").split(":")
     cfg = config_lib.from_file(path, preset)
     for arg in st.command:
