@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from grpo_jax import grpo, losses, optim, ppo, sharding
+from grpo_jax import flop_count, grpo, losses, optim, ppo, sharding
 from grpo_jax.models import ValueModel
 
 
@@ -142,8 +142,10 @@ def make_advantages_fn(cfg, critic: Critic, policy_graphdef, *, param_sh=None, b
     if parts == 1:
       values, ref_logps = forwards(critic_params, ref_params, batch)
     else:
-      values, ref_logps = jax.lax.map(lambda mb: forwards(critic_params, ref_params, mb),
-                                      optim.split_micro_batches(batch, parts))
+      # A scan (unrolled when FLOPs are counted: flop_count), a micro-batch at a time.
+      _, (values, ref_logps) = jax.lax.scan(
+          lambda _, mb: (None, forwards(critic_params, ref_params, mb)), None,
+          optim.split_micro_batches(batch, parts), unroll=flop_count.SCAN_UNROLL.get())
       values, ref_logps = (x.reshape(-1, x.shape[-1]) for x in (values, ref_logps))
     mask = batch.completion_mask
     kl = losses.kl_divergence(batch.old_logps, ref_logps, rl.kl_estimator) if kl_coef else None

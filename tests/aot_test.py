@@ -272,10 +272,13 @@ def test_ppo_with_the_kl_in_the_reward_reads_the_reference_in_the_rollout_pass()
   assert "reference" not in held["critic_values"]
 
 
-def test_critic_programs_count_one_more_forward_backward():
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_critic_programs_count_one_more_forward_backward(grad_accum_steps):
   """The critic's update costs a policy update without the LM head (a forward and backward of
-  the trunk), its rollout pass one trunk forward (XLA's counts, unsharded)."""
-  cfg, m, progs = _programs({"rl.advantage_estimator": "gae"}, None)
+  the trunk), its rollout pass one trunk forward (XLA's counts, unsharded), every micro-batch
+  counted."""
+  cfg, m, progs = _programs({"rl.advantage_estimator": "gae",
+                             "train.grad_accum_steps": grad_accum_steps}, None)
   trunk = _analytic_update_flops(cfg, m) - 3 * _lm_head_flops(cfg, m)
   fn, args, _ = progs["critic_update"]
   flops = compiled.total_cost("critic_update", fn, args, 0, cfg, m)["flops"]
