@@ -3,6 +3,9 @@ r"""Compile a run's programs ahead of time for TPUs or GPUs that are not here: m
     python -m grpo_jax.aot --config=configs/qwen25_gsm8k.py --topology=v5e:2x4
     python -m grpo_jax.aot --config=configs/qwen3_8b_gsm8k.py --topology=h100:1x1x8 \
         --config.rl.max_completion_length=8192
+    python -m grpo_jax.aot --config=configs/smollm2_arithmetic.py:two_digit --topology=cpu
+
+(`--topology=cpu`: this machine's CPU devices, XLA's CPU memory analysis, no roofline.)
 
 From shapes alone (no weights read, no tokenizer): the model's shapes come from
 `config.model.name` when it is a preset of `models.presets` or a folder with a
@@ -15,6 +18,11 @@ sharding rules laid over the topology's devices:
 - `update`: the GRPO update at the longest completion bucket (policy, reference
   when beta != 0, AdamW state, gradient accumulation; params and optimizer state
   donated); the SFT update in SFT mode;
+- with PPO (config.rl.advantage_estimator="gae"), the critic's programs
+  (`grpo_jax.critic`): `critic_values`, the rollout pass (the critic's values,
+  the reference's log-probs with rl.kl_in_reward, GAE), and `critic_update`,
+  the critic's update (its params and AdamW state donated); the policy's
+  `update` then takes per-token advantages;
 - `eval_sample`: the evaluation sampler (eval.prompts_per_batch prompts, or
   eval.num_problems when fewer, filled up to a multiple of data x fsdp and
   split over them as the run's evaluator does; eval.num_samples each), when
@@ -22,8 +30,10 @@ sharding rules laid over the topology's devices:
 
 Each program gets a table row and one JSON line (stdout) with XLA's memory
 analysis per device (argument, output, temp, peak = argument + output + temp +
-code - aliased; for a sampler also "held": the training params, optimizer state and
-reference that stay on the chip while it runs, which count in whether it fits),
+code - aliased; "held": the training state that stays on the chip while a program
+runs without being its argument, which counts in whether it fits: for a sampler
+the training params, optimizer state and reference; with PPO the critic's params
+and optimizer state in the policy's programs and the policy's in the critic's),
 whether it fits the chip's HBM, its FLOPs and bytes accessed
 per device per call, the collectives in the compiled HLO (for a sampler also
 those of one decode step, "per decode" in the table: what runs inside the
@@ -54,11 +64,13 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "KIND:SHAPE, e.g. v5e:2x4 or h100:1x1x8")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "KIND:SHAPE, e.g. v5e:2x4 or h100:1x1x8; "
+                                "or cpu (this machine)")
 _SHAPES = flags.DEFINE_string("model_shapes", None, "a models.presets name or a folder with a "
                               "Hugging Face config.json (default: config.model.name)")
 _PROGRAMS = flags.DEFINE_list("programs", None, "only these programs (sample, update, "
-                              "eval_sample; default all the run compiles)")
+                              "critic_values, critic_update, eval_sample; default all the run "
+                              "compiles)")
 
 
 def main(argv):

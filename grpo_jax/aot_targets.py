@@ -6,6 +6,8 @@ last number is the GPU count). TPUs need the `libtpu` wheel that `jax[tpu]`
 pins; GPUs need `jax-cuda12-plugin` (no CUDA libraries) and the H100 target
 description in `targets/h100.txtpb` (SM count, shared memory, HBM size and
 bandwidth, compute capability 9.0: NVIDIA's H100 SXM5 80 GB datasheet values).
+"cpu" is this machine's own CPU devices (XLA's memory analysis for the CPU
+backend, the host's RAM as the limit); it has no peak numbers, so no roofline.
 
 Peaks (dense, per chip) and their sources:
 | chip | bf16 FLOP/s | fp32 matmul FLOP/s | HBM bytes/s | HBM | source |
@@ -33,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @dataclasses.dataclass(frozen=True)
 class Chip:
   name: str
-  platform: str  # "tpu" | "cuda"
+  platform: str  # "tpu" | "cuda" | "cpu"
   bf16_flops: float
   fp32_flops: float
   hbm_bandwidth: float  # bytes/s
@@ -49,15 +51,22 @@ CHIPS = {
     "v5p": Chip("TPU v5p", "tpu", 459e12, 459e12, 2.765e12, 95 * GIB),
     "v6e": Chip("TPU v6 lite", "tpu", 918e12, 918e12, 1.64e12, 32 * GIB),
     "h100": Chip("NVIDIA H100 80GB HBM3", "cuda", 989e12, 494e12, 3.35e12, 84929347584),
+    # This machine: peaks unknown (0: no roofline), its RAM as the memory.
+    "cpu": Chip("cpu", "cpu", 0.0, 0.0, 0.0,
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
 }
 
 
 def parse(topology: str) -> tuple[Chip, str]:
-  """"v5e:2x4" -> (the chip, "2x4"); ValueError naming the known kinds otherwise."""
+  """"v5e:2x4" -> (the chip, "2x4"); "cpu" -> (this machine's CPU, ""); ValueError naming the
+  known kinds otherwise."""
   kind, _, shape = topology.partition(":")
-  if kind not in CHIPS or not shape:
+  if kind == "cpu" and not shape:
+    return CHIPS[kind], shape
+  if kind not in CHIPS or kind == "cpu" or not shape:
     raise ValueError(f"unknown topology {topology!r}: expected KIND:SHAPE with KIND one of "
-                     f"{sorted(CHIPS)}, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x2, h100:1x1x8")
+                     f"{sorted(set(CHIPS) - {'cpu'})}, e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, "
+                     "v6e:2x2, h100:1x1x8; or cpu (this machine)")
   return CHIPS[kind], shape
 
 
@@ -68,6 +77,10 @@ def devices(topology: str):
 
   chip, shape = parse(topology)
   kind = topology.partition(":")[0]
+  if chip.platform == "cpu":
+    import jax
+
+    return jax.devices("cpu")
   try:
     if chip.platform == "tpu":
       os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

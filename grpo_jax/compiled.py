@@ -49,7 +49,12 @@ def abstract_model(cfg, model_cfg):
 def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tuple, int]]:
   """{name: (jitted function, abstract args, decode steps)} of the programs a run of `cfg`
   compiles, placed on `mesh` (mesh=None: unsharded, for one device). `decode steps` is the
-  decode loop's trip count for the samplers (0 for the update).
+  decode loop's trip count for the samplers (0 for the updates).
+
+  With PPO (rl.advantage_estimator="gae") also the critic's: "critic_values" (the rollout
+  pass: values, GAE; `critic.make_advantages_fn`) and "critic_update"
+  (`critic.update_step_jit`), their critic built as the run builds it (`critic.critic_for`
+  of `critic.abstract_critic`); the policy's update then takes per-token advantages [N, T].
 
   The evaluation sampler's batch is split over the batch axes as the run's evaluator splits
   it (`evaluate.sample_texts`): filled up to a multiple of data x fsdp of `rows_for` (default
@@ -58,7 +63,7 @@ def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tup
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from grpo_jax import distributed, grpo, lora, optim, sampling, sft, sharding
+  from grpo_jax import critic, distributed, grpo, lora, optim, sampling, sft, sharding
 
   rl, train = cfg.rl, cfg.train
   graphdef, params = abstract_model(cfg, model_cfg)
@@ -101,17 +106,29 @@ def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tup
     out["sample"] = (_bind(sampling.sample_jit, sample_graphdef, sample_kw),
                      (rollout, arr((b, p), jnp.int32, batch_sh), arr((b, p), jnp.int32, batch_sh),
                       key), t)
-    step = grpo.make_update_step(graphdef, optimizer,
-                                 grpo.loss_config_from(rl, cfg.model.remat),
+    gae = critic.enabled(rl)
+    loss_cfg = critic.policy_loss_config(cfg)
+    step = grpo.make_update_step(graphdef, optimizer, loss_cfg,
                                  grad_accum_steps=train.grad_accum_steps,
                                  param_sharding=param_sh, opt_sharding=opt_sh,
                                  batch_sharding=batch_sh)
     n = b * g
+    per_token = arr((n, t), jnp.float32, batch_sh)  # PPO's advantages, values, returns [N, T]
     batch = grpo.Batch(arr((b, p), jnp.int32, batch_sh), arr((b, p), jnp.int32, batch_sh),
                        arr((n, t), jnp.int32, batch_sh), arr((n, t), jnp.int32, batch_sh),
-                       arr((n, t), jnp.float32, batch_sh), arr((n,), jnp.float32, batch_sh))
-    ref = params if rl.beta != 0 and not adapted else None  # LoRA: the base, adapters off
+                       per_token, per_token if gae else arr((n,), jnp.float32, batch_sh))
+    ref = params if loss_cfg.beta != 0 and not adapted else None  # LoRA: the base, adapters off
     out["update"] = (step, (params, opt_state, ref, batch), 0)
+    if gae:  # PPO: the critic's rollout pass (values, GAE) and its update
+      the_critic, critic_params = _abstract_critic(cfg, graphdef, params, mesh)
+      critic_opt = _abstract(jax.eval_shape(the_critic.optimizer.init, critic_params),
+                             the_critic.opt_sh)
+      values_fn = critic.make_advantages_fn(cfg, the_critic, graphdef, param_sh=param_sh,
+                                            batch_sh=batch_sh, mesh=mesh)
+      out["critic_values"] = (values_fn, (critic_params, params if rl.kl_in_reward else None,
+                                          batch, arr((n,), jnp.float32, batch_sh)), 0)
+      out["critic_update"] = (critic.update_step_jit(cfg, the_critic, batch_sh=batch_sh),
+                              (critic_params, critic_opt, batch, per_token, per_token), 0)
   if cfg.eval.num_problems:
     rows_for = mesh if rows_for is None else rows_for
     e = distributed.padded_rows(min(cfg.eval.prompts_per_batch, cfg.eval.num_problems),
@@ -121,6 +138,16 @@ def programs(cfg, model_cfg, mesh, *, rows_for=None) -> dict[str, tuple[Any, tup
                           (rollout, arr((e, p), jnp.int32, batch_sh),
                            arr((e, p), jnp.int32, batch_sh), key), t)
   return out
+
+
+def _abstract_critic(cfg, graphdef, params, mesh):
+  """(the `critic.Critic` a run of `cfg` builds on `mesh`, its params as ShapeDtypeStructs with
+  their shardings), from the policy's `graphdef` and abstract `params`."""
+  from grpo_jax import critic
+
+  critic_graphdef, critic_params = critic.abstract_critic(graphdef, _abstract(params))
+  the_critic = critic.critic_for(cfg, critic_graphdef, critic_params, mesh)
+  return the_critic, _abstract(critic_params, the_critic.param_sh)
 
 
 def _bind(sample_jit, graphdef, kw):
@@ -298,7 +325,7 @@ def analyze(cfg, topology: str, model_cfg, only=None) -> list[dict]:
   unsharded = programs(cfg, model_cfg, None, rows_for=mesh)  # the shapes run on `mesh`
   records = []
   progs = programs(cfg, model_cfg, mesh)
-  held = held_while_sampling(cfg, progs)
+  held_by = held(cfg, progs)
   for name, (fn, args, steps) in progs.items():
     if only and name not in only:
       continue
@@ -310,9 +337,11 @@ def analyze(cfg, topology: str, model_cfg, only=None) -> list[dict]:
       rec.update(memory(compiled))
       hlo = compiled.as_text()
       rec["collectives"] = collectives(hlo)
-      if steps:  # a sampler: what each decode step communicates, and the training state
+      if steps:  # a sampler: what each decode step communicates
         rec["decode_step_collectives"] = loop_collectives(hlo)
-        rec["held_bytes"] = held  # that stays on the device meanwhile
+      if held_by[name]:  # the training state that stays on the device meanwhile
+        rec["held_bytes"] = sum(held_by[name].values())
+        rec["held"] = held_by[name]
       rec["fits"] = rec["peak_bytes"] + rec.get("held_bytes", 0) <= chip.hbm_bytes
     except OutOfMemory as e:  # XLA's own refusal: the size it needed, when it says it
       seconds = e.seconds
@@ -323,8 +352,9 @@ def analyze(cfg, topology: str, model_cfg, only=None) -> list[dict]:
     cost = total_cost(name, unsharded[name][0], unsharded[name][1], steps, cfg, model_cfg)
     rec["flops"] = cost["flops"] / len(devices)
     rec["bytes_accessed"] = cost["bytes"] / len(devices)
-    rec["roofline_s"] = max(rec["flops"] / chip.peak_flops(cfg.model.dtype),
-                            rec["bytes_accessed"] / chip.hbm_bandwidth)
+    rec["roofline_s"] = (max(rec["flops"] / chip.peak_flops(cfg.model.dtype),
+                             rec["bytes_accessed"] / chip.hbm_bandwidth)
+                         if chip.hbm_bandwidth else None)  # no peaks known (cpu)
     records.append(rec)
   return records
 
@@ -339,35 +369,61 @@ def _device_bytes(tree) -> int:
              for x in jax.tree.leaves(tree) if x is not None)
 
 
-def held_while_sampling(cfg, progs) -> int:
-  """Bytes per device that stay on it while a sampler runs without being its arguments: the
-  optimizer state, the reference params, and the training params when the samplers decode
-  from a copy of them (not when the copy would be the same arrays: sampling.rollout_copier).
-  `progs`: `programs(...)` placed on a mesh."""
+def held(cfg, progs) -> dict[str, dict[str, int]]:
+  """{program: {what: bytes per device}} of the training state that stays on the device while
+  the program runs without being its argument: of the policy params, its optimizer state, the
+  reference params (beta != 0) and PPO's critic (params and optimizer state), whatever the
+  program does not take. A sampler decodes from its own copy of the params, so they are held
+  too, unless the copy would be the same arrays (sampling.rollout_copier). `progs`:
+  `programs(...)` placed on a mesh."""
   import jax
 
-  update_args = progs["update"][1]
-  held = _device_bytes(update_args[1])
-  if cfg.mode != "sft" and update_args[2] is not None:
-    held += _device_bytes(update_args[2])
   from grpo_jax import lora
 
-  sampler = next((args for name, (_, args, _) in progs.items() if name != "update"), None)
-  if sampler is not None and (lora.has_adapters(update_args[0]) or any(  # LoRA: a merged copy
-      a.dtype != b.dtype or not a.sharding.is_equivalent_to(b.sharding, a.ndim)
-      for a, b in zip(jax.tree.leaves(sampler[0]), jax.tree.leaves(update_args[0])))):
-    held += _device_bytes(update_args[0])
-  return held
+  update_args = progs["update"][1]
+  adapted = lora.has_adapters(update_args[0])  # LoRA: the reference is the base, adapters off
+  params = _device_bytes(update_args[0])
+  state = {"params": params, "optimizer state": _device_bytes(update_args[1])}
+  if cfg.mode != "sft" and cfg.rl.beta != 0 and not adapted:  # the run keeps the reference
+    state["reference"] = params
+  if "critic_update" in progs:
+    critic_args = progs["critic_update"][1]
+    state["critic params"] = _device_bytes(critic_args[0])
+    state["critic optimizer state"] = _device_bytes(critic_args[1])
+  uses = {"update": {"params", "optimizer state"} | (
+              {"reference"} if cfg.mode != "sft" and update_args[2] is not None else set()),
+          "critic_update": {"critic params", "critic optimizer state"}}
+  if "critic_values" in progs:
+    uses["critic_values"] = {"critic params"} | (
+        {"reference"} if progs["critic_values"][1][1] is not None else set())
+  out = {}
+  for name, (_, args, _) in progs.items():
+    used = uses.get(name)
+    if used is None:  # a sampler: its own copy of the params (LoRA: merged), or the params
+      same = not adapted and all(
+          a.dtype == b.dtype and a.sharding.is_equivalent_to(b.sharding, a.ndim)
+          for a, b in zip(jax.tree.leaves(args[0]), jax.tree.leaves(update_args[0])))
+      used = {"params"} if same else set()
+    out[name] = {k: v for k, v in state.items() if k not in used and v}
+  return out
+
+
+def held_while_sampling(cfg, progs) -> int:
+  """Bytes per device that stay on it while the rollout sampler runs (`held`): the optimizer
+  state, the reference params, PPO's critic, and the training params when the sampler decodes
+  from a copy of them."""
+  return sum(held(cfg, progs)["sample"].values())
 
 
 def compiled_peaks(cfg, model_cfg, mesh) -> dict[str, dict]:
   """The run's programs compiled for `mesh` (the devices it will run on): {name: {"peak_bytes",
-  "parts"}} per device, or {} when the backend gives no memory analysis. A sampler's peak
-  also counts what stays on the device while it runs without being its argument: the
-  training params (it decodes from its own copy), the optimizer state and the reference
-  params, which the update takes as arguments (`held_while_sampling`)."""
+  "parts"}} per device, or {} when the backend gives no memory analysis. Each peak also
+  counts what stays on the device while the program runs without being its argument
+  (`held`): for a sampler the training params (it decodes from its own copy), the optimizer
+  state and the reference params; with PPO's critic, the critic's params and optimizer state
+  in the policy's programs, and the policy's in the critic's."""
   progs = programs(cfg, model_cfg, mesh)
-  held = held_while_sampling(cfg, progs)
+  held_by = held(cfg, progs)
   out = {}
   for name, (fn, args, _) in progs.items():
     compiled, _ = compile_program(fn, args)
@@ -375,12 +431,11 @@ def compiled_peaks(cfg, model_cfg, mesh) -> dict[str, dict]:
       mem = memory(compiled)
     except Exception:  # a backend without memory analysis
       return {}
-    extra = 0 if name == "update" else held
-    out[name] = {"peak_bytes": mem["peak_bytes"] + extra,
+    out[name] = {"peak_bytes": mem["peak_bytes"] + sum(held_by[name].values()),
                  "parts": {"arguments": mem["argument_bytes"], "outputs": mem["output_bytes"],
                            "temporaries": mem["temp_bytes"], "code": mem["code_bytes"],
                            "aliased (reused)": -mem["alias_bytes"],
-                           "held by the update": extra}}
+                           **{f"{k} (held)": v for k, v in held_by[name].items()}}}
   return out
 
 
@@ -399,16 +454,17 @@ def check_compiled(peaks: dict[str, dict], limit: int) -> None:
 
 
 def table(records: list[dict]) -> str:
-  rows = [f"{'program':12s} {'peak GiB':>9s} {'+held GiB':>9s} {'HBM GiB':>8s} {'fits':>5s} "
+  rows = [f"{'program':13s} {'peak GiB':>9s} {'+held GiB':>9s} {'HBM GiB':>8s} {'fits':>5s} "
           f"{'TFLOP':>9s} {'roofline s':>10s} {'all-gather':>10s} {'per decode':>10s} {'compile s':>9s}"]
   for r in records:
     peak = r.get("peak_bytes")
     step = r.get("decode_step_collectives")
     per_step = "-" if step is None else str(step["all-gather"])
-    rows.append(f"{r['program']:12s} {peak / GIB if peak else float('nan'):9.2f} "
+    roofline = "-" if r["roofline_s"] is None else f"{r['roofline_s']:.4f}"
+    rows.append(f"{r['program']:13s} {peak / GIB if peak else float('nan'):9.2f} "
                 f"{r.get('held_bytes', 0) / GIB:9.2f} "
                 f"{r['hbm_bytes'] / GIB:8.2f} {str(r['fits']):>5s} {r['flops'] / 1e12:9.3f} "
-                f"{r['roofline_s']:10.4f} {r.get('collectives', {}).get('all-gather', 0):10d} "
+                f"{roofline:>10s} {r.get('collectives', {}).get('all-gather', 0):10d} "
                 f"{per_step:>10s} {r['compile_s']:9.1f}")
   return "\n".join(rows)
 

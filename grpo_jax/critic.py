@@ -4,8 +4,9 @@ values and GAE advantages, and the critic's update.
     critic, critic_params = make_critic(cfg, run, params)  # ValueModel of the policy, AdamW
     state, start, position = runner.restore_or_init(run, params,
                                                     critic=critic.init_state(critic_params))
-    advantages_fn = make_advantages_fn(cfg, run, critic)
-    update = make_update_step(cfg, run, critic)
+    advantages_fn = make_advantages_fn(cfg, critic, run.graphdef, param_sh=run.param_sh,
+                                       batch_sh=run.batch_sh, mesh=run.mesh)
+    update = make_update_step(cfg, critic, batch_sh=run.batch_sh)
     # each step, after the rollout (batch.advantages unused) and its rewards [N]:
     batch, old_values, returns, metrics = advantages_fn(state.critic.params, ref_params,
                                                         batch, rewards_N)
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from grpo_jax import grpo, losses, optim, ppo, sharding
+from grpo_jax import flop_count, grpo, losses, optim, ppo, sharding
 from grpo_jax.models import ValueModel
 
 
@@ -64,28 +65,57 @@ def enabled(rl) -> bool:
 
 def make_critic(cfg, run, params) -> tuple[Critic, Any]:
   """(the critic of a run, its first params): `ValueModel.from_policy` of the policy `params`
-  (on `run.mesh`; new buffers, zero head), its optimizer on the policy's schedule
-  (train.steps x num_iterations updates)."""
-  value_model = ValueModel.from_policy(nnx.merge(run.graphdef, params))
-  graphdef, critic_params = nnx.split(value_model)
-  param_sh = sharding.param_shardings(run.mesh, critic_params)
-  critic_params = jax.device_put(critic_params, param_sh)
+  (on `run.mesh`; new buffers, zero head), with `critic_for`'s optimizer and shardings."""
+  graphdef, critic_params = nnx.split(ValueModel.from_policy(nnx.merge(run.graphdef, params)))
+  the_critic = critic_for(cfg, graphdef, critic_params, run.mesh)
+  return the_critic, jax.device_put(critic_params, the_critic.param_sh)
+
+
+def abstract_critic(graphdef, params) -> tuple[Any, Any]:
+  """(graphdef, params as ShapeDtypeStructs) of the critic `make_critic` builds for a policy
+  of `graphdef` and (abstract) `params`: shapes only, no memory (ahead-of-time compilation)."""
+  return nnx.split(nnx.eval_shape(lambda p: ValueModel.from_policy(nnx.merge(graphdef, p)),
+                                  params))
+
+
+def critic_for(cfg, graphdef, params, mesh) -> Critic:
+  """The critic of `graphdef` and its (concrete or abstract) `params`: sharded by the policy's
+  rules over `mesh` (None: unsharded), with its own AdamW of config.opt's settings on the
+  policy's schedule (train.steps x num_iterations updates; learning rate
+  rl.critic_learning_rate when set)."""
   opt, rl = cfg.opt, cfg.rl
   lr = opt.learning_rate if rl.critic_learning_rate is None else rl.critic_learning_rate
   optimizer, _ = optim.make_optimizer(
       lr, total_steps=cfg.train.steps * rl.num_iterations, warmup_steps=opt.warmup_steps,
       schedule=opt.schedule, weight_decay=opt.weight_decay, max_grad_norm=opt.max_grad_norm)
-  opt_sh = sharding.param_shardings(run.mesh, jax.eval_shape(optimizer.init, critic_params))
-  return Critic(graphdef, optimizer, param_sh, opt_sh), critic_params
+  if mesh is None:
+    return Critic(graphdef, optimizer, None, None)
+  param_sh = sharding.param_shardings(mesh, params)
+  opt_sh = sharding.param_shardings(mesh, jax.eval_shape(optimizer.init, params))
+  return Critic(graphdef, optimizer, param_sh, opt_sh)
+
+
+def policy_loss_config(cfg) -> grpo.LossConfig:
+  """The policy loss's settings (`grpo.loss_config_from`); with rl.kl_in_reward PPO's KL is in
+  the per-token rewards (beta its coefficient), so the loss's beta is 0."""
+  loss_cfg = grpo.loss_config_from(cfg.rl, cfg.model.remat)
+  if cfg.rl.kl_in_reward:
+    loss_cfg = dataclasses.replace(loss_cfg, options=tuple(
+        (k, 0.0 if k == "beta" else v) for k, v in loss_cfg.options))
+  return loss_cfg
 
 
 def _batch_shardings(batch_sh):
   return jax.tree.map(lambda _: batch_sh, grpo.Batch(*([0] * 6)))
 
 
-def make_advantages_fn(cfg, run, critic: Critic):
+def make_advantages_fn(cfg, critic: Critic, policy_graphdef, *, param_sh=None, batch_sh=None,
+                       mesh=None):
   """The jitted rollout pass: (critic params, ref params or None, batch, rewards [N]) ->
   (batch with per-token advantages [N, T], old values [N, T], returns [N, T], metrics).
+
+  `policy_graphdef`: the reference's model (with kl_in_reward); `param_sh` its params'
+  shardings, `batch_sh` the batch's, on `mesh` (all None: unsharded, for one device).
 
   Values come from the critic (no gradient), a micro-batch at a time (train.grad_accum_steps
   parts, as the update runs); with config.rl.kl_in_reward the reference's log-probs too, and
@@ -96,7 +126,6 @@ def make_advantages_fn(cfg, run, critic: Critic):
   rl = cfg.rl
   g, parts = rl.num_generations, cfg.train.grad_accum_steps
   kl_coef = float(rl.beta) if rl.kl_in_reward else 0.0
-  batch_sh = run.batch_sh
 
   def forwards(critic_params, ref_params, batch: grpo.Batch):
     """Values [N, T] and (with kl_in_reward) the reference's log-probs [N, T] of one part."""
@@ -105,7 +134,7 @@ def make_advantages_fn(cfg, run, critic: Critic):
                                    num_generations=g)
     if not kl_coef:
       return values, jnp.zeros_like(values)
-    ref_logps, _ = grpo.completion_logps(nnx.merge(run.graphdef, ref_params), *args,
+    ref_logps, _ = grpo.completion_logps(nnx.merge(policy_graphdef, ref_params), *args,
                                          num_generations=g, temperature=rl.temperature)
     return values, ref_logps
 
@@ -113,8 +142,10 @@ def make_advantages_fn(cfg, run, critic: Critic):
     if parts == 1:
       values, ref_logps = forwards(critic_params, ref_params, batch)
     else:
-      values, ref_logps = jax.lax.map(lambda mb: forwards(critic_params, ref_params, mb),
-                                      optim.split_micro_batches(batch, parts))
+      # A scan (unrolled when FLOPs are counted: flop_count), a micro-batch at a time.
+      _, (values, ref_logps) = jax.lax.scan(
+          lambda _, mb: (None, forwards(critic_params, ref_params, mb)), None,
+          optim.split_micro_batches(batch, parts), unroll=flop_count.SCAN_UNROLL.get())
       values, ref_logps = (x.reshape(-1, x.shape[-1]) for x in (values, ref_logps))
     mask = batch.completion_mask
     kl = losses.kl_divergence(batch.old_logps, ref_logps, rl.kl_estimator) if kl_coef else None
@@ -128,22 +159,39 @@ def make_advantages_fn(cfg, run, critic: Critic):
       adv = ppo.whiten(adv, mask)
     return batch.replace(advantages=adv), values, returns, metrics
 
+  if batch_sh is None:
+    return jax.jit(fn)
   batch_tree = _batch_shardings(batch_sh)
-  ref_sh = run.param_sh if kl_coef else None
+  ref_sh = param_sh if kl_coef else None
   jitted = jax.jit(fn, in_shardings=(critic.param_sh, ref_sh, batch_tree, batch_sh),
                    out_shardings=(batch_tree, batch_sh, batch_sh, None))
-  return sharding.on_mesh(jitted, run.mesh)
+  return sharding.on_mesh(jitted, mesh)
 
 
-def make_update_step(cfg, run, critic: Critic):
-  """The critic's jitted update: (params, opt_state, batch, old values [N, T], returns [N, T])
-  -> (params, opt_state, metrics), params and opt_state donated.
+def make_update_step(cfg, critic: Critic, *, batch_sh=None):
+  """The critic's update: (params, opt_state, batch, old values [N, T], returns [N, T])
+  -> (params, opt_state, metrics), params and opt_state donated; `update_step_jit`'s step
+  with its gradient norm named value/grad_norm.
+  """
+  step = update_step_jit(cfg, critic, batch_sh=batch_sh)
+
+  def update(params, opt_state, batch, old_values, returns):
+    params, opt_state, metrics = step(params, opt_state, batch, old_values, returns)
+    metrics["value/grad_norm"] = metrics.pop("grad_norm")
+    return params, opt_state, metrics
+
+  return update
+
+
+def update_step_jit(cfg, critic: Critic, *, batch_sh=None):
+  """The critic's jitted update step (what `make_update_step` calls and the ahead-of-time
+  tool compiles), its batch arrays placed by `batch_sh` (None: unsharded).
 
   Loss: rl.vf_coef x `ppo.value_loss` (clipped at rl.cliprange_value), a token mean over the
   batch; with micro-batches (train.grad_accum_steps) each part's gradient and metrics weigh by
   its share of the tokens (value/explained_variance is then that weighted mean of the
   parts'). Metrics: value/loss (unweighted by vf_coef), value/clip_fraction, value/mean,
-  value/returns_mean, value/explained_variance, value/grad_norm.
+  value/returns_mean, value/explained_variance, grad_norm.
   """
   rl, parts = cfg.rl, cfg.train.grad_accum_steps
 
@@ -168,15 +216,7 @@ def make_update_step(cfg, run, critic: Critic):
         lambda mb: jnp.sum(mb[0].completion_mask) / total)
     return grads, {k: jnp.sum(m * weights) for k, m in metrics.items()}
 
-  step = optim.jit_update(grads_fn, critic.optimizer, param_sharding=critic.param_sh,
-                          opt_sharding=critic.opt_sh,
-                          extra_shardings=(_batch_shardings(run.batch_sh), run.batch_sh,
-                                           run.batch_sh))
-
-  def update(params, opt_state, batch, old_values, returns):
-    params, opt_state, metrics = step(params, opt_state, batch, old_values, returns)
-    metrics["value/grad_norm"] = metrics.pop("grad_norm")
-    return params, opt_state, metrics
-
-  return update
+  extra = None if batch_sh is None else (_batch_shardings(batch_sh), batch_sh, batch_sh)
+  return optim.jit_update(grads_fn, critic.optimizer, param_sharding=critic.param_sh,
+                          opt_sharding=critic.opt_sh, extra_shardings=extra)
 

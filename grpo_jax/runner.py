@@ -128,12 +128,8 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
   if limit is not None:  # XLA's analysis of the programs the run will execute, when it has one
     log.info("compiling the run's programs at their largest shapes to check their memory "
              "before the first step")
+    # With PPO also the critic's programs; each peak counts the state it leaves on the devices.
     peaks = compiled.compiled_peaks(cfg, model_cfg, mesh)
-    # PPO's critic (params and optimizer state) stays on the devices through every program.
-    critic_bytes = sum(v for k, v in est.persistent.items() if k.startswith("critic"))
-    for p in peaks.values() if critic_bytes else ():
-      p["peak_bytes"] += critic_bytes
-      p["parts"]["critic (held)"] = critic_bytes
     if peaks:
       log.info("memory per device (compiled): %s", ", ".join(
           f"{name} {p['peak_bytes'] / 2**30:.2f} GiB" for name, p in peaks.items()))

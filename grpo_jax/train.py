@@ -25,7 +25,6 @@ metrics are those of the whole batch. Only process 0 writes files.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -240,18 +239,17 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
   del params, critic_init
   reward_fns, weights = reward_functions(cfg, run, lambda: state.params)
   reward_names = [name for name, _ in reward_fns]
-  loss_cfg = grpo.loss_config_from(rl, cfg.model.remat)
-  if rl.kl_in_reward:  # PPO's KL is in the per-token rewards (beta = its coefficient), not here
-    loss_cfg = dataclasses.replace(loss_cfg, options=tuple(
-        (k, 0.0 if k == "beta" else v) for k, v in loss_cfg.options))
+  loss_cfg = critic.policy_loss_config(cfg)  # with rl.kl_in_reward, no KL term in the loss
   update = grpo.make_update_step(run.graphdef, run.optimizer, loss_cfg,
                                  grad_accum_steps=train.grad_accum_steps,
                                  param_sharding=run.param_sh, opt_sharding=run.opt_sh,
                                  batch_sharding=batch_sh)
   loss_ref = ref_params if loss_cfg.beta != 0 else None  # the reference the loss reads
   if ppo_critic is not None:
-    ppo_advantages = critic.make_advantages_fn(cfg, run, ppo_critic)
-    critic_update = critic.make_update_step(cfg, run, ppo_critic)
+    ppo_advantages = critic.make_advantages_fn(cfg, ppo_critic, run.graphdef,
+                                               param_sh=run.param_sh, batch_sh=batch_sh,
+                                               mesh=run.mesh)
+    critic_update = critic.make_update_step(cfg, ppo_critic, batch_sh=batch_sh)
   stop_ids, pad_id = templates.stop_ids(tokenizer), tokenizer.pad_token_id
   prompt_rows = distributed.local_rows(batch_sh, b)  # this process's share of each batch
   shards = sharding.batch_shards(run.mesh)  # blocks of rows (sample_in_parts)

@@ -172,3 +172,154 @@ def test_presets_have_the_published_parameter_counts():
               "llama-3.2-1b": 1.24, "qwen3-0.6b": 0.60}
   for name, count in billions.items():
     assert presets.shapes(name).num_params() / 1e9 == pytest.approx(count, abs=0.01), name
+
+
+# -- PPO's critic (config.rl.advantage_estimator="gae") ------------------------------------
+def _mesh():
+  from jax.sharding import AbstractMesh, AxisType
+
+  return AbstractMesh((2, 2, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def _programs(overrides, mesh):
+  cfg = config_lib.from_file(TINY)
+  for key, value in overrides.items():
+    section, leaf = key.split(".")
+    cfg[section][leaf] = value
+  m = presets.shapes(cfg.model.name)
+  return cfg, m, compiled.programs(cfg, m, mesh)
+
+
+def _leaves(tree):
+  import jax
+
+  return {jax.tree_util.keystr(path).removesuffix(".value"): x
+          for path, x in jax.tree_util.tree_leaves_with_path(tree) if x is not None}
+
+
+def test_ppo_compiles_the_critics_programs_and_grpo_does_not():
+  """With gae the programs gain the critic's rollout pass and update, their critic a copy of
+  the policy's trunk (no LM head) plus a [D, 1] head and a [1] bias, sharded as the policy's
+  params are, with an AdamW state of two moments per param; the policy's update takes
+  per-token advantages. Without gae the programs are GRPO's."""
+  mesh = _mesh()
+  cfg, m, grpo_progs = _programs({}, mesh)
+  assert list(grpo_progs) == ["sample", "update", "eval_sample"]
+  assert grpo_progs["update"][1][3].advantages.shape == (4 * 8,)
+  _, _, progs = _programs({"rl.advantage_estimator": "gae"}, mesh)
+  assert set(progs) == {"sample", "update", "critic_values", "critic_update", "eval_sample"}
+  n, t = 4 * 8, cfg.rl.max_completion_length
+  assert progs["update"][1][3].advantages.shape == (n, t)
+
+  policy = _leaves(progs["update"][1][0])
+  critic_params, critic_opt = progs["critic_update"][1][:2]
+  critic = _leaves(critic_params)
+  trunk = {k.replace("['trunk']", "", 1): x for k, x in critic.items() if "['trunk']" in k}
+  assert trunk.keys() == {k for k in policy if "lm_head" not in k}
+  for k, x in trunk.items():  # the policy's shapes, dtypes and layouts
+    assert (x.shape, x.dtype, x.sharding.spec) == (policy[k].shape, policy[k].dtype,
+                                                   policy[k].sharding.spec), k
+  assert critic["['value_head']"].shape == (m.hidden_size, 1)
+  assert critic["['value_bias']"].shape == (1,)
+  assert critic.keys() - {"['trunk']" + k for k in trunk} == {"['value_head']", "['value_bias']"}
+  params_bytes = compiled._device_bytes(critic_params)
+  assert compiled._device_bytes(critic_opt) == pytest.approx(2 * params_bytes, rel=0.01)
+  # The rollout pass reads the critic's params (the reference only with kl_in_reward).
+  values_args = progs["critic_values"][1]
+  assert _leaves(values_args[0]).keys() == critic.keys() and values_args[1] is None
+  assert values_args[3].shape == (n,)  # rewards
+  for x in progs["critic_update"][1][3:]:  # old values, returns
+    assert x.shape == (n, t) and x.dtype == "float32"
+
+
+def test_held_bytes_count_the_critic_with_ppo_and_nothing_new_without():
+  """What stays on a device while each program runs without being its argument: the
+  critic's params and AdamW state join every policy program's (the samplers', and the
+  update's, which had none), the policy's params and optimizer state are held through the
+  critic's; GRPO's are the optimizer state (and the params the sampler copies)."""
+  mesh = _mesh()
+  cfg, _, grpo_progs = _programs({}, mesh)
+  _, _, progs = _programs({"rl.advantage_estimator": "gae"}, mesh)
+  size = compiled._device_bytes
+  params, opt = size(grpo_progs["update"][1][0]), size(grpo_progs["update"][1][1])
+  critic = size(progs["critic_update"][1][0]) + size(progs["critic_update"][1][1])
+  grpo_held, held = compiled.held(cfg, grpo_progs), compiled.held(cfg, progs)
+  assert grpo_held["update"] == {}
+  copy = params if "params" in grpo_held["sample"] else 0
+  assert sum(grpo_held["sample"].values()) == opt + copy > 0
+  assert compiled.held_while_sampling(cfg, grpo_progs) == opt + copy
+  for name in ("sample", "eval_sample"):
+    assert sum(held[name].values()) == sum(grpo_held[name].values()) + critic
+  assert compiled.held_while_sampling(cfg, progs) == opt + copy + critic
+  assert sum(held["update"].values()) == critic
+  assert held["critic_update"] == {"params": params, "optimizer state": opt}
+  assert held["critic_values"] == {"params": params, "optimizer state": opt,
+                                   "critic optimizer state": size(progs["critic_update"][1][1])}
+
+
+def test_ppo_with_the_kl_in_the_reward_reads_the_reference_in_the_rollout_pass():
+  """kl_in_reward: the reference's log-probs go into the rewards (the rollout pass takes it),
+  the policy loss has no KL term (its update takes none); the reference stays on the device."""
+  mesh = _mesh()
+  cfg, _, progs = _programs({"rl.advantage_estimator": "gae", "rl.kl_in_reward": True,
+                             "rl.beta": 0.05}, mesh)
+  assert progs["update"][1][2] is None
+  ref = progs["critic_values"][1][1]
+  assert _leaves(ref).keys() == _leaves(progs["update"][1][0]).keys()
+  held = compiled.held(cfg, progs)
+  params = compiled._device_bytes(ref)
+  assert held["update"]["reference"] == held["critic_update"]["reference"] == params
+  assert "reference" not in held["critic_values"]
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_critic_programs_count_one_more_forward_backward(grad_accum_steps):
+  """The critic's update costs a policy update without the LM head (a forward and backward of
+  the trunk), its rollout pass one trunk forward (XLA's counts, unsharded), every micro-batch
+  counted."""
+  cfg, m, progs = _programs({"rl.advantage_estimator": "gae",
+                             "train.grad_accum_steps": grad_accum_steps}, None)
+  trunk = _analytic_update_flops(cfg, m) - 3 * _lm_head_flops(cfg, m)
+  fn, args, _ = progs["critic_update"]
+  flops = compiled.total_cost("critic_update", fn, args, 0, cfg, m)["flops"]
+  assert flops == pytest.approx(trunk, rel=0.05)
+  fn, args, _ = progs["critic_values"]
+  assert compiled.total_cost("critic_values", fn, args, 0, cfg, m)["flops"] == pytest.approx(
+      trunk / 3, rel=0.05)
+
+
+@pytest.mark.slow  # a 20-40 s compile on 2 cores
+def test_critic_update_compiles_with_its_state_donated():
+  """The critic's update takes its params and AdamW state as arguments and reuses their
+  buffers for the new ones (donated, as in the run)."""
+  _, _, progs = _programs({"rl.advantage_estimator": "gae"}, None)
+  fn, args, _ = progs["critic_update"]
+  mem = compiled.memory(compiled.compile_program(fn, args)[0])
+  critic_bytes = sum(x.size * x.dtype.itemsize for x in _leaves(args[:2]).values())
+  assert mem["argument_bytes"] >= critic_bytes
+  assert mem["alias_bytes"] >= 0.99 * critic_bytes
+
+
+def _lm_head_flops(cfg, m):
+  return (cfg.train.prompts_per_step * cfg.rl.num_generations * cfg.rl.max_completion_length
+          * 2 * m.hidden_size * m.vocab_size)
+
+
+def test_cpu_topology_analyses_the_programs_for_this_machine():
+  """--topology=cpu: this machine's CPU devices, XLA's memory analysis, RAM as the limit, no
+  roofline (no peak numbers); the critic's programs are in the records and the table."""
+  from grpo_jax import aot_targets
+
+  assert aot_targets.parse("cpu")[0].platform == "cpu"
+  with pytest.raises(ValueError, match="unknown topology"):
+    aot_targets.parse("cpu:2x2")
+  cfg = config_lib.from_file(TINY)
+  cfg.rl.advantage_estimator = "gae"
+  (rec,) = compiled.analyze(cfg, "cpu", presets.shapes(cfg.model.name), only=["critic_values"])
+  assert rec["program"] == "critic_values" and rec["device_kind"] == "cpu"
+  assert rec["roofline_s"] is None and rec["flops"] > 0 and rec["fits"]
+  assert rec["peak_bytes"] >= rec["argument_bytes"] > 0
+  assert set(rec["held"]) == {"params", "optimizer state", "critic optimizer state"}
+  assert rec["held_bytes"] == sum(rec["held"].values())
+  text = compiled.table([rec])
+  assert "critic_values" in text.splitlines()[1] and " - " in text

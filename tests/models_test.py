@@ -673,3 +673,37 @@ def test_gemma3_presets_and_config_errors():
                                 "final_logit_softcapping": 30.0})
   with pytest.raises(ValueError, match="layer_types has 3 entries for 4 layers"):
     ModelConfig(**{**TINY_GEMMA.__dict__, "layer_types": ("full_attention",) * 3})
+
+
+def test_gguf_shapes_come_from_its_metadata_alone(tmp_path):
+  """presets.shapes (what the ahead-of-time tool reads) of a .gguf: the config from its
+  metadata, without the tensors read_gguf would need."""
+  import gguf
+
+  from grpo_jax.models import presets
+
+  path = str(tmp_path / "m.gguf")
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_block_count(3)
+  w.add_embedding_length(16)
+  w.add_feed_forward_length(40)
+  w.add_head_count(4)
+  w.add_head_count_kv(2)
+  w.add_vocab_size(11)
+  w.add_rope_freq_base(5000.0)
+  w.add_tensor("token_embd.weight", np.zeros((11, 16), np.float32))
+  w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+  cfg = presets.shapes(path)
+  assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+          cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (3, 16, 40, 4, 2, 4, 11)
+  assert cfg.rope_theta == 5000.0 and cfg.tie_word_embeddings and cfg.architecture == "llama"
+  with pytest.raises(ValueError, match="model.layers.0"):  # the weights are not all there
+    checkpoints.read_gguf(path)
+
+
+@pytest.mark.slow  # reads and dequantises the 135M model
+def test_shapes_of_a_known_gguf_model_are_the_loaded_ones():
+  from grpo_jax.models import presets
+
+  name = "smollm2-135m-instruct"
+  assert presets.shapes(name) == checkpoints.read_gguf(models.embedded_gguf_path(name))[0]

@@ -203,7 +203,8 @@ def test_rollout_pass_puts_the_kl_in_the_rewards_and_runs_gae(grad_accum_steps):
       old_logps=jnp.asarray(rng.uniform(-4, -0.5, (b * g, t)), jnp.float32),
       advantages=jnp.zeros(b * g, jnp.float32))
   rewards_n = jnp.array([1.0, 0.0, jnp.nan, 0.5])
-  out, old_values, returns, metrics = critic.make_advantages_fn(cfg, run, the_critic)(
+  out, old_values, returns, metrics = critic.make_advantages_fn(
+      cfg, the_critic, graphdef, param_sh=run.param_sh, batch_sh=run.batch_sh, mesh=mesh)(
       critic_params, params, batch, rewards_n)
 
   args = (batch.prompts, batch.prompt_mask, batch.completions, batch.completion_mask)
@@ -242,5 +243,5 @@ def test_compiled_memory_check_counts_the_critic(tmp_path, monkeypatch):
   monkeypatch.setattr(compiled, "check_compiled", check)
   cfg = tiny_config({**RUN, "train.steps": 1, "rl.advantage_estimator": "gae",
                      "train.device_memory_gb": (grpo_peak + ppo_peak) / 2 / 2**30})
-  with pytest.raises(config_lib.ConfigError, match=r"critic \(held\)"):
+  with pytest.raises(config_lib.ConfigError, match=r"critic params \(held\)"):
     train.train_and_evaluate(cfg, str(tmp_path / "too_big"))

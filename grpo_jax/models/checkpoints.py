@@ -394,7 +394,24 @@ def read_gguf_tokenizer(path: str):
 
 
 def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-  """Reads and dequantises a GGUF file of a Llama / Qwen2 / Qwen3 model."""
+  """Reads and dequantises a GGUF file of a Llama / Qwen2 / Qwen3 / Gemma 3 model."""
+  reader, cfg = _gguf_reader_config(path)
+  tensors = _gguf_tensors(reader, path, cfg)
+  if cfg.architecture == "gemma3":
+    for name in tensors:  # llama.cpp's (1 + w) back to w
+      if name.endswith("norm.weight"):
+        tensors[name] = tensors[name] - 1.0
+  return cfg, params_from_hf(tensors, cfg)
+
+
+def gguf_config(path: str) -> ModelConfig:
+  """The ModelConfig of a GGUF file from its metadata alone (no tensor is read)."""
+  return _gguf_reader_config(path)[1]
+
+
+def _gguf_reader_config(path: str) -> tuple[Any, ModelConfig]:
+  """(the file's gguf.GGUFReader, its model's ModelConfig); clear errors for what is not
+  supported."""
   import gguf
 
   if not os.path.isfile(path):
@@ -415,8 +432,8 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
   heads, kv_heads, d = g("attention.head_count"), g("attention.head_count_kv"), g("embedding_length")
   vocab = g("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
   if arch == "gemma3":
-    return _read_gemma3_gguf(reader, path, names, g, int(vocab))
-  cfg = ModelConfig(
+    return reader, _gemma3_gguf_config(names, g, int(vocab))
+  return reader, ModelConfig(
       vocab_size=int(vocab), hidden_size=int(d), intermediate_size=int(g("feed_forward_length")),
       num_layers=int(g("block_count")), num_heads=int(heads), num_kv_heads=int(kv_heads or heads),
       head_dim=int(g("attention.key_length") or d // heads),
@@ -425,10 +442,9 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
       max_position_embeddings=int(g("context_length", 2048)),
       tie_word_embeddings="output.weight" not in names,
       attention_bias=arch == "qwen2", qk_norm=arch == "qwen3", architecture=arch)
-  return cfg, params_from_hf(_gguf_tensors(reader, path, cfg), cfg)
 
 
-def _read_gemma3_gguf(reader, path, names, g, vocab) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def _gemma3_gguf_config(names, g, vocab) -> ModelConfig:
   heads, layers = int(g("attention.head_count")), int(g("block_count"))
   scaling = None
   if g("rope.scaling.type") not in (None, "none"):
@@ -436,7 +452,7 @@ def _read_gemma3_gguf(reader, path, names, g, vocab) -> tuple[ModelConfig, dict[
       raise ValueError(f"Gemma 3 rope scaling {g('rope.scaling.type')!r} is not supported")
     scaling = (("factor", float(g("rope.scaling.factor"))),)
   head_dim = int(g("attention.key_length"))
-  cfg = ModelConfig(
+  return ModelConfig(
       vocab_size=vocab, hidden_size=int(g("embedding_length")),
       intermediate_size=int(g("feed_forward_length")), num_layers=layers, num_heads=heads,
       num_kv_heads=int(g("attention.head_count_kv") or heads), head_dim=head_dim,
@@ -449,11 +465,6 @@ def _read_gemma3_gguf(reader, path, names, g, vocab) -> tuple[ModelConfig, dict[
                         "full_attention" for i in range(layers)),
       rope_local_theta=_GGUF_GEMMA3_LOCAL_THETA, query_pre_attn_scalar=float(head_dim),
       hidden_act="gelu_pytorch_tanh", norm_plus_one=True, sandwich_norm=True, embed_scale=True)
-  tensors = _gguf_tensors(reader, path, cfg)
-  for name in tensors:  # llama.cpp's (1 + w) back to w
-    if name.endswith("norm.weight"):
-      tensors[name] = tensors[name] - 1.0
-  return cfg, params_from_hf(tensors, cfg)
 
 
 def _gguf_tensors(reader, path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:

@@ -91,13 +91,22 @@ PRESETS: dict[str, dict] = {
 
 
 def shapes(name_or_path: str) -> ModelConfig:
-  """The ModelConfig of a preset name, or of a folder's (or file's) config.json; no weights."""
+  """The ModelConfig of a preset name, of a folder's (or file's) config.json, or of a GGUF
+  model's metadata (a known name such as "smollm2-135m-instruct", or a .gguf path); no
+  weights."""
   if name_or_path == "tiny-random":
     from grpo_jax.models import tiny
 
     return tiny.config(tiny.vocab_size())
   if name_or_path in PRESETS:
     return config_from_hf(PRESETS[name_or_path])
+  from grpo_jax import models  # (it imports this module)
+
+  gguf = {**models.EMBEDDED_GGUF, **models.CHUNKED_GGUF}
+  if name_or_path in gguf or name_or_path.endswith(".gguf"):
+    from grpo_jax.models import checkpoints
+
+    return checkpoints.gguf_config(models.resolve(name_or_path)[1])
   path = name_or_path
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
