@@ -97,6 +97,10 @@ def mean_sd(values) -> str:
 
 
 def tables(results: dict) -> str:
+  # Within each experiment the untrained models (no stage time) first, then its stages in order.
+  order = {name: i for i, name in enumerate(dict.fromkeys(key.split("/")[0] for key in results))}
+  results = dict(sorted(results.items(), key=lambda kv: (order[kv[0].split("/")[0]], any(
+      "stage_s" in e for e in kv[1]["seeds"].values()))))
   k = next(e["eval"]["num_samples"] for r in results.values() for _, e in _evals(r))
   lines = [f"| model (stage) | seeds | pass@1 (mean ± sd over seeds) | each seed: pass@1 [95% "
            f"interval] | maj@{k} | distinct problems x samples | R1 format | mean tokens | "
@@ -112,7 +116,8 @@ def tables(results: dict) -> str:
       per_seed.append(f"{e['eval']['pass@1']:.3f} [{low:.2f}, {high:.2f}]")
       shares.append(format_share(e["eval_path"]) if os.path.exists(e["eval_path"]) else np.nan)
     ev = [e["eval"] for _, e in evals]
-    distinct = ev[0].get("num_distinct_problems", "?")
+    distinct = ev[0].get("num_distinct_problems") or len(
+        {json.loads(line)["prompt"] for line in open(evals[0][1]["eval_path"])})
     times = [e["stage_s"] for _, e in evals if "stage_s" in e]
     minutes = f"{np.mean(times) / 60:.1f} min" if times else "-"
     lines.append(
@@ -148,6 +153,18 @@ def task_reward(record: dict) -> str:
               if f"rewards/{n}/mean" in record)
 
 
+SMOOTH = 5  # steps in the trailing mean of the plotted rewards (a step's batch is 4 problems)
+
+
+def smooth(values, window: int = SMOOTH) -> list[float]:
+  """Trailing mean over the last `window` values (fewer at the start)."""
+  v = np.asarray(values, float)
+  sums = np.cumsum(np.concatenate([[0.0], v]))
+  idx = np.arange(1, len(v) + 1)
+  start = np.maximum(idx - window, 0)
+  return list((sums[idx] - sums[start]) / (idx - start))
+
+
 def band(ax, x_S, y_S, label):
   """Mean over seeds as a line, the seeds' range as a band (x and y: one list per seed)."""
   n = min(len(y) for y in y_S)
@@ -166,7 +183,7 @@ def curves_plot(results: dict, path: str, kind: str) -> None:
   fig, axes = plt.subplots(1, columns, figsize=(4.3 * columns, 3.5))
   for key, seeds in runs.items():
     steps = [[x["step"] for x in recs] for recs in seeds]
-    accuracy = [[x[task_reward(x)] for x in recs] for recs in seeds]
+    accuracy = [smooth([x[task_reward(x)] for x in recs]) for recs in seeds]
     band(axes[0], steps, accuracy, key)
     if kind == "wall_clock":
       minutes = [list(np.cumsum([x.get("time/step_s", 0.0) for x in recs]) / 60)
@@ -175,13 +192,14 @@ def curves_plot(results: dict, path: str, kind: str) -> None:
     elif kind == "base":
       band(axes[1], steps, [[x.get("rewards/format/mean", 0.0) for x in r] for r in seeds], key)
     else:
-      band(axes[1], steps, [[x["reward"] for x in recs] for recs in seeds], key)
+      band(axes[1], steps, [smooth([x["reward"] for x in recs]) for recs in seeds], key)
     band(axes[2], steps, [[x["completions/mean_length"] for x in r] for r in seeds], key)
-  axes[0].set(xlabel="step", ylabel="task reward (accuracy of the step's samples)")
+  axes[0].set(xlabel="step", ylabel=f"task reward (step's samples; mean of last {SMOOTH})")
   axes[1].set(**{"wall_clock": dict(xlabel="wall-clock minutes (sum of step times)",
-                                    ylabel="task reward"),
+                                    ylabel=f"task reward (mean of last {SMOOTH} steps)"),
                  "base": dict(xlabel="step", ylabel="R1 format reward (batch mean)"),
-                 "curves": dict(xlabel="step", ylabel="total reward (batch mean)")}[kind])
+                 "curves": dict(xlabel="step",
+                                ylabel=f"total reward (mean of last {SMOOTH} steps)")}[kind])
   axes[2].set(xlabel="step", ylabel="mean completion length (tokens)")
   axes[0].legend(fontsize=7)
   fig.tight_layout()

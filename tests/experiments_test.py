@@ -161,3 +161,9 @@ def test_pass1_interval_resamples_distinct_problems_with_all_their_rows(tmp_path
   path.write_text("".join(json.dumps({"prompt": p, "completions": ["x"], "num_correct": c}) + "\n"
                           for p, c in [("a", 1), ("b", 0)]))
   assert report.pass1_interval(str(path)) == (0.0, 1.0)
+
+
+def test_smooth_is_a_trailing_mean():
+  report = load("report")
+  np = __import__("numpy")
+  np.testing.assert_allclose(report.smooth([1, 2, 3, 4, 5, 6], window=3), [1, 1.5, 2, 3, 4, 5])
