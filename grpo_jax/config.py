@@ -138,6 +138,9 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
       "mostly sets where opt.max_grad_norm clips)")
   key("rl.critic_learning_rate", ml_collections.FieldReference(None, field_type=float),
       "PPO: the critic's peak learning rate; None = opt.learning_rate")
+  key("rl.critic_init", "", "PPO: what the critic's trunk starts from: \"\" = the policy's "
+      "initial params; else a model (anything model.name accepts, e.g. a value-pretrained or "
+      "larger-trained policy's workdir) with the policy's architecture; the head starts at 0")
   key("rl.whiten_advantages", True, "PPO: whiten GAE's advantages over the batch's tokens")
   key("rl.kl_in_reward", False, "PPO: the KL to the reference as a per-token penalty beta x KL "
       "in the reward (InstructGPT), not in the loss; needs beta > 0")
@@ -531,6 +534,18 @@ def _validate_ppo(rl) -> None:
   lr = rl.critic_learning_rate
   _check(lr is None or (_is_number(lr) and lr > 0),
          f"config.rl.critic_learning_rate={lr!r} must be > 0 (None: opt.learning_rate)")
+  _check(isinstance(rl.critic_init, str), f"config.rl.critic_init={rl.critic_init!r} must be a "
+         "string: a model name, folder, .gguf file or workdir ('' = the policy)")
+  _check(not rl.critic_init or gae,
+         f"config.rl.critic_init={rl.critic_init!r} initialises PPO's critic; it needs "
+         f"config.rl.advantage_estimator='gae', not {rl.advantage_estimator!r}")
+  if rl.critic_init:
+    from grpo_jax import models
+
+    try:
+      models.resolve(rl.critic_init)
+    except (ValueError, FileNotFoundError, OSError) as e:
+      raise ConfigError(f"config.rl.critic_init={rl.critic_init!r}: {e}") from None
   _check(not (gae and rl.dynamic_sampling),
          "config.rl.dynamic_sampling drops groups whose rewards all agree, which only matters "
          "for group baselines; PPO's critic learns from every completion: set "

@@ -63,10 +63,33 @@ def enabled(rl) -> bool:
   return rl.advantage_estimator == ppo.ESTIMATOR
 
 
+def critic_source(cfg, graphdef, params, mesh):
+  """The model whose trunk the critic starts from: the policy (graphdef, params) when
+  config.rl.critic_init is "", else that model, loaded and placed on `mesh` as the policy's
+  params are. Raises ValueError when its params' shapes differ from the policy's (the critic
+  reads the policy's tokens, so it needs the same architecture and vocabulary)."""
+  if not cfg.rl.critic_init:
+    return nnx.merge(graphdef, params)
+  from grpo_jax import models
+
+  model, _ = models.load(cfg.rl.critic_init, dtype=cfg.model.dtype,
+                         attention_block=cfg.model.attention_block)
+  source_graphdef, source = nnx.split(model)
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)  # noqa: E731
+  if shapes(nnx.to_pure_dict(source)) != shapes(nnx.to_pure_dict(params)):
+    raise ValueError(f"config.rl.critic_init={cfg.rl.critic_init!r}: its params differ in shape "
+                     f"or dtype from the policy's ({cfg.model.name!r}); the critic needs the "
+                     "policy's architecture and vocabulary")
+  source = jax.device_put(source, sharding.param_shardings(mesh, source))
+  return nnx.merge(source_graphdef, source)
+
+
 def make_critic(cfg, run, params) -> tuple[Critic, Any]:
-  """(the critic of a run, its first params): `ValueModel.from_policy` of the policy `params`
-  (on `run.mesh`; new buffers, zero head), with `critic_for`'s optimizer and shardings."""
-  graphdef, critic_params = nnx.split(ValueModel.from_policy(nnx.merge(run.graphdef, params)))
+  """(the critic of a run, its first params): `ValueModel.from_policy` of `critic_source`
+  (the policy's `params` unless config.rl.critic_init names a model; on `run.mesh`; new
+  buffers, zero head), with `critic_for`'s optimizer and shardings."""
+  graphdef, critic_params = nnx.split(ValueModel.from_policy(
+      critic_source(cfg, run.graphdef, params, run.mesh)))
   the_critic = critic_for(cfg, graphdef, critic_params, run.mesh)
   return the_critic, jax.device_put(critic_params, the_critic.param_sh)
 

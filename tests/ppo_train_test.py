@@ -19,7 +19,8 @@ from flax import nnx
 from grpo_jax import (advantages, checkpointing, compiled, config as config_lib, critic, grpo,
                       metrics_io, models, ppo, sharding, train)
 from tests.train_test import (RUN, assert_params_equal, cli_args, compile_cache,
-                              initial_params, run_cli, saved_params, subprocess_env, tiny_config,
+                              initial_params, model_params, run_cli, saved_params,
+                              subprocess_env, tiny_config,
                               training_records)
 
 compile_cache = compile_cache  # train_test's autouse fixture: this module's runs share a cache
@@ -245,3 +246,31 @@ def test_compiled_memory_check_counts_the_critic(tmp_path, monkeypatch):
                      "train.device_memory_gb": (grpo_peak + ppo_peak) / 2 / 2**30})
   with pytest.raises(config_lib.ConfigError, match=r"critic params \(held\)"):
     train.train_and_evaluate(cfg, str(tmp_path / "too_big"))
+
+
+def test_critic_trunk_starts_from_config_critic_init(ppo_run):
+  """rl.critic_init: the critic's trunk is that model's params (here a trained workdir's
+  policy), not the policy's; "" keeps the policy's. A model of another shape is refused."""
+  workdir, _ = ppo_run
+  graphdef, params = nnx.split(models.load("tiny-random")[0])
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  trained = saved_params(workdir)
+  for init, want in (("", initial_params()), (workdir, trained)):
+    cfg = tiny_config(dict(PPO, **{"rl.critic_init": init}))
+    source = critic.critic_source(cfg, graphdef, params, mesh)
+    assert_params_equal(model_params(source), want)
+    value_model = models.ValueModel.from_policy(source)
+    trunk = nnx.to_pure_dict(nnx.state(value_model, nnx.Param))["trunk"]
+    np.testing.assert_array_equal(np.asarray(trunk["embed"]), want["embed"])
+  assert any(not np.array_equal(trained[k], v) for k, v in initial_params().items())
+  cfg = tiny_config(dict(PPO, **{"rl.critic_init": "smollm2-135m-instruct"}))
+  with pytest.raises(ValueError, match="architecture and vocabulary"):
+    critic.critic_source(cfg, graphdef, params, mesh)
+
+
+def test_critic_init_is_checked_at_start_up(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="needs config.rl.advantage_estimator='gae'"):
+    config_lib.validate(tiny_config({"rl.critic_init": "tiny-random"}), data=False)
+  with pytest.raises(config_lib.ConfigError, match="critic_init"):
+    config_lib.validate(tiny_config(dict(PPO, **{"rl.critic_init": str(tmp_path / "nope")})),
+                        data=False)
