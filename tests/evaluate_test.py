@@ -339,7 +339,8 @@ cfg = config_lib.from_file("configs/tiny_arithmetic.py")
 cfg.eval.num_problems, cfg.eval.prompts_per_batch, cfg.eval.num_samples = 5, 3, 2
 cfg.eval.temperature = 1.0
 task = get_task(cfg.task.name, **cfg.task.kwargs.to_dict())
-run = types.SimpleNamespace(cfg=cfg, graphdef=graphdef, tokenizer=tok, batch_sh=batch_sh)
+run = types.SimpleNamespace(cfg=cfg, graphdef=graphdef, rollout_graphdef=graphdef, tokenizer=tok,
+                            batch_sh=batch_sh)
 passed.clear()
 got = runner.task_evaluator(run, task)(on_mesh)
 split_over_the_batch_axes(8)
