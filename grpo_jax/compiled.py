@@ -359,8 +359,9 @@ def analyze(cfg, topology: str, model_cfg, only=None) -> list[dict]:
   return records
 
 
-def _device_bytes(tree) -> int:
-  """Bytes one device holds of a pytree of abstract arrays with shardings (the largest shard)."""
+def device_bytes(tree) -> int:
+  """Bytes one device holds of a pytree of arrays with shardings, abstract or placed (the
+  largest shard)."""
   import math
 
   import jax
@@ -382,14 +383,14 @@ def held(cfg, progs) -> dict[str, dict[str, int]]:
 
   update_args = progs["update"][1]
   adapted = lora.has_adapters(update_args[0])  # LoRA: the reference is the base, adapters off
-  params = _device_bytes(update_args[0])
-  state = {"params": params, "optimizer state": _device_bytes(update_args[1])}
+  params = device_bytes(update_args[0])
+  state = {"params": params, "optimizer state": device_bytes(update_args[1])}
   if cfg.mode != "sft" and cfg.rl.beta != 0 and not adapted:  # the run keeps the reference
     state["reference"] = params
   if "critic_update" in progs:
     critic_args = progs["critic_update"][1]
-    state["critic params"] = _device_bytes(critic_args[0])
-    state["critic optimizer state"] = _device_bytes(critic_args[1])
+    state["critic params"] = device_bytes(critic_args[0])
+    state["critic optimizer state"] = device_bytes(critic_args[1])
   uses = {"update": {"params", "optimizer state"} | (
               {"reference"} if cfg.mode != "sft" and update_args[2] is not None else set()),
           "critic_update": {"critic params", "critic optimizer state"}}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -109,19 +108,16 @@ def setup(cfg, workdir: str, *, steps: int, optimizer_steps: int | None = None,
   model_cfg = model.cfg
   graphdef, params = nnx.split(model)
   del model
-  trainable = lora.trainable(params)  # what gets gradients and optimizer state
   try:
     param_sh = sharding.param_shardings(mesh, params)
   except ValueError as e:  # a mesh axis that does not divide a param it must split
     raise config_lib.ConfigError(str(e)) from None
   params = jax.device_put(params, param_sh)
-  def device_bytes(tree, shardings):
-    return sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
-               for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+  trainable = lora.trainable(params)  # what gets gradients and optimizer state
 
   est = memory.estimate(memory_cfg or cfg, model_cfg, mesh,
-                        param_bytes=device_bytes(params, param_sh),
-                        trainable_bytes=(device_bytes(trainable, lora.trainable(param_sh))
+                        param_bytes=compiled.device_bytes(params),
+                        trainable_bytes=(compiled.device_bytes(trainable)
                                          if lora.has_adapters(params) else None))
   log.info("memory per device (estimate):\n%s", est.table())
   limit = memory.device_memory_limit(cfg)

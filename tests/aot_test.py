@@ -222,8 +222,8 @@ def test_ppo_compiles_the_critics_programs_and_grpo_does_not():
   assert critic["['value_head']"].shape == (m.hidden_size, 1)
   assert critic["['value_bias']"].shape == (1,)
   assert critic.keys() - {"['trunk']" + k for k in trunk} == {"['value_head']", "['value_bias']"}
-  params_bytes = compiled._device_bytes(critic_params)
-  assert compiled._device_bytes(critic_opt) == pytest.approx(2 * params_bytes, rel=0.01)
+  params_bytes = compiled.device_bytes(critic_params)
+  assert compiled.device_bytes(critic_opt) == pytest.approx(2 * params_bytes, rel=0.01)
   # The rollout pass reads the critic's params (the reference only with kl_in_reward).
   values_args = progs["critic_values"][1]
   assert _leaves(values_args[0]).keys() == critic.keys() and values_args[1] is None
@@ -240,7 +240,7 @@ def test_held_bytes_count_the_critic_with_ppo_and_nothing_new_without():
   mesh = _mesh()
   cfg, _, grpo_progs = _programs({}, mesh)
   _, _, progs = _programs({"rl.advantage_estimator": "gae"}, mesh)
-  size = compiled._device_bytes
+  size = compiled.device_bytes
   params, opt = size(grpo_progs["update"][1][0]), size(grpo_progs["update"][1][1])
   critic = size(progs["critic_update"][1][0]) + size(progs["critic_update"][1][1])
   grpo_held, held = compiled.held(cfg, grpo_progs), compiled.held(cfg, progs)
@@ -267,7 +267,7 @@ def test_ppo_with_the_kl_in_the_reward_reads_the_reference_in_the_rollout_pass()
   ref = progs["critic_values"][1][1]
   assert _leaves(ref).keys() == _leaves(progs["update"][1][0]).keys()
   held = compiled.held(cfg, progs)
-  params = compiled._device_bytes(ref)
+  params = compiled.device_bytes(ref)
   assert held["update"]["reference"] == held["critic_update"]["reference"] == params
   assert "reference" not in held["critic_values"]
 
