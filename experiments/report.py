@@ -68,8 +68,8 @@ def format_share(eval_jsonl: str) -> float:
 
 
 def select(results: dict, experiments) -> dict:
-  """The results of the named experiments (keys "experiment/stage"), in their order; the first
-  experiment's own stages, the others' only where they have evaluations (references)."""
+  """The results of the named experiments (keys "experiment/stage"), in their order: the first
+  experiment's stages, then the others' (its references)."""
   chosen = {}
   for name in experiments:
     chosen.update({key: r for key, r in results.items() if key.split("/")[0] == name})
