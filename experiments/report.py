@@ -1,8 +1,8 @@
 """Tables and plots of experiments/run.py's results, written into experiments/README.md.
 
-    .venv/bin/python experiments/report.py [--root=runs/experiments]
+    .venv/bin/python experiments/report.py [--root=experiments/results]
 
-Reads ROOT/results.json (each model's held-out evaluation, per seed), each
+Reads ROOT/results.json (by default experiments/run.py's record, committed) (each model's held-out evaluation, per seed), each
 evaluation's per-problem JSONL (the share of R1-formatted answers; the 95%
 interval for evaluations made before `evaluate` reported one) and each training
 run's metrics.jsonl (reward, accuracy, length and step time per step). For each
@@ -54,8 +54,9 @@ BLOCKS = {
 MARKERS = dict({name: _markers(name) for name in BLOCKS},
                main=("<!-- results: written by experiments/report.py -->", "<!-- /results -->"))
 
-_ROOT = flags.DEFINE_string("root", os.path.join(os.path.dirname(HERE), "runs", "experiments"),
-                            "experiments/run.py's --root (holds results.json)")
+_ROOT = flags.DEFINE_string("root", os.path.join(HERE, "results"),
+                            "the folder holding results.json: experiments/run.py's --record "
+                            "(default) or its --root")
 
 
 def format_share(eval_jsonl: str) -> float:

@@ -14,8 +14,12 @@ sampling seed S. A model no stage trained (the instruct or base model) is
 evaluated once, with seed 0. A stage that finished is skipped when the script
 runs again, so an interrupted pipeline resumes and more seeds can be added
 later. Results: ROOT/results.json ({"NAME/STAGE": {"seeds": {S: {"stage_s",
-"eval", "workdir", "eval_path"}}}}), read by experiments/report.py for the
-tables (mean +- standard deviation over seeds, and each evaluation's 95%
+"eval", "workdir", "eval_path"}}}}); each finished stage is also recorded in
+--record (experiments/results/, committed: results.json with relative paths,
+each run's metrics.jsonl and each evaluation's JSONL, not the checkpoints), so
+that results outlive the checkout that ran them and a stage recorded there is
+not run again unless a later stage needs its model. experiments/report.py reads
+the record for the tables (mean +- standard deviation over seeds, and each evaluation's 95%
 interval) and plots (bands over seeds) of experiments/README.md.
 
 Held-out evaluation: the headline task's first 500 distinct held-out problems x
@@ -56,7 +60,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import load_results, save_results  # noqa: E402
+from results_io import load_results, record, save_results  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLD_START = os.path.join(REPO, "configs", "data", "arithmetic_sft.jsonl")
@@ -94,6 +98,10 @@ EXPERIMENTS = ("headline", "variants", "ppo", "lora", "r1_zero", "r1", "distill"
 
 _ROOT = flags.DEFINE_string("root", os.path.join(REPO, "runs", "experiments"),
                             "where the runs and results.json go")
+_RECORD = flags.DEFINE_string(
+    "record", os.path.join(REPO, "experiments", "results"),
+    "where each finished stage's results.json entry, metrics.jsonl and evaluation JSONL are "
+    "copied: a folder committed with the code, read by experiments/report.py ('' for none)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "seeds 0 .. N-1 of each pipeline")
 
@@ -203,15 +211,26 @@ def _say(key, command):
         file=sys.stderr, flush=True)
 
 
-def run(name, root, seeds=3, dry_run=False):
+# Pipelines whose stages never read an earlier stage's product (distill reads r1's policy).
+INDEPENDENT = ("headline", "variants", "ppo", "lora", "r1_zero", "r1_zero_base")
+
+
+def run(name, root, seeds=3, dry_run=False, record_dir=""):
   results_path = os.path.join(root, "results.json")
   results = load_results(results_path)
+  recorded = load_results(os.path.join(record_dir, "results.json")) if record_dir else {}
   for seed in range(seeds):
     folder = os.path.join(root, name, f"seed{seed}")
     for st in stages(name, root, seed):
       key, run_key = f"{name}/{st.name}", f"{name}/{st.name}/seed{seed}"
       if st.command is None and seed > 0:
         continue  # an untrained model: evaluated once
+      done = recorded.get(key, {"seeds": {}})["seeds"].get(str(seed), {})
+      ours = results.get(key, {"seeds": {}})["seeds"].get(str(seed), {})
+      if "eval" in done and not ours and (name in INDEPENDENT or st.command is None):
+        print(f"[{run_key}] recorded in {record_dir} (another checkout's run): skipped",
+              file=sys.stderr, flush=True)
+        continue
       entry = results.setdefault(key, {"seeds": {}})["seeds"].setdefault(str(seed), {})
       if st.command is not None and not os.path.exists(os.path.join(folder, f".{st.name}.done")):
         _say(run_key, st.command)
@@ -238,6 +257,8 @@ def run(name, root, seeds=3, dry_run=False):
           entry["eval"] = json.loads(out.stdout.strip().splitlines()[-1])
       if not dry_run:
         save_results(results_path, results)
+        if record_dir:
+          record(results, record_dir)
 
 
 def main(argv):
@@ -247,7 +268,7 @@ def main(argv):
   if _SEEDS.value < 1:
     raise app.UsageError(f"--seeds={_SEEDS.value} must be >= 1")
   for name in names:
-    run(name, _ROOT.value, _SEEDS.value, _DRY_RUN.value)
+    run(name, _ROOT.value, _SEEDS.value, _DRY_RUN.value, _RECORD.value)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load(name):
   """Imports experiments/NAME.py; both scripts define --root, so an earlier one's goes first."""
-  for flag_name in ("root", "dry_run", "seeds"):
+  for flag_name in ("root", "dry_run", "seeds", "record"):
     if flag_name in flags.FLAGS:
       delattr(flags.FLAGS, flag_name)
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
@@ -167,3 +167,38 @@ def test_smooth_is_a_trailing_mean():
   report = load("report")
   np = __import__("numpy")
   np.testing.assert_allclose(report.smooth([1, 2, 3, 4, 5, 6], window=3), [1, 1.5, 2, 3, 4, 5])
+
+
+def test_record_keeps_results_beyond_the_checkout_and_skips_recorded_stages(tmp_path, capsys):
+  run, results_io = load("run"), load("results_io")
+  root, rec = tmp_path / "runs", tmp_path / "record"
+  workdir = root / "headline" / "seed0" / "grpo"
+  workdir.mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+  (workdir / "checkpoints").mkdir()  # not copied
+  eval_path = root / "headline" / "seed0" / "eval_grpo.jsonl"
+  eval_path.write_text('{"prompt": "p", "completions": ["7"], "num_correct": 1}\n')
+  ours = {"headline/grpo": {"seeds": {"0": {"eval": {"pass@1": 0.4}, "stage_s": 9.0,
+                                            "workdir": str(workdir), "eval_path": str(eval_path)},
+                                      "1": {"workdir": str(workdir)}}}}  # seed 1 not finished
+  # an earlier checkout recorded the instruct model's evaluation
+  rec.mkdir()
+  (rec / "results.json").write_text(json.dumps({"headline/instruct": {"seeds": {"0": {
+      "eval": {"pass@1": 0.02}, "eval_path": "headline/seed0/eval_instruct.jsonl"}}}}))
+  got = results_io.record(ours, str(rec))
+  assert set(got) == {"headline/instruct", "headline/grpo"} and set(got["headline/grpo"]["seeds"]) \
+      == {"0"}
+  saved = json.loads((rec / "results.json").read_text())["headline/grpo"]["seeds"]["0"]
+  assert saved == {"eval": {"pass@1": 0.4}, "stage_s": 9.0, "workdir": "headline/seed0/grpo",
+                   "eval_path": "headline/seed0/eval_grpo.jsonl"}
+  assert (rec / "headline/seed0/grpo/metrics.jsonl").read_text() == '{"step": 1, "reward": 0.5}\n'
+  assert (rec / "headline/seed0/eval_grpo.jsonl").exists()
+  assert not (rec / "headline/seed0/grpo/checkpoints").exists()
+  # read back from anywhere: paths resolve against the record's folder
+  assert got["headline/grpo"]["seeds"]["0"]["workdir"] == str(rec / "headline/seed0/grpo")
+  # a fresh checkout (empty root) skips what the record holds and runs only the rest
+  run.run("headline", str(tmp_path / "fresh"), seeds=2, dry_run=True, record_dir=str(rec))
+  said = capsys.readouterr().err.splitlines()
+  assert [line.split("]")[0] + "]" for line in said if "skipped" in line] == [
+      "[headline/instruct/seed0]", "[headline/grpo/seed0]"]
+  assert any(line.startswith("[headline/grpo/seed1] ") and "grpo_jax.main" in line for line in said)
