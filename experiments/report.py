@@ -49,6 +49,7 @@ BLOCKS = {
     "variants": (("variants",), "variants.png", "curves"),
     "ppo": (("ppo", "headline"), "ppo_vs_grpo.png", "wall_clock"),
     "lora": (("lora", "headline"), "lora_vs_full.png", "wall_clock"),
+    "korean": (("korean",), "korean.png", "rewards"),
 }
 # The main block's markers predate the per-block ones.
 MARKERS = dict({name: _markers(name) for name in BLOCKS},
@@ -150,7 +151,8 @@ def _runs(results: dict) -> dict[str, list[list[dict]]]:
 
 def task_reward(record: dict) -> str:
   """The task reward's key in a step record (the reward named first among the known ones)."""
-  return next(f"rewards/{n}/mean" for n in ("accuracy_lenient", "countdown", "accuracy")
+  return next(f"rewards/{n}/mean" for n in ("accuracy_lenient", "countdown", "accuracy",
+                                            "exact_match")
               if f"rewards/{n}/mean" in record)
 
 
@@ -176,10 +178,31 @@ def band(ax, x_S, y_S, label):
     ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
 
 
+def rewards_plot(runs: dict, path: str) -> None:
+  """One panel per reward function (its batch mean, trailing mean of SMOOTH steps), then the
+  completion length: what each reward does over training."""
+  names = [k for k in next(iter(runs.values()))[0][0] if k.startswith("rewards/")
+           and k.endswith("/mean")]
+  fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.6 * (len(names) + 1), 3.3))
+  for key, seeds in runs.items():
+    steps = [[x["step"] for x in recs] for recs in seeds]
+    for ax, name in zip(axes, names):
+      band(ax, steps, [smooth([x.get(name, np.nan) for x in recs]) for recs in seeds], key)
+      ax.set(xlabel="step", title=name.split("/")[1], ylabel=f"batch mean (last {SMOOTH} steps)")
+    band(axes[-1], steps, [[x["completions/mean_length"] for x in r] for r in seeds], key)
+  axes[-1].set(xlabel="step", title="completion length", ylabel="mean tokens")
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def curves_plot(results: dict, path: str, kind: str) -> None:
   runs = _runs(results)
   if not runs:
     return
+  if kind == "rewards":
+    return rewards_plot(runs, path)
   columns = {"curves": 3, "base": 3, "wall_clock": 3}[kind]
   fig, axes = plt.subplots(1, columns, figsize=(4.3 * columns, 3.5))
   for key, seeds in runs.items():

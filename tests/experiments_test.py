@@ -202,3 +202,24 @@ def test_record_keeps_results_beyond_the_checkout_and_skips_recorded_stages(tmp_
   assert [line.split("]")[0] + "]" for line in said if "skipped" in line] == [
       "[headline/instruct/seed0]", "[headline/grpo/seed0]"]
   assert any(line.startswith("[headline/grpo/seed1] ") and "grpo_jax.main" in line for line in said)
+
+
+def test_korean_experiment_evaluates_exact_match_through_the_template_on_the_held_out_split(
+    tmp_path):
+  run = load("run")
+  from grpo_jax import cli
+
+  base, grpo = run.stages("korean", str(tmp_path), seed=1)
+  assert base.command is None and base.model == "gemma3-270m" and base.on == grpo.on
+  assert flag(grpo.command, "config").endswith("gemma3_korean.py")
+  evaluation = run.evaluate("o.jsonl", grpo.model, grpo.on, 1)
+  assert flag(evaluation, "task") == "jsonl" and flag(evaluation, "reward") == "exact_match"
+  kwargs = json.loads(flag(evaluation, "reward_kwargs"))
+  task_kwargs = json.loads(flag(evaluation, "task_kwargs"))
+  assert task_kwargs["eval_fraction"] == 0.3 and os.path.exists(task_kwargs["path"])
+  # the keywords score a template answer by its sentence alone
+  score = cli.reward_with_kwargs("exact_match", kwargs)  # as evaluate builds it
+  answer = '"이번 일은 걱정하지 않아도 돼."가 옳다. 이유'
+  got = score(["p", "p"], ['"이번 일은 걱정하지 않아도 돼."가 옳다. 다른 이유', "돼"],
+              answer=[answer, answer], **kwargs)
+  assert list(got) == [1.0, 0.0]
