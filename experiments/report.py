@@ -1,6 +1,6 @@
 """Tables and plots of experiments/run.py's results, written into experiments/README.md.
 
-    .venv/bin/python experiments/report.py [--root=experiments/results]
+    .venv/bin/python experiments/report.py [--root=experiments/results] [--blocks=variants,...]
 
 Reads ROOT/results.json (by default experiments/run.py's record, committed) (each model's held-out evaluation, per seed), each
 evaluation's per-problem JSONL (the share of R1-formatted answers; the 95%
@@ -231,13 +231,23 @@ def curves_plot(results: dict, path: str, kind: str) -> None:
   plt.close(fig)
 
 
-def report(root: str, out: str = HERE) -> None:
-  """Writes each block's plot into `out` and its table into out/README.md."""
+_BLOCKS = flags.DEFINE_list("blocks", [], f"the blocks to rewrite (default: every block with "
+                           f"results), of {list(BLOCKS)}")
+
+
+def report(root: str, out: str = HERE, blocks=()) -> None:
+  """Writes each block's plot into `out` and its table into out/README.md (only `blocks`, if
+  given)."""
+  unknown = set(blocks) - set(BLOCKS)
+  if unknown:
+    raise ValueError(f"unknown blocks {sorted(unknown)}; known: {list(BLOCKS)}")
   results = load_results(os.path.join(root, "results.json"))
   readme = os.path.join(out, "README.md")
   with open(readme) as f:
     body = f.read()
   for block, (experiments, plot, kind) in BLOCKS.items():
+    if blocks and block not in blocks:
+      continue
     chosen = select(results, experiments)
     if not any(_evals(r) for key, r in chosen.items() if key.split("/")[0] == experiments[0]):
       continue
@@ -254,7 +264,7 @@ def report(root: str, out: str = HERE) -> None:
 
 def main(argv):
   cli.no_arguments(argv)
-  report(_ROOT.value)
+  report(_ROOT.value, blocks=_BLOCKS.value)
 
 
 if __name__ == "__main__":

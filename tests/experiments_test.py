@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load(name):
   """Imports experiments/NAME.py; both scripts define --root, so an earlier one's goes first."""
-  for flag_name in ("root", "dry_run", "seeds", "record"):
+  for flag_name in ("root", "dry_run", "seeds", "record", "blocks"):
     if flag_name in flags.FLAGS:
       delattr(flags.FLAGS, flag_name)
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
@@ -132,6 +132,8 @@ def test_report_rewrites_only_the_blocks_that_have_results(tmp_path):
   main_block = "\n".join(report.MARKERS["main"])
   begin, end = report.MARKERS["headline"]
   (out / "README.md").write_text(f"head\n{main_block}\nmiddle\n{begin}\nold\n{end}\ntail\n")
+  report.report(str(root), str(out), blocks=["main"])  # only the named block: nothing to write
+  assert (out / "README.md").read_text().count("old") == 1
   report.report(str(root), str(out))
   text = (out / "README.md").read_text()
   assert main_block in text  # no r1_zero/r1/distill results: that block is left as it was
