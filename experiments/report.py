@@ -2,7 +2,8 @@
 
     .venv/bin/python experiments/report.py [--root=experiments/results] [--blocks=variants,...]
 
-Reads ROOT/results.json (by default experiments/run.py's record, committed) (each model's held-out evaluation, per seed), each
+Reads ROOT/results.json (each model's held-out evaluation, per seed; by default
+experiments/run.py's record, committed with the code), each
 evaluation's per-problem JSONL (the share of R1-formatted answers; the 95%
 interval for evaluations made before `evaluate` reported one) and each training
 run's metrics.jsonl (reward, accuracy, length and step time per step). For each

@@ -40,8 +40,7 @@ def record(results: dict, folder: str) -> dict:
   recorded earlier (another checkout, whose runs are gone) are kept unless replaced. Returns
   the record's results (paths absolute)."""
   path = os.path.join(folder, "results.json")
-  recorded = {key: {"seeds": {s: _relative(e, folder) for s, e in entry["seeds"].items()}}
-              for key, entry in load_results(path).items()}
+  recorded = json.load(open(path)) if os.path.exists(path) else {}  # its paths stay relative
   for key, entry in results.items():
     name, stage = key.split("/")
     for seed, e in entry["seeds"].items():
@@ -60,11 +59,6 @@ def record(results: dict, folder: str) -> dict:
   os.makedirs(folder, exist_ok=True)
   save_results(path, recorded)
   return load_results(path)
-
-
-def _relative(entry: dict, folder: str) -> dict:
-  return {k: os.path.relpath(v, folder) if k in ("workdir", "eval_path") else v
-          for k, v in entry.items()}
 
 
 def _copy(source: str, dest: str) -> None:

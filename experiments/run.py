@@ -282,8 +282,8 @@ def run(name, root, seeds=3, dry_run=False, record_dir=""):
           entry["eval"] = json.loads(out.stdout.strip().splitlines()[-1])
       if not dry_run:
         save_results(results_path, results)
-        if record_dir:
-          record(results, record_dir)
+        if record_dir:  # this stage's entry only: the earlier ones are recorded already
+          record({key: {"seeds": {str(seed): entry}}}, record_dir)
 
 
 def main(argv):
