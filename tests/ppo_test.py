@@ -463,5 +463,8 @@ def test_value_loss_gradient_through_completion_values_with_remat(policy):
 
   plain, full = nnx.to_pure_dict(grad(state, "none")), nnx.to_pure_dict(grad(state, "full"))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(full)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=str(path))
+    # float32 sums in another order: error relative to the parameter's largest entry (~50).
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6 * np.abs(b).max(),
+                               err_msg=str(path))
   assert all(np.abs(np.asarray(x)).sum() > 0 for x in jax.tree.leaves(plain))
