@@ -19,7 +19,11 @@ each with one error (되/돼, 안/않, 로서/로써, spacing, particles, honori
 spelling), its correction and a one-line reason; the `answer` column is the template answer.
 A hashed 30% of the rows (93) is held out for evaluation.
 The prompt (Korean) asks for the template and ends with "답:", for a base model (template
-"plain"). Gemma 3 is multilingual; the other embedded model, SmolLM2-135M-Instruct, was
+"plain"). A completion ends at its first line break (rl.stop_strings), as a one-line answer
+should: the base model seldom ends one on its own (without the stop, 357 of its 372 held-out
+answers went on past a line break, most with made-up "답:" lines, and 337 ran to the
+96-token limit), and the template's whole-answer match would fail them all. Gemma 3 is
+multilingual; the other embedded model, SmolLM2-135M-Instruct, was
 trained on English and is not a fit for Korean.
 """
 
@@ -54,6 +58,7 @@ def get_config(arg: str | None = None):
   c.rl.beta = 0.0
   c.rl.max_prompt_length = 256
   c.rl.max_completion_length = 96
+  c.rl.stop_strings = ("\n",)  # the answer is one line: a base model's line break ends it
   c.rl.temperature = 1.0
   c.opt.learning_rate = 2e-5
   c.train.steps = 30

@@ -124,8 +124,9 @@ class Stage:
 
 def korean_eval() -> dict:
   """The Korean task's held-out evaluation, from its config: the whole held-out split (93
-  sentences) x 4 samples, scored by exact match of the corrected sentence read through the
-  answer template (the config's exact_match keywords)."""
+  sentences) x 4 samples, one line each (the config's stop string), scored by exact match of
+  the corrected sentence read through the answer template (the config's exact_match
+  keywords)."""
   from grpo_jax import config as config_lib
 
   c = config_lib.from_file(KOREAN_CONFIG, None)
@@ -133,6 +134,7 @@ def korean_eval() -> dict:
               reward="exact_match", reward_kwargs=c.reward_kwargs["exact_match"].to_dict(),
               num_problems=c.eval.num_problems, num_samples=c.eval.num_samples,
               temperature=c.eval.temperature, max_new_tokens=c.rl.max_completion_length,
+              stop_strings=list(c.rl.stop_strings),
               prompts_per_batch=c.eval.prompts_per_batch)
 
 
@@ -162,7 +164,8 @@ def rejection(output, model, num_problems, seed, start_index=0):
 
 
 def evaluate(output, model, on=ARITHMETIC, seed=0):
-  flags_ = dict({k: json.dumps(v) if isinstance(v, dict) else v for k, v in on.items()},
+  flags_ = dict({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                 for k, v in on.items()},
                 seed=seed)
   return [sys.executable, "-m", "grpo_jax.evaluate", f"--model={model}", f"--output={output}",
           *(f"--{k}={v}" for k, v in flags_.items())]

@@ -41,6 +41,10 @@ TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature; 0 = 
 TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k likeliest tokens; 0 = off")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass; 1 = off")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "completion length limit in tokens")
+STOP_STRINGS = flags.DEFINE_string(
+    "stop_strings", "[]", "a JSON list of strings that also end a completion, which is cut "
+    "before them, e.g. '[\"\\n\"]' for one-line answers (each must lie within one token; "
+    "evaluate's default: a workdir's config.rl.stop_strings)")
 SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 DTYPE = flags.DEFINE_string("dtype", None, "matmul operand dtype: float32 or bfloat16 "
                             "(default: a workdir's config.model.dtype, else float32)")
@@ -66,7 +70,7 @@ REWARD_KWARGS = flags.DEFINE_string(
     "(evaluate's default: a workdir's config.reward_kwargs entry for --reward)")
 OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file to write")
 
-SHARED = (MODEL, TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, SEED, DTYPE, TASK, TASK_KWARGS,
+SHARED = (MODEL, TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, STOP_STRINGS, SEED, DTYPE, TASK, TASK_KWARGS,
           TEMPLATE, NUM_PROBLEMS, NUM_SAMPLES, PROMPTS_PER_BATCH, REWARD, REWARD_KWARGS, OUTPUT)
 # The defaults above, kept to restore them: an entry point's overrides must not leak into
 # another one run later in the same process (tests).
@@ -136,6 +140,21 @@ def check_sampling() -> None:
 def parse_task_kwargs(text: str) -> dict:
   """--task_kwargs' JSON object as a dict."""
   return parse_json_object(text, "task_kwargs")
+
+
+def parse_stop_strings(value) -> tuple[str, ...]:
+  """--stop_strings (a JSON list, or the list a workdir's config.json holds) as a tuple of
+  non-empty strings (app.UsageError otherwise)."""
+  if isinstance(value, str):
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError as e:
+      raise app.UsageError(f"--stop_strings is not valid JSON ({e}): {value!r}; give a list, "
+                           "e.g. '[\"\\n\"]'") from None
+  if not (isinstance(value, (list, tuple)) and all(isinstance(s, str) and s for s in value)):
+    raise app.UsageError(f"--stop_strings must be a JSON list of non-empty strings; got "
+                         f"{value!r}")
+  return tuple(value)
 
 
 def make_task(name: str, kwargs: dict):

@@ -104,6 +104,9 @@ def _schema() -> tuple[ml_collections.ConfigDict, dict[str, str]]:
   key("rl.max_prompt_length", 128, "prompt tokens kept (longer prompts keep their end)")
   key("rl.max_completion_length", 128,
       "completion limit in tokens (also dr_grpo's normaliser and the evaluation's limit)")
+  key("rl.stop_strings", (), 'strings that also end a completion, which the rewards see cut '
+      'before them, e.g. ("\\n",) for a base model\'s one-line answers (each must lie within '
+      'one token)')
   key("rl.temperature", 1.0, "sampling temperature (0 = greedy); the loss's log-probs use it too")
   key("rl.top_p", 1.0, "nucleus sampling mass (1 = off)")
   key("rl.top_k", 0, "top-k sampling (0 = off)")
@@ -444,6 +447,10 @@ def validate(cfg, *, data: bool = True) -> None:
          "agree; 0: none, only the dynamic_sampling/* metrics)")
   _check(rl.max_completion_length >= 1 and rl.max_prompt_length >= 1,
          "config.rl.max_prompt_length and max_completion_length must be >= 1")
+  _check(isinstance(rl.stop_strings, (tuple, list))
+         and all(isinstance(s, str) and s for s in rl.stop_strings),
+         f"config.rl.stop_strings={rl.stop_strings!r} must be a tuple of non-empty strings, e.g. "
+         "--config.rl.stop_strings='(\"\\n\",)'")
   _check(rl.temperature >= 0 and 0 < rl.top_p <= 1 and rl.top_k >= 0,
          "config.rl: need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
   _check(cfg.opt.schedule in ("constant", "cosine"),

@@ -202,11 +202,14 @@ def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_sam
                  max_new_tokens: int, temperature: float, key, stop_ids,
                  prompts_per_batch: int = 16, prompt_length: int | None = None,
                  top_p: float = 1.0, top_k: int = 0,
-                 on_batch: Callable[[int, int], None] | None = None, batch_sh=None):
+                 on_batch: Callable[[int, int], None] | None = None, batch_sh=None,
+                 stop_strings: Sequence[str] = ()):
   """k completions (text) per prompt, and their token lengths [len(prompts), k].
 
   Prompts go in fixed-size batches (the last one padded with repeats), so one
-  program serves every batch. Lengths count the stop token when there is one.
+  program serves every batch. Lengths count the stop token when there is one. With
+  `stop_strings` (whose tokens are among `stop_ids`: `templates.stop_ids`) each text ends
+  before the first of them.
   `on_batch(done, total)` is called after each batch (progress reports).
 
   `batch_sh` (the run's `sharding.batch_sharding`, training's) splits each batch over the
@@ -249,7 +252,8 @@ def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_sam
       whole = distributed.gather_rows(local, slice(mine.start * k, mine.stop * k))
       toks_NxT, lens_N = whole["tokens"], whole["lengths"]
     for i in range(real * k):
-      texts.append(tokenizer.decode(toks_NxT[i, :lens_N[i]], skip_special_tokens=True))
+      text = tokenizer.decode(toks_NxT[i, :lens_N[i]], skip_special_tokens=True)
+      texts.append(templates.cut_at_stop(text, stop_strings))
       lengths.append(int(lens_N[i]))
     if on_batch is not None:
       on_batch(start + real, len(prompts))
@@ -261,7 +265,7 @@ def model_sampler(graphdef, params, tokenizer, *, max_new_tokens: int, temperatu
                   stop_ids, prompts_per_batch: int = 16, prompt_length: int | None = None,
                   top_p: float = 1.0, top_k: int = 0,
                   on_batch: Callable[[int, int], None] | None = None,
-                  batch_sh=None) -> Sampler:
+                  batch_sh=None, stop_strings: Sequence[str] = ()) -> Sampler:
   """A `Sampler` that draws from the model (graphdef, params) with `sample_texts`."""
 
   def sample(prompts, num_samples):
@@ -269,7 +273,7 @@ def model_sampler(graphdef, params, tokenizer, *, max_new_tokens: int, temperatu
                         max_new_tokens=max_new_tokens, temperature=temperature, key=key,
                         stop_ids=stop_ids, prompts_per_batch=prompts_per_batch,
                         prompt_length=prompt_length, top_p=top_p, top_k=top_k, on_batch=on_batch,
-                        batch_sh=batch_sh)
+                        batch_sh=batch_sh, stop_strings=stop_strings)
 
   return sample
 
@@ -306,7 +310,8 @@ def run(sampler: Sampler, examples: Sequence[dict], prompts: Sequence[str], *, n
 def evaluate(graphdef, params, tokenizer, examples: Sequence[dict], *, template: str,
              num_samples: int, temperature: float, max_new_tokens: int, key, stop_ids,
              prompts_per_batch: int = 16, prompt_length: int | None = None,
-             correct_fn: Callable = rewards.accuracy_reward, batch_sh=None) -> dict:
+             correct_fn: Callable = rewards.accuracy_reward, batch_sh=None,
+             stop_strings: Sequence[str] = ()) -> dict:
   """Samples k completions per held-out example and scores them (see `score`).
 
   `batch_sh`: split each batch of prompts over the mesh's batch axes (see `sample_texts`);
@@ -316,7 +321,7 @@ def evaluate(graphdef, params, tokenizer, examples: Sequence[dict], *, template:
   sampler = model_sampler(graphdef, params, tokenizer, max_new_tokens=max_new_tokens,
                           temperature=temperature, key=key, stop_ids=stop_ids,
                           prompts_per_batch=prompts_per_batch, prompt_length=prompt_length,
-                          batch_sh=batch_sh)
+                          batch_sh=batch_sh, stop_strings=stop_strings)
   return run(sampler, examples, prompts, num_samples=num_samples, correct_fn=correct_fn)[0]
 
 
@@ -337,7 +342,8 @@ _ALLOW_REPEATS = flags.DEFINE_bool(
     "the split holds up to --num_problems")
 
 for _name in ("model", "task", "task_kwargs", "template", "num_problems", "num_samples",
-              "temperature", "top_p", "top_k", "max_new_tokens", "reward", "reward_kwargs",
+              "temperature", "top_p", "top_k", "max_new_tokens", "stop_strings", "reward",
+              "reward_kwargs",
               "prompts_per_batch", "seed", "dtype", "output"):
   flags.declare_key_flag(_name)
 
@@ -345,7 +351,8 @@ for _name in ("model", "task", "task_kwargs", "template", "num_problems", "num_s
 # flag -> (section, key) in config.json.
 WORKDIR_DEFAULTS = {"task": ("task", "name"), "task_kwargs": ("task", "kwargs"),
                     "template": ("task", "template"),
-                    "max_new_tokens": ("rl", "max_completion_length")}
+                    "max_new_tokens": ("rl", "max_completion_length"),
+                    "stop_strings": ("rl", "stop_strings")}
 
 
 def run_config(workdir: str) -> dict:
@@ -396,6 +403,7 @@ def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
                          "config.json names it)")
   if isinstance(args.task_kwargs, str):
     args.task_kwargs = cli.parse_task_kwargs(args.task_kwargs)
+  args.stop_strings = cli.parse_stop_strings(args.stop_strings)
   args.task_obj = cli.make_task(args.task, args.task_kwargs)
   if args.reward is None:
     args.reward = getattr(TASKS[args.task], "default_reward", None) or "accuracy"
@@ -426,7 +434,8 @@ def load_sampler(args: types.SimpleNamespace, examples: Sequence[dict]):
 
   sampler = model_sampler(graphdef, params, tokenizer, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, key=jax.random.key(args.seed),
-                          stop_ids=templates.stop_ids(tokenizer),
+                          stop_ids=templates.stop_ids(tokenizer, args.stop_strings),
+                          stop_strings=args.stop_strings,
                           prompts_per_batch=min(args.prompts_per_batch, len(examples)),
                           top_p=args.top_p, top_k=args.top_k, on_batch=progress)
   return sampler, tokenizer
@@ -491,8 +500,8 @@ def main(argv: Sequence[str] | None = None, load: Callable = load_sampler) -> di
              "template": template, "reward": args.reward, "reward_kwargs": args.reward_kwargs,
              "num_samples": k,
              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-             "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-             "from_workdir": sorted(args.from_workdir),
+             "max_new_tokens": args.max_new_tokens, "stop_strings": list(args.stop_strings),
+             "seed": args.seed, "from_workdir": sorted(args.from_workdir),
              "time_s": round(time.perf_counter() - t, 3)}
   print(json.dumps(summary), flush=True)
   return summary

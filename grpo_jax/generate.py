@@ -30,7 +30,8 @@ _PROMPT = flags.DEFINE_string("prompt", None, "the prompt text (required)")
 _CHAT = flags.DEFINE_bool("chat", None, "wrap the prompt in the model's chat template (default: "
                           "a workdir's task.template, else when the tokenizer has one; --nochat "
                           "for raw text)")
-for _name in ("model", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "dtype"):
+for _name in ("model", "temperature", "top_k", "top_p", "max_new_tokens", "stop_strings", "seed",
+              "dtype"):
   flags.declare_key_flag(_name)
 
 # generate's own defaults for shared flags: a quick greedy look at a model.
@@ -51,9 +52,10 @@ def run_template(workdir: str) -> str | None:
 
 
 def generate(model, tokenizer, prompt: str, *, chat=False, template=None, max_new_tokens=128,
-             temperature=0.0, top_k=0, top_p=1.0, seed=0) -> str:
+             temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_strings=()) -> str:
   """The completion of `prompt`: under the bare chat template (`chat`), or, given `template` (a
-  data.TEMPLATES name), formatted and tokenised exactly as training formats its prompts."""
+  data.TEMPLATES name), formatted and tokenised exactly as training formats its prompts; cut
+  before the first of `stop_strings` (which also end it: `templates.stop_ids`)."""
   import jax
   from flax import nnx
 
@@ -73,16 +75,19 @@ def generate(model, tokenizer, prompt: str, *, chat=False, template=None, max_ne
   graphdef, params = nnx.split(model)
   out = sampling.sample_jit(graphdef, params, tokens, mask, jax.random.key(seed),
                             num_generations=1, max_new_tokens=max_new_tokens,
-                            stop_ids=templates.stop_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                            temperature=temperature, top_k=top_k, top_p=top_p)
+                            stop_ids=templates.stop_ids(tokenizer, stop_strings),
+                            pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k,
+                            top_p=top_p)
   n = int(out.lengths[0])
-  return tokenizer.decode(list(map(int, out.tokens[0, :n])), skip_special_tokens=True)
+  text = tokenizer.decode(list(map(int, out.tokens[0, :n])), skip_special_tokens=True)
+  return templates.cut_at_stop(text, stop_strings)
 
 
 def main(argv):
   cli.no_arguments(argv)
   cli.require(_PROMPT)
   cli.check_sampling()
+  stop_strings = cli.parse_stop_strings(cli.STOP_STRINGS.value)
   for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # Libraries print while loading and compiling; only the completion may reach stdout.
@@ -102,7 +107,8 @@ def main(argv):
         print(f"[generate] template {template} (the run's config.json task.template)")
     text = generate(model, tokenizer, _PROMPT.value, chat=chat, template=template,
                     max_new_tokens=cli.MAX_NEW_TOKENS.value, temperature=cli.TEMPERATURE.value,
-                    top_k=cli.TOP_K.value, top_p=cli.TOP_P.value, seed=cli.SEED.value)
+                    top_k=cli.TOP_K.value, top_p=cli.TOP_P.value, seed=cli.SEED.value,
+                    stop_strings=stop_strings)
   print(text, flush=True)
 
 

@@ -185,8 +185,8 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
                      require_format: bool = False,
                      format_reward: str = "format", min_language_share: float = 1.0,
                      key=None, seed: int = 0, prompts_per_batch: int = 16,
-                     stop_ids: Sequence[int] | None = None, progress: bool = True,
-                     sampler: Callable | None = None) -> tuple[list[dict], dict]:
+                     stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+                     progress: bool = True, sampler: Callable | None = None) -> tuple[list[dict], dict]:
   """Samples `num_samples` answers per example and keeps the good ones (module docstring).
 
   Args:
@@ -199,7 +199,9 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
     require_format: also require `format_reward` (strict R1 "format" by default) to be 1.
     key: a jax.random key (default: jax.random.key(seed)).
     prompts_per_batch: problems sampled per call of the compiled sampler.
-    stop_ids: tokens that end an answer (default `templates.stop_ids(tokenizer)`).
+    stop_ids: tokens that end an answer (default `templates.stop_ids(tokenizer, stop_strings)`).
+    stop_strings: strings that end an answer, cut before them (e.g. ("\n",)); see
+      `templates.stop_ids`.
     progress: a tqdm bar on stderr.
     sampler: `evaluate.sample_texts` or a function with its signature (tests
       inject fakes). It returns token lengths, not the sampler's truncated flag,
@@ -222,7 +224,7 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
   _check_reward(format_reward if require_format else None)
   sampler = sampler or evaluate.sample_texts
   key = jax.random.key(seed) if key is None else key
-  stop_ids = tuple(stop_ids or templates.stop_ids(tokenizer))
+  stop_ids = tuple(stop_ids or templates.stop_ids(tokenizer, stop_strings))
   prompts = [format_prompt(ex, template, tokenizer) for ex in examples]
   # One prompt length for all batches: one compiled sampler.
   longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
@@ -237,7 +239,7 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
           max_new_tokens=max_new_tokens, temperature=temperature,
           key=jax.random.fold_in(key, start), stop_ids=stop_ids,
           prompts_per_batch=prompts_per_batch, prompt_length=prompt_length, top_p=top_p,
-          top_k=top_k)
+          top_k=top_k, stop_strings=tuple(stop_strings))
       texts.extend(list(t) for t in out_texts)
       lengths.append(np.asarray(out_lengths).reshape(len(chunk), num_samples))
       bar.update(len(chunk))
@@ -279,8 +281,8 @@ _MIN_LANGUAGE_SHARE = flags.DEFINE_float(
     "min_language_share", 1.0,
     "least share of the reasoning's words in the target script (0 = off)")
 for _name in ("model", "task", "task_kwargs", "num_problems", "num_samples", "output", "template",
-              "temperature", "top_p", "top_k", "max_new_tokens", "reward", "reward_kwargs",
-              "prompts_per_batch", "seed", "dtype"):
+              "temperature", "top_p", "top_k", "max_new_tokens", "stop_strings", "reward",
+              "reward_kwargs", "prompts_per_batch", "seed", "dtype"):
   flags.declare_key_flag(_name)
 
 # Rejection sampling's defaults for shared flags (--reward=none turns the correctness filter
@@ -303,6 +305,7 @@ def main(argv) -> None:
     reward_fn = cli.reward_with_kwargs(reward, reward_kwargs)
   cli.check_reward(f.format_reward, "format_reward")
   task_kwargs = cli.parse_task_kwargs(f.task_kwargs)
+  stop_strings = cli.parse_stop_strings(f.stop_strings)
   task = cli.make_task(f.task, task_kwargs)
   from flax import nnx
 
@@ -318,12 +321,14 @@ def main(argv) -> None:
       temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, max_new_tokens=f.max_new_tokens,
       keep_per_problem=f.keep_per_problem, prefer=f.prefer,
       reward=reward_fn if reward_kwargs else reward, require_format=f.require_format, format_reward=f.format_reward,
-      min_language_share=f.min_language_share, seed=f.seed, prompts_per_batch=f.prompts_per_batch)
+      min_language_share=f.min_language_share, seed=f.seed, prompts_per_batch=f.prompts_per_batch,
+      stop_strings=stop_strings)
   stats["settings"] = {
       "model": f.model, "task": f.task, "task_kwargs": task_kwargs, "split": f.split,
       "start_index": f.start_index, "template": f.template, "num_samples": f.num_samples,
       "temperature": f.temperature, "top_p": f.top_p, "top_k": f.top_k,
-      "max_new_tokens": f.max_new_tokens, "keep_per_problem": f.keep_per_problem,
+      "max_new_tokens": f.max_new_tokens, "stop_strings": list(stop_strings),
+      "keep_per_problem": f.keep_per_problem,
       "prefer": f.prefer, "reward": reward, "reward_kwargs": reward_kwargs or None,
       "format_reward": f.format_reward if f.require_format else None,
       "min_language_share": f.min_language_share, "seed": f.seed, "output": f.output}

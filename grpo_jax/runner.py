@@ -215,14 +215,15 @@ def task_evaluator(run: Run, task) -> EvalFn | None:
                 "config.eval.num_problems=%d (config.eval.allow_repeats=True repeats them)",
                 len(examples), cfg.eval.num_problems)
   key = jax.random.fold_in(jax.random.key(cfg.train.seed), 2**31 - 1)  # no step reaches it
-  stop_ids = templates.stop_ids(run.tokenizer)
+  stop_strings = tuple(cfg.rl.stop_strings)
+  stop_ids = templates.stop_ids(run.tokenizer, stop_strings)
   return lambda params: evaluate.evaluate(
       run.rollout_graphdef, params, run.tokenizer, examples, template=cfg.task.template,
       num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
       max_new_tokens=cfg.rl.max_completion_length, key=key, stop_ids=stop_ids,
       prompts_per_batch=min(cfg.eval.prompts_per_batch, len(examples)),  # as compiled.programs
       correct_fn=rewards.reward_fn(cfg.eval.reward, cfg.get("reward_kwargs"), run.tokenizer),
-      batch_sh=run.batch_sh)
+      batch_sh=run.batch_sh, stop_strings=stop_strings)
 
 
 def combine_evaluators(*fns: EvalFn | None) -> EvalFn | None:

@@ -80,7 +80,7 @@ def score(cfg, tokenizer, reward_fns, weights, examples, prompt_texts, out, rows
   reward [N], the reward metrics).
   """
   g = cfg.rl.num_generations
-  texts, lengths = decode(tokenizer, out), out["lengths"]
+  texts, lengths = decode(tokenizer, out, tuple(cfg.rl.stop_strings)), out["lengths"]
   columns = {k: [ex[k] for ex in examples for _ in range(g)] for k in examples[0] if k != "prompt"}
   scores = rewards.score_rewards(reward_fns, [t for t in prompt_texts for _ in range(g)], texts,
                                  completion_lengths=lengths.tolist(), **columns)
@@ -90,9 +90,11 @@ def score(cfg, tokenizer, reward_fns, weights, examples, prompt_texts, out, rows
   return (texts, whole, *weigh(whole, scores.names, weights))
 
 
-def decode(tokenizer, out) -> list[str]:
-  """The texts of completions (`out`: "tokens" [n, T] and "lengths" [n], numpy)."""
-  return [tokenizer.decode(out["tokens"][i, :n], skip_special_tokens=True)
+def decode(tokenizer, out, stop_strings=()) -> list[str]:
+  """The texts of completions (`out`: "tokens" [n, T] and "lengths" [n], numpy), each cut
+  before the first of `stop_strings` (config.rl.stop_strings)."""
+  return [templates.cut_at_stop(tokenizer.decode(out["tokens"][i, :n], skip_special_tokens=True),
+                                stop_strings)
           for i, n in enumerate(out["lengths"])]
 
 
@@ -250,7 +252,8 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
                                                param_sh=run.param_sh, batch_sh=batch_sh,
                                                mesh=run.mesh)
     critic_update = critic.make_update_step(cfg, ppo_critic, batch_sh=batch_sh)
-  stop_ids, pad_id = templates.stop_ids(tokenizer), tokenizer.pad_token_id
+  stop_strings = tuple(rl.stop_strings)
+  stop_ids, pad_id = templates.stop_ids(tokenizer, stop_strings), tokenizer.pad_token_id
   prompt_rows = distributed.local_rows(batch_sh, b)  # this process's share of each batch
   shards = sharding.batch_shards(run.mesh)  # blocks of rows (sample_in_parts)
   rows = slice(prompt_rows.start * g, prompt_rows.stop * g)
@@ -333,7 +336,7 @@ def train_and_evaluate(cfg, workdir: str, *, allow_config_change: bool = False
           _, prompt_texts, prompts, prompt_mask = prompts_at(kept.positions)
           out, whole, reward = kept.out, kept.whole, kept.reward
           reward_info = weigh(whole, reward_names, weights)[1]
-          texts = decode(tokenizer, to_host(out))
+          texts = decode(tokenizer, to_host(out), stop_strings)
         del kept  # its completions are `out` (or none any longer)
         if sampling_rec["dynamic_sampling/cap_hit"] and not warned_cap:
           log.warning(

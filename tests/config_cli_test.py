@@ -104,6 +104,8 @@ def test_every_key_can_be_set_from_flags(env):
       new = not value
     elif isinstance(value, (int, float)):
       new = value + (3 if isinstance(value, int) else 0.5)
+    elif isinstance(value, tuple):  # rl.stop_strings
+      new = ("\n", "###")
     elif value is None:  # a float (rl.epsilon_high, rl.delta) or a string that may be None
       new = "token_mask" if key == "rl.rollout_correction" else 4.5
     else:

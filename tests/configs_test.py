@@ -140,6 +140,8 @@ def test_gemma3_config_presets_pick_task_and_reward():
     (dict(gmpo_epsilon=-1.0), "config.rl.gmpo_epsilon=-1.0 must be > 0"),
     (dict(loss_type="gmpo", importance_sampling_level="sequence"),
      "set config.rl.importance_sampling_level='token'"),
+    (dict(stop_strings=(3,)), r"config.rl.stop_strings=\(3,\) must be a tuple of non-empty"),
+    (dict(stop_strings=("\n", "")), "must be a tuple of non-empty strings"),
 ])
 def test_loss_options_are_checked_at_start_up(changes, match):
   cfg = load_config("tiny_arithmetic.py")

@@ -160,6 +160,43 @@ def test_unknown_template_and_chat_without_tokenizer():
     data.format_prompt(EXAMPLE, "chat", None)
 
 
+def test_stop_strings_add_every_token_that_holds_them_and_cut_the_text():
+  from grpo_jax.data import templates
+  from grpo_jax.models import tiny
+
+  tok = tiny.tokenizer()
+  newline, period = tok.convert_tokens_to_ids("\n"), tok.convert_tokens_to_ids(".")
+  plain = templates.stop_ids(tok)
+  assert plain == (tok.eos_token_id,) and newline not in plain
+  assert templates.stop_ids(tok, ("\n", ".")) == tuple(sorted({*plain, newline, period}))
+  # The tag "</answer>" is one token of this tokenizer: "</answer>" and "answer" find it, and
+  # "swe" finds it too (inside), with no character token.
+  tag = tok.convert_tokens_to_ids("</answer>")
+  assert templates.tokens_containing(tok, ["</answer>"]) == [tag]
+  assert templates.tokens_containing(tok, ["swe"]) == [tok.convert_tokens_to_ids("<answer>"),
+                                                        tag]
+  with pytest.raises(ValueError, match="'ab': no token of this tokenizer contains it"):
+    templates.stop_ids(tok, ("ab",))  # only ever two tokens here: it could never stop
+  assert templates.cut_at_stop("답: 네\n답: 아니오", ("\n",)) == "답: 네"
+  assert templates.cut_at_stop("a. b\nc", ("\n", ".")) == "a"  # the first of any of them
+  assert templates.cut_at_stop("no stop here", ("\n",)) == "no stop here"
+  assert templates.cut_at_stop("a\nb", ()) == "a\nb"
+
+
+def test_stop_strings_find_the_line_breaks_of_a_real_vocabulary(tokenizer):
+  """SmolLM2's byte-level BPE: "\n" lies in 129 tokens ("\n\n", " \n", "\n   " ...); each of
+  them is a stop token, and no token without a line break is."""
+  from grpo_jax.data import templates
+
+  ids = set(templates.stop_ids(tokenizer, ("\n",))) - set(templates.stop_ids(tokenizer))
+  for text in ("\n", "\n\n", " \n", "\n    "):
+    (token,) = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert token in ids, text
+  assert all("\n" in tokenizer.decode([i]) for i in ids) and len(ids) == 129
+  for word in ("Hello", " world", "."):
+    assert not set(tokenizer(word, add_special_tokens=False)["input_ids"]) & ids
+
+
 # -- JSONL files ---------------------------------------------------------------------
 def write_jsonl(path, rows):
   import json

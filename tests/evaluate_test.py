@@ -199,7 +199,9 @@ def test_cli_template_defaults_to_a_workdirs(tmp_path, capsys):
     ("--task_kwargs={\"digits\": 3}", "digits"), ("--num_samples=0", "num_samples"),
     ("--template=fancy", "value should be one of"), ("--model=/no/such/dir", "unknown model"),
     ("--task=nope", "unknown task"), ("--temperature=-1", "temperature"),
-    ("--no_such_flag", "Unknown command line flag"), ("stray", "unexpected arguments")])
+    ("--no_such_flag", "Unknown command line flag"), ("stray", "unexpected arguments"),
+    ("--stop_strings=\\n", "--stop_strings is not valid JSON"),
+    ('--stop_strings=[""]', "a JSON list of non-empty strings")])
 def test_cli_rejects_bad_flags_before_loading(flag, message):
   def load(args, examples):
     raise AssertionError("loaded a model despite a bad flag")
@@ -254,6 +256,54 @@ def test_cli_flags_given_win_over_a_workdirs(tmp_path, capsys):
   assert summary["max_new_tokens"] == 256 and summary["template"] == "chat"
   assert summary["from_workdir"] == []
   capsys.readouterr()
+
+
+def test_cli_takes_stop_strings_from_a_workdir_or_the_flag(tmp_path, capsys):
+  workdir = write_workdir(tmp_path, task={"name": "arithmetic", "kwargs": {"max_digits": 1}},
+                          rl={"stop_strings": ["\n"]})
+  seen = {}
+  summary = evaluate.main([f"--model={workdir}", "--num_problems=5"],
+                          load=fake_loader("right", seen))
+  assert seen["args"].stop_strings == ("\n",) and summary["stop_strings"] == ["\n"]
+  assert "stop_strings" in summary["from_workdir"]
+  summary = evaluate.main([f"--model={workdir}", "--num_problems=5",
+                           '--stop_strings=["\u3002", "\\n\\n"]'],
+                          load=fake_loader("right", seen))
+  assert seen["args"].stop_strings == ("\u3002", "\n\n")
+  assert "stop_strings" not in summary["from_workdir"]
+  assert evaluate.main(CLI, load=fake_loader("right", seen))["stop_strings"] == []
+  capsys.readouterr()
+
+
+def test_stop_strings_end_each_completion_where_the_string_first_appears():
+  """With a stop string, each completion is the one sampled without it (same key, same
+  draws) up to the string's first place, and sampling stopped there (fewer tokens)."""
+  import collections
+
+  import jax
+  from flax import nnx
+
+  from grpo_jax import models
+  from grpo_jax.data import templates
+
+  model, tok = models.load("tiny-random")
+  graphdef, params = nnx.split(model)
+  prompts = [f"<|user|>What is {i} + {2 * i}?<|assistant|>" for i in range(4)]
+  kw = dict(num_samples=3, max_new_tokens=16, temperature=1.0, key=jax.random.key(5),
+            prompts_per_batch=4)
+  free, free_lengths = evaluate.sample_texts(graphdef, params, tok, prompts,
+                                             stop_ids=templates.stop_ids(tok), **kw)
+  # The character the free completions use most, so that it cuts several of them.
+  stop = collections.Counter(c for row in free for t in row for c in t
+                             if c.strip()).most_common(1)[0][0]
+  cut, cut_lengths = evaluate.sample_texts(graphdef, params, tok, prompts,
+                                           stop_ids=templates.stop_ids(tok, (stop,)),
+                                           stop_strings=(stop,), **kw)
+  assert [[t.split(stop)[0] for t in row] for row in free] == cut
+  assert (cut_lengths <= free_lengths).all()
+  was_cut = np.array([[stop in t for t in row] for row in free])
+  assert was_cut.sum() >= 2 and (cut_lengths[was_cut] < free_lengths[was_cut]).any()
+  assert (cut_lengths[~was_cut] == free_lengths[~was_cut]).all()
 
 
 # -- the CLI end to end, with a real (tiny, random) model --------------------------------

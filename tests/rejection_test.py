@@ -44,10 +44,11 @@ class FakeSampler:
 
   def __call__(self, graphdef, params, tokenizer, prompts, *, num_samples, max_new_tokens,
                temperature, key, stop_ids, prompts_per_batch=16, prompt_length=None, top_p=1.0,
-               top_k=0):
-    del graphdef, params, tokenizer, temperature, key, stop_ids, top_p, top_k
+               top_k=0, stop_strings=()):
+    del graphdef, params, tokenizer, temperature, key, top_p, top_k
     self.calls.append(dict(prompts=list(prompts), prompt_length=prompt_length,
-                           prompts_per_batch=prompts_per_batch, max_new_tokens=max_new_tokens))
+                           prompts_per_batch=prompts_per_batch, max_new_tokens=max_new_tokens,
+                           stop_ids=stop_ids, stop_strings=stop_strings))
     texts, lengths = [], []
     for prompt in prompts:
       (i,) = [i for i, ex in enumerate(EXAMPLES) if ex["prompt"] in prompt]
@@ -88,6 +89,14 @@ def test_known_samples_give_the_expected_rows_and_stats():
   assert all(p.startswith("<|system|>") and p.endswith("<|assistant|>")
              for c in sampler.calls for p in c["prompts"])
   assert len({c["prompt_length"] for c in sampler.calls}) == 1
+  assert all(c["stop_ids"] == (tiny.tokenizer().eos_token_id,) and c["stop_strings"] == ()
+             for c in sampler.calls)
+
+
+def test_stop_strings_reach_the_sampler_as_strings_and_stop_tokens():
+  _, _, sampler = run(stop_strings=("\n",))
+  newline = tiny.tokenizer().convert_tokens_to_ids("\n")
+  assert all(c["stop_strings"] == ("\n",) and newline in c["stop_ids"] for c in sampler.calls)
 
 
 def test_shortest_first_and_several_per_problem():

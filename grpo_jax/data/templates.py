@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Sequence
+
 R1_ZERO = (
     "A conversation between User and Assistant. The user asks a question, and the "
     "Assistant solves it. The assistant first thinks about the reasoning process in "
@@ -61,8 +64,53 @@ def end_of_turn_id(tokenizer, template: str = "chat") -> int:
   return tokenizer.eos_token_id
 
 
-def stop_ids(tokenizer) -> tuple[int, ...]:
+def stop_ids(tokenizer, stop_strings: Sequence[str] = ()) -> tuple[int, ...]:
   """The tokens that end sampling: EOS and the chat template's end of turn (an instruct model
-  ends its answer with the latter, a base model with the former)."""
+  ends its answer with the latter, a base model with the former), and every token whose text
+  contains one of `stop_strings` (config.rl.stop_strings, e.g. ("\n",): a base model's
+  one-line answer ends at its line break, as vLLM's `stop` ends it).
+
+  Raises:
+    ValueError: a stop string that no token contains (it would never stop anything).
+  """
   ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer, "chat")}
+  ids |= set(tokens_containing(tokenizer, stop_strings))
   return tuple(sorted(i for i in ids if i is not None))
+
+
+def tokens_containing(tokenizer, stop_strings: Sequence[str]) -> list[int]:
+  """The ids of the tokens whose decoded text contains one of `stop_strings`, special tokens
+  left out (a completion's text skips them, so a string in their names is no text of it).
+
+  A completion is cut token by token, so a stop string must lie inside one token: a single
+  character such as "\n" always does (every token holding a line break is found, "\n\n" and
+  " \n" too); a longer string that the tokenizer only ever splits is refused here rather than
+  left to never stop a completion.
+  """
+  if not stop_strings:
+    return []
+  texts = _vocabulary_texts(tokenizer)
+  found = []
+  for s in stop_strings:
+    ids = [i for i, text in enumerate(texts) if s in text]
+    if not ids:
+      raise ValueError(f"stop string {s!r}: no token of this tokenizer contains it, so it "
+                       "would never end a completion; a stop string must lie within one token "
+                       '(a single character such as "\n" always does)')
+    found += ids
+  return sorted(set(found))
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabulary_texts(tokenizer) -> tuple[str, ...]:
+  """Each token id's text as a completion shows it, special tokens as "" (Gemma 3's 262k
+  tokens: ~3 s, once per tokenizer)."""
+  return tuple(tokenizer.batch_decode([[i] for i in range(len(tokenizer))],
+                                      skip_special_tokens=True))
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+  """`text` up to (without) the first of `stop_strings` in it: what the rewards see of a
+  completion that a stop string ended (the stop token may carry more text after it)."""
+  cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+  return text[:cut]
