@@ -171,7 +171,9 @@ def test_korean_template_rewards_from_the_command_line_train(env, tmp_path):
       f"--config.reward_kwargs.regex_format.pattern={template}",
       f"--config.reward_kwargs.exact_match={json.dumps({'pattern': template, 'answer_group': 1})}",
       "--config.reward_kwargs.rouge1.tokenizer=policy",
-      "--config.reward_kwargs.language_consistency.language=ko"], env)
+      "--config.reward_kwargs.language_consistency.language=ko",
+      # Stop strings from a flag: the tiny model's vowels, frequent enough to cut some answers.
+      "--config.rl.stop_strings=('a', 'e', 'i', 'o', 'u')"], env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
@@ -179,3 +181,8 @@ def test_korean_template_rewards_from_the_command_line_train(env, tmp_path):
   for name in ("regex_format", "exact_match", "rouge1", "language_consistency"):
     assert 0 <= step[f"rewards/{name}/mean"] <= 1, name
   assert any("eval/pass@1" in r for r in records)
+  with open(tmp_path / "run" / "samples.jsonl") as f:
+    texts = [c["text"] for line in f for c in json.loads(line)["completions"]]
+  assert texts and not any(v in t for t in texts for v in "aeiou"), texts
+  with open(tmp_path / "run" / "config.json") as f:
+    assert json.load(f)["rl"]["stop_strings"] == ["a", "e", "i", "o", "u"]
