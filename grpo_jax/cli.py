@@ -70,8 +70,9 @@ REWARD_KWARGS = flags.DEFINE_string(
     "(evaluate's default: a workdir's config.reward_kwargs entry for --reward)")
 OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file to write")
 
-SHARED = (MODEL, TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, STOP_STRINGS, SEED, DTYPE, TASK, TASK_KWARGS,
-          TEMPLATE, NUM_PROBLEMS, NUM_SAMPLES, PROMPTS_PER_BATCH, REWARD, REWARD_KWARGS, OUTPUT)
+SHARED = (MODEL, TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, STOP_STRINGS, SEED, DTYPE, TASK,
+          TASK_KWARGS, TEMPLATE, NUM_PROBLEMS, NUM_SAMPLES, PROMPTS_PER_BATCH, REWARD,
+          REWARD_KWARGS, OUTPUT)
 # The defaults above, kept to restore them: an entry point's overrides must not leak into
 # another one run later in the same process (tests).
 _DEFAULTS = {holder.name: holder.default for holder in SHARED}

@@ -186,7 +186,8 @@ def rejection_sample(graphdef, params, tokenizer, examples: Sequence[dict], *,
                      format_reward: str = "format", min_language_share: float = 1.0,
                      key=None, seed: int = 0, prompts_per_batch: int = 16,
                      stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-                     progress: bool = True, sampler: Callable | None = None) -> tuple[list[dict], dict]:
+                     progress: bool = True,
+                     sampler: Callable | None = None) -> tuple[list[dict], dict]:
   """Samples `num_samples` answers per example and keeps the good ones (module docstring).
 
   Args:
