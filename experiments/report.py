@@ -14,7 +14,9 @@ A table row is one stage: pass@1 as the mean +- standard deviation over its
 seeds (the sample standard deviation, n - 1), each seed's pass@1 with its 95%
 interval over problems, maj@k, the R1-format share, mean completion tokens and
 the stage's wall-clock time (mean over seeds). Plots draw each stage's mean over
-seeds as a line and the seeds' range as a band.
+seeds as a line and the seeds' range as a band. The Korean block adds what the
+held-out answers are (`answer_kinds`): template matches, ROUGE-1 against the
+reference answer, verbatim copies of the sentence to correct, bare corrections.
 """
 
 from __future__ import annotations
@@ -236,6 +238,40 @@ _BLOCKS = flags.DEFINE_list("blocks", [], f"the blocks to rewrite (default: ever
                            f"results), of {list(BLOCKS)}")
 
 
+def answer_kinds(eval_jsonl: str, pattern: str) -> dict[str, float]:
+  """Shares of a Korean evaluation's answers (each stripped): those matching the answer
+  template `pattern` whole; those that are the sentence to correct, verbatim (quotes aside);
+  those that are its correction without the template; and their mean ROUGE-1 (Unicode words)
+  against the reference answer."""
+  rows = [json.loads(line) for line in open(eval_jsonl)]
+  pairs = [(r, c.strip()) for r in rows for c in r["completions"]]
+  texts, answers = [c for _, c in pairs], [r["answer"] for r, _ in pairs]
+  return {"template": np.mean(rewards.regex_format_reward(None, texts, pattern=pattern)),
+          "rouge1": np.mean(rewards.rouge1_reward(None, texts, answer=answers,
+                                                  tokenizer="words")),
+          "copy": np.mean([c.strip('" ') == r["sentence"] for r, c in pairs]),
+          "bare": np.mean([c.strip('" ') == r["corrected"] for r, c in pairs])}
+
+
+def korean_table(results: dict) -> str:
+  """What the Korean evaluations' answers are (`answer_kinds`), mean ± sd over seeds."""
+  from grpo_jax import config as config_lib
+
+  config = config_lib.from_file(os.path.join(os.path.dirname(HERE), "configs",
+                                             "gemma3_korean.py"), None)
+  pattern = config.reward_kwargs["regex_format"]["pattern"]
+  lines = ["| model (stage) | seeds | template (whole answer) | ROUGE-1 vs the reference | "
+           "copies the sentence to correct | bare correction, no template |",
+           "|---|---|---|---|---|---|"]
+  for key, r in results.items():
+    kinds = [answer_kinds(e["eval_path"], pattern) for _, e in _evals(r)]
+    if kinds:
+      lines.append(f"| {key} | {len(kinds)} | " + " | ".join(
+          mean_sd([k[name] for k in kinds]) for name in ("template", "rouge1", "copy", "bare"))
+          + " |")
+  return "\n".join(lines)
+
+
 def report(root: str, out: str = HERE, blocks=()) -> None:
   """Writes each block's plot into `out` and its table into out/README.md (only `blocks`, if
   given)."""
@@ -253,6 +289,8 @@ def report(root: str, out: str = HERE, blocks=()) -> None:
     if not any(_evals(r) for key, r in chosen.items() if key.split("/")[0] == experiments[0]):
       continue
     text = tables(chosen)
+    if block == "korean":
+      text += "\n\n" + korean_table(chosen)
     print(text)
     curves_plot(chosen, os.path.join(out, plot), kind)
     begin, end = MARKERS[block]

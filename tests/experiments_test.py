@@ -225,3 +225,21 @@ def test_korean_experiment_evaluates_exact_match_through_the_template_on_the_hel
   got = score(["p", "p"], ['"이번 일은 걱정하지 않아도 돼."가 옳다. 다른 이유', "돼"],
               answer=[answer, answer], **kwargs)
   assert list(got) == [1.0, 0.0]
+
+
+def test_korean_answer_kinds_sort_template_answers_copies_and_bare_corrections(tmp_path):
+  report = load("report")
+  answer = '"물이 얼음이 되면 부피가 늘어난다."가 옳다. 어간 뒤에 어미가 붙는다.'
+  row = {"prompt": "p", "sentence": "물이 얼음이 돼면 부피가 늘어난다.",
+         "corrected": "물이 얼음이 되면 부피가 늘어난다.", "answer": answer,
+         "completions": [f" {answer}", ' "물이 얼음이 돼면 부피가 늘어난다."',
+                         " 물이 얼음이 되면 부피가 늘어난다.", " 모르겠다"]}
+  path = tmp_path / "eval.jsonl"
+  path.write_text(json.dumps(row, ensure_ascii=False) + "\n")
+  pattern = r'"(?P<sentence>[^"\n]+)"[이가] 옳다\. (?P<reason>[^\n]+)'
+  kinds = report.answer_kinds(str(path), pattern)
+  assert (kinds["template"], kinds["copy"], kinds["bare"]) == (0.25, 0.25, 0.25)
+  # ROUGE-1 on words (the reference has 11: 물이 얼음이 되면 부피가 늘어난다 가 옳다 어간 뒤에
+  # 어미가 붙는다): 1 for the reference itself, 0 for the unrelated answer; the copy shares 4 of
+  # its 5 words, the bare correction all 5. F1 = 2 x common / (5 + 11).
+  assert abs(kinds["rouge1"] - (1 + 8 / 16 + 10 / 16 + 0) / 4) < 1e-9
