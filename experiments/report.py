@@ -240,17 +240,19 @@ _BLOCKS = flags.DEFINE_list("blocks", [], f"the blocks to rewrite (default: ever
 
 def answer_kinds(eval_jsonl: str, pattern: str) -> dict[str, float]:
   """Shares of a Korean evaluation's answers (each stripped): those matching the answer
-  template `pattern` whole; those that are the sentence to correct, verbatim (quotes aside);
-  those that are its correction without the template; and their mean ROUGE-1 (Unicode words)
-  against the reference answer."""
+  template `pattern` whole; those whose words are the sentence to correct's (a copy, up to
+  quotes, spacing and punctuation); those whose words are its correction's (no template); and
+  their mean ROUGE-1 (Unicode words) against the reference answer."""
+  from grpo_jax.rewards.functions import word_tokens
+
   rows = [json.loads(line) for line in open(eval_jsonl)]
   pairs = [(r, c.strip()) for r in rows for c in r["completions"]]
   texts, answers = [c for _, c in pairs], [r["answer"] for r, _ in pairs]
   return {"template": np.mean(rewards.regex_format_reward(None, texts, pattern=pattern)),
           "rouge1": np.mean(rewards.rouge1_reward(None, texts, answer=answers,
                                                   tokenizer="words")),
-          "copy": np.mean([c.strip('" ') == r["sentence"] for r, c in pairs]),
-          "bare": np.mean([c.strip('" ') == r["corrected"] for r, c in pairs])}
+          "copy": np.mean([word_tokens(c) == word_tokens(r["sentence"]) for r, c in pairs]),
+          "bare": np.mean([word_tokens(c) == word_tokens(r["corrected"]) for r, c in pairs])}
 
 
 def korean_table(results: dict) -> str:
@@ -261,7 +263,7 @@ def korean_table(results: dict) -> str:
                                              "gemma3_korean.py"), None)
   pattern = config.reward_kwargs["regex_format"]["pattern"]
   lines = ["| model (stage) | seeds | template (whole answer) | ROUGE-1 vs the reference | "
-           "copies the sentence to correct | bare correction, no template |",
+           "copies the sentence to correct (its words) | bare correction, no template |",
            "|---|---|---|---|---|---|"]
   for key, r in results.items():
     kinds = [answer_kinds(e["eval_path"], pattern) for _, e in _evals(r)]

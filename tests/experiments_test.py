@@ -232,7 +232,7 @@ def test_korean_answer_kinds_sort_template_answers_copies_and_bare_corrections(t
   answer = '"물이 얼음이 되면 부피가 늘어난다."가 옳다. 어간 뒤에 어미가 붙는다.'
   row = {"prompt": "p", "sentence": "물이 얼음이 돼면 부피가 늘어난다.",
          "corrected": "물이 얼음이 되면 부피가 늘어난다.", "answer": answer,
-         "completions": [f" {answer}", ' "물이 얼음이 돼면 부피가 늘어난다."',
+         "completions": [f" {answer}", ' "물이 얼음이 돼면 부피가 늘어난다"',
                          " 물이 얼음이 되면 부피가 늘어난다.", " 모르겠다"]}
   path = tmp_path / "eval.jsonl"
   path.write_text(json.dumps(row, ensure_ascii=False) + "\n")
