@@ -252,8 +252,7 @@ def sample_texts(graphdef, params, tokenizer, prompts: Sequence[str], *, num_sam
       whole = distributed.gather_rows(local, slice(mine.start * k, mine.stop * k))
       toks_NxT, lens_N = whole["tokens"], whole["lengths"]
     for i in range(real * k):
-      text = tokenizer.decode(toks_NxT[i, :lens_N[i]], skip_special_tokens=True)
-      texts.append(templates.cut_at_stop(text, stop_strings))
+      texts.append(templates.decode_completion(tokenizer, toks_NxT[i, :lens_N[i]], stop_strings))
       lengths.append(int(lens_N[i]))
     if on_batch is not None:
       on_batch(start + real, len(prompts))

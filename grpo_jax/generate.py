@@ -79,8 +79,7 @@ def generate(model, tokenizer, prompt: str, *, chat=False, template=None, max_ne
                             pad_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k,
                             top_p=top_p)
   n = int(out.lengths[0])
-  text = tokenizer.decode(list(map(int, out.tokens[0, :n])), skip_special_tokens=True)
-  return templates.cut_at_stop(text, stop_strings)
+  return templates.decode_completion(tokenizer, list(map(int, out.tokens[0, :n])), stop_strings)
 
 
 def main(argv):

@@ -93,8 +93,7 @@ def score(cfg, tokenizer, reward_fns, weights, examples, prompt_texts, out, rows
 def decode(tokenizer, out, stop_strings=()) -> list[str]:
   """The texts of completions (`out`: "tokens" [n, T] and "lengths" [n], numpy), each cut
   before the first of `stop_strings` (config.rl.stop_strings)."""
-  return [templates.cut_at_stop(tokenizer.decode(out["tokens"][i, :n], skip_special_tokens=True),
-                                stop_strings)
+  return [templates.decode_completion(tokenizer, out["tokens"][i, :n], stop_strings)
           for i, n in enumerate(out["lengths"])]
 
 

@@ -109,6 +109,12 @@ def _vocabulary_texts(tokenizer) -> tuple[str, ...]:
                                       skip_special_tokens=True))
 
 
+def decode_completion(tokenizer, token_ids, stop_strings: Sequence[str] = ()) -> str:
+  """A completion's text: its tokens decoded without special tokens, cut before the first of
+  `stop_strings` (what training's rewards, the evaluation and `generate` all read)."""
+  return cut_at_stop(tokenizer.decode(token_ids, skip_special_tokens=True), stop_strings)
+
+
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
   """`text` up to (without) the first of `stop_strings` in it: what the rewards see of a
   completion that a stop string ended (the stop token may carry more text after it)."""
