@@ -44,10 +44,12 @@ def _markers(name):
           f"<!-- /results {name} -->")
 
 
-# Each block of README.md: (the experiments whose rows it shows, its plot, the plot's kind).
+# Each block of README.md: (the experiments whose rows it shows, its plot, the plot's kind). A
+# block is written once its first experiment has results; the others are its references (the
+# headline's GRPO run is the R1 comparison's R1-Zero arm: RL straight from the instruct model).
 BLOCKS = {
-    "main": (("r1_zero", "r1", "distill"), "grpo_curves.png", "curves"),
-    "r1_zero_base": (("r1_zero_base", "r1_zero"), "r1_zero_base.png", "base"),
+    "main": (("r1", "distill", "headline"), "grpo_curves.png", "curves"),
+    "r1_zero_base": (("r1_zero_base",), "r1_zero_base.png", "base"),
     "headline": (("headline",), "headline.png", "curves"),
     "variants": (("variants",), "variants.png", "curves"),
     "ppo": (("ppo", "headline"), "ppo_vs_grpo.png", "wall_clock"),
@@ -102,10 +104,10 @@ def mean_sd(values) -> str:
 
 
 def tables(results: dict) -> str:
-  # Within each experiment the untrained models (no stage time) first, then its stages in order.
+  # The untrained models (no stage time) first, then each experiment's stages in order.
   order = {name: i for i, name in enumerate(dict.fromkeys(key.split("/")[0] for key in results))}
-  results = dict(sorted(results.items(), key=lambda kv: (order[kv[0].split("/")[0]], any(
-      "stage_s" in e for e in kv[1]["seeds"].values()))))
+  results = dict(sorted(results.items(), key=lambda kv: (any(
+      "stage_s" in e for e in kv[1]["seeds"].values()), order[kv[0].split("/")[0]])))
   k = next(e["eval"]["num_samples"] for r in results.values() for _, e in _evals(r))
   lines = [f"| model (stage) | seeds | pass@1 (mean ± sd over seeds) | each seed: pass@1 [95% "
            f"interval] | maj@{k} | distinct problems x samples | R1 format | mean tokens | "

@@ -23,29 +23,34 @@ the record for the tables (mean +- standard deviation over seeds, and each evalu
 interval) and plots (bands over seeds) of experiments/README.md.
 
 Held-out evaluation: the headline task's first 500 distinct held-out problems x
-2 samples at temperature 1 (HEADLINE_EVAL); the older 1-digit experiments keep
-48 x 4 (EVAL), which that task's split answers with its 17 distinct problems.
+2 samples at temperature 1 (HEADLINE_EVAL), for every SmolLM2 experiment; the
+Gemma base-model runs (r1_zero_base) keep the 1-digit task's 48 x 4 (EVAL), which
+that task's split answers with its 17 distinct problems.
 
 The experiments, all from SmolLM2-135M-Instruct (the GGUF's Q4_1 weights
 dequantised to fp32) unless said:
 - headline: GRPO 30 steps on 1-2 digit addition and subtraction
-  (configs/smollm2_arithmetic.py:two_digit), the README's headline.
+  (configs/smollm2_arithmetic.py:two_digit), the README's headline. It is also
+  the R1-Zero arm of the R1 comparison: RL straight from the instruct model.
 - variants: the GRPO family on the headline task, each with mu = 2 updates per
   rollout so that ratios and clipping act: GRPO, DAPO (clip-higher, token-level
   loss, dynamic sampling), Dr. GRPO, RLOO, CISPO, GMPO.
 - ppo: PPO with a learned critic and GAE against GRPO, same task and budget.
 - lora: GRPO with LoRA adapters (rank 16, lr 2e-4) against the headline's full fine-tuning.
-- r1_zero: GRPO straight from the instruct model (no SFT), 30 steps, 1-digit.
-- r1: cold start (SFT on 183 R1-format traces, configs/data/arithmetic_sft.jsonl)
-  -> GRPO 20 steps -> rejection sampling from that policy (correct, R1-formatted,
-  one language) -> SFT of the instruct model on cold-start + rejection data
-  (DeepSeek-R1 retrains from the base at this stage) -> GRPO 20 steps.
+- r1: on the headline task: cold start (SFT on 183 R1-format traces of 1-digit
+  problems, configs/data/arithmetic_sft.jsonl: they teach the format) -> GRPO 20
+  steps -> rejection sampling from that policy on 183 training problems (correct,
+  R1-formatted, one language) -> SFT of the instruct model on cold-start +
+  rejection data (DeepSeek-R1 retrains from the base at this stage) -> GRPO 20 steps.
 - distill: the R1 pipeline's final policy (same seed) as teacher writes traces
-  for the training problems, filtered like rejection sampling; the instruct
-  model is SFT-ed on them. Compared with direct RL (r1_zero) from the same start.
+  for 183 training problems, filtered like rejection sampling; the instruct
+  model is SFT-ed on them. Compared with direct RL (headline) from the same start.
+  It reads r1's policy of the same seed from ROOT, so run it in the checkout
+  (and the run.py call) that ran r1: `run.py r1 distill`.
 - r1_zero_base: R1-Zero from a base model, DeepSeek-R1-Zero's own setting: Gemma 3
-  270M (pretrained only) with the R1-Zero template, GRPO 30 steps on arithmetic
-  and on Countdown (configs/gemma3_arithmetic.py), each evaluated before and after.
+  270M (pretrained only) with the R1-Zero template, GRPO 30 steps on 1-digit
+  arithmetic and on Countdown (configs/gemma3_arithmetic.py), each evaluated
+  before and after.
 - korean: Gemma 3 270M (base) on the Korean sentence-correction task with the
   answer template, exact-match, ROUGE-1 and language rewards (configs/gemma3_korean.py),
   GRPO 30 steps; exact match on the 93 held-out sentences x 4 samples before and after.
@@ -68,6 +73,7 @@ from results_io import load_results, record, save_results  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLD_START = os.path.join(REPO, "configs", "data", "arithmetic_sft.jsonl")
 TASK_KWARGS = {"min_digits": 1, "max_digits": 1, "operators": "+-"}
+HEADLINE_TASK_KWARGS = {"min_digits": 1, "max_digits": 2, "operators": "+-"}
 GRPO_CONFIG = os.path.join(REPO, "configs", "smollm2_arithmetic.py")
 HEADLINE_CONFIG = GRPO_CONFIG + ":two_digit"
 SFT_CONFIG = os.path.join(REPO, "configs", "smollm2_sft.py")
@@ -79,8 +85,7 @@ HEADLINE_EVAL = dict(num_problems=500, num_samples=2, temperature=1.0, max_new_t
 # What a model is evaluated on: the task, its kwargs, the template, the reward and EVAL's settings.
 ARITHMETIC = dict(task="arithmetic", task_kwargs=TASK_KWARGS, template="chat",
                   reward="accuracy_lenient", **EVAL)
-HEADLINE = dict(ARITHMETIC, task_kwargs={"min_digits": 1, "max_digits": 2, "operators": "+-"},
-                **HEADLINE_EVAL)
+HEADLINE = dict(ARITHMETIC, task_kwargs=HEADLINE_TASK_KWARGS, **HEADLINE_EVAL)
 BASE_ARITHMETIC = dict(ARITHMETIC, template="r1_zero")
 BASE_COUNTDOWN = dict(BASE_ARITHMETIC, task="countdown", reward="countdown",
                       task_kwargs=dict(min_numbers=2, max_numbers=3, max_number=10, max_target=30))
@@ -98,8 +103,7 @@ VARIANT_COMMON = {"rl.num_iterations": 2}
 # LoRA against the headline's full fine-tuning: rank 16, alpha 32, every projection; adapters
 # take a larger step than full fine-tuning (the usual practice), 2e-4 here against 2e-5.
 LORA = {"model.lora.rank": 16, "opt.learning_rate": 2e-4}
-EXPERIMENTS = ("headline", "variants", "ppo", "lora", "r1_zero", "r1", "distill", "r1_zero_base",
-               "korean")
+EXPERIMENTS = ("headline", "variants", "ppo", "lora", "r1", "distill", "r1_zero_base", "korean")
 
 _ROOT = flags.DEFINE_string("root", os.path.join(REPO, "runs", "experiments"),
                             "where the runs and results.json go")
@@ -156,8 +160,9 @@ def sft(workdir, model, data, seed):
 
 
 def rejection(output, model, num_problems, seed, start_index=0):
+  """Correct, R1-formatted samples of `model` on the headline task's first training problems."""
   return [sys.executable, "-m", "grpo_jax.rejection", f"--model={model}", "--task=arithmetic",
-          f"--task_kwargs={json.dumps(TASK_KWARGS)}", f"--num_problems={num_problems}",
+          f"--task_kwargs={json.dumps(HEADLINE_TASK_KWARGS)}", f"--num_problems={num_problems}",
           "--num_samples=4", "--temperature=1.0", "--max_new_tokens=48", "--require_format",
           "--reward=accuracy", f"--start_index={start_index}", f"--seed={seed}",
           f"--output={output}"]
@@ -180,6 +185,11 @@ def concatenate(output, *inputs):
   os.replace(output + ".tmp", output)
 
 
+def teacher(root, seed):
+  """The distillation's teacher: the r1 pipeline's final policy of the same seed."""
+  return os.path.join(root, "r1", f"seed{seed}", "grpo_2")
+
+
 def stages(name, root, seed=0):
   """The pipeline `name` for one seed, its files in ROOT/NAME/seedS/."""
   d = lambda *p: os.path.join(root, name, f"seed{seed}", *p)  # noqa: E731
@@ -197,26 +207,24 @@ def stages(name, root, seed=0):
   if name == "lora":
     return [Stage("lora_r16", grpo(d("lora_r16"), base, 30, seed, HEADLINE_CONFIG, **LORA),
                   d("lora_r16"), d("lora_r16"), HEADLINE)]
-  if name == "r1_zero":
-    return [Stage("instruct", None, None, base),
-            Stage("grpo", grpo(d("grpo"), base, 30, seed), d("grpo"), d("grpo"))]
   if name == "r1":
     return [Stage("cold_start_sft", sft(d("cold_start"), base, COLD_START, seed), d("cold_start"),
-                  d("cold_start")),
-            Stage("grpo_1", grpo(d("grpo_1"), d("cold_start"), 20, seed), d("grpo_1"),
-                  d("grpo_1")),
+                  d("cold_start"), HEADLINE),
+            Stage("grpo_1", grpo(d("grpo_1"), d("cold_start"), 20, seed, HEADLINE_CONFIG),
+                  d("grpo_1"), d("grpo_1"), HEADLINE),
             Stage("rejection_sampling", rejection(d("rs.jsonl"), d("grpo_1"), 183, seed),
                   d("rs.jsonl"), None),
             Stage("sft_data", lambda: concatenate(d("sft_2.jsonl"), COLD_START, d("rs.jsonl")),
                   d("sft_2.jsonl"), None),
-            Stage("sft_2", sft(d("sft_2"), base, d("sft_2.jsonl"), seed), d("sft_2"), d("sft_2")),
-            Stage("grpo_2", grpo(d("grpo_2"), d("sft_2"), 20, seed), d("grpo_2"), d("grpo_2"))]
+            Stage("sft_2", sft(d("sft_2"), base, d("sft_2.jsonl"), seed), d("sft_2"), d("sft_2"),
+                  HEADLINE),
+            Stage("grpo_2", grpo(d("grpo_2"), d("sft_2"), 20, seed, HEADLINE_CONFIG), d("grpo_2"),
+                  d("grpo_2"), HEADLINE)]
   if name == "distill":
-    teacher = os.path.join(root, "r1", f"seed{seed}", "grpo_2")
-    return [Stage("teacher_traces", rejection(d("traces.jsonl"), teacher, 183, seed),
+    return [Stage("teacher_traces", rejection(d("traces.jsonl"), teacher(root, seed), 183, seed),
                   d("traces.jsonl"), None),
             Stage("student_sft", sft(d("student"), base, d("traces.jsonl"), seed), d("student"),
-                  d("student"))]
+                  d("student"), HEADLINE)]
   if name == "r1_zero_base":
     gemma = "gemma3-270m"
     return [Stage("base_arithmetic", None, None, gemma, BASE_ARITHMETIC),
@@ -240,21 +248,43 @@ def _say(key, command):
 
 
 # Pipelines whose stages never read an earlier stage's product (distill reads r1's policy).
-INDEPENDENT = ("headline", "variants", "ppo", "lora", "r1_zero", "r1_zero_base", "korean")
+INDEPENDENT = ("headline", "variants", "ppo", "lora", "r1_zero_base", "korean")
+
+
+def _finished(entry: dict, st: Stage) -> bool:
+  """Whether a seed's entry holds stage `st`'s result: its evaluation, or (a stage whose model
+  is not evaluated, e.g. a dataset) its wall-clock time."""
+  return "eval" in entry if st.model is not None else "stage_s" in entry
 
 
 def run(name, root, seeds=3, dry_run=False, record_dir=""):
   results_path = os.path.join(root, "results.json")
   results = load_results(results_path)
   recorded = load_results(os.path.join(record_dir, "results.json")) if record_dir else {}
+  get = lambda table, key, seed: table.get(key, {"seeds": {}})["seeds"].get(str(seed), {})  # noqa: E731
   for seed in range(seeds):
     folder = os.path.join(root, name, f"seed{seed}")
-    for st in stages(name, root, seed):
+    pipeline = [st for st in stages(name, root, seed) if st.command is not None or seed == 0]
+    # A pipeline whose stages build on each other is skipped a whole seed at a time: when the
+    # record holds every stage of that seed and this root none (an earlier checkout ran it).
+    whole_seed = name not in INDEPENDENT and all(
+        _finished(get(recorded, f"{name}/{st.name}", seed), st)
+        and not get(results, f"{name}/{st.name}", seed) for st in pipeline)
+    if whole_seed:
+      print(f"[{name}/seed{seed}] every stage recorded in {record_dir} (another checkout's run): "
+            "skipped", file=sys.stderr, flush=True)
+      continue
+    if (name == "distill" and not dry_run and not os.path.isdir(teacher(root, seed))
+        and not os.path.exists(os.path.join(folder, ".teacher_traces.done"))):
+      raise FileNotFoundError(
+          f"distill seed {seed} needs the r1 pipeline's final policy of the same seed in "
+          f"{teacher(root, seed)}, which this root does not hold "
+          f"(the record keeps results, not checkpoints). Run r1 for this seed here first: "
+          f"`experiments/run.py r1 distill --seeds={seeds} --root={root}` with a --record "
+          f"that does not hold r1/seed{seed} (e.g. --record='').")
+    for st in pipeline:
       key, run_key = f"{name}/{st.name}", f"{name}/{st.name}/seed{seed}"
-      if st.command is None and seed > 0:
-        continue  # an untrained model: evaluated once
-      done = recorded.get(key, {"seeds": {}})["seeds"].get(str(seed), {})
-      ours = results.get(key, {"seeds": {}})["seeds"].get(str(seed), {})
+      done, ours = get(recorded, key, seed), get(results, key, seed)
       if "eval" in done and not ours and (name in INDEPENDENT or st.command is None):
         print(f"[{run_key}] recorded in {record_dir} (another checkout's run): skipped",
               file=sys.stderr, flush=True)

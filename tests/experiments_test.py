@@ -44,8 +44,63 @@ def test_base_model_stages_train_and_evaluate_each_task_with_the_r1_zero_templat
     else:
       assert st.model == "gemma3-270m"
   # the SmolLM2 experiments keep the chat template
-  instruct, *_ = run.stages("r1_zero", str(tmp_path))
+  instruct, *_ = run.stages("headline", str(tmp_path))
   assert flag(run.evaluate("out.jsonl", instruct.model, instruct.on), "template") == "chat"
+
+
+def test_r1_and_distillation_run_on_the_headline_task_and_its_500_problem_evaluation(tmp_path):
+  run = load("run")
+  headline = {st.name: st for st in run.stages("headline", str(tmp_path), seed=1)}
+  r1 = {st.name: st for st in run.stages("r1", str(tmp_path), seed=1)}
+  distill = {st.name: st for st in run.stages("distill", str(tmp_path), seed=1)}
+  assert list(r1) == ["cold_start_sft", "grpo_1", "rejection_sampling", "sft_data", "sft_2",
+                      "grpo_2"]
+  evaluated = [st for st in [*r1.values(), *distill.values()] if st.model is not None]
+  assert [st.name for st in evaluated] == ["cold_start_sft", "grpo_1", "sft_2", "grpo_2",
+                                           "student_sft"]
+  for st in evaluated:  # every model on the same evaluation as the headline's (R1-Zero) arm
+    assert st.on == headline["grpo"].on
+    assert flag(run.evaluate("o.jsonl", st.model, st.on, 1), "num_problems") == "500"
+  for name in ("grpo_1", "grpo_2"):  # GRPO on the headline task, from the previous SFT model
+    assert flag(r1[name].command, "config").endswith("smollm2_arithmetic.py:two_digit")
+    assert flag(r1[name].command, "config.train.seed") == "1"
+  assert flag(r1["grpo_1"].command, "config.model.name") == r1["cold_start_sft"].product
+  assert flag(r1["grpo_2"].command, "config.model.name") == r1["sft_2"].product
+  # rejection sampling and the teacher's traces draw training problems of the same task
+  for st in (r1["rejection_sampling"], distill["teacher_traces"]):
+    assert json.loads(flag(st.command, "task_kwargs")) == run.HEADLINE_TASK_KWARGS
+  assert flag(distill["teacher_traces"].command, "model") == r1["grpo_2"].product
+  assert flag(distill["student_sft"].command, "config").endswith(
+      "smollm2_sft.py:" + distill["teacher_traces"].product)
+
+
+def test_a_dependent_pipeline_skips_whole_recorded_seeds_and_distill_needs_its_teacher(
+    tmp_path, capsys):
+  import pytest
+
+  run = load("run")
+  root, rec = tmp_path / "runs", tmp_path / "record"
+  rec.mkdir()
+  recorded = {}
+  for st in run.stages("r1", str(rec), seed=0):  # seed 0 ran in another checkout
+    recorded[f"r1/{st.name}"] = {"seeds": {"0": {"stage_s": 1.0, **(
+        {"eval": {"pass@1": 0.5}} if st.model is not None else {})}}}
+  (rec / "results.json").write_text(json.dumps(recorded))
+  run.run("r1", str(root), seeds=2, dry_run=True, record_dir=str(rec))
+  said = capsys.readouterr().err.splitlines()
+  assert any(line.startswith("[r1/seed0] every stage recorded") for line in said)
+  assert [line for line in said if line.split()[0].endswith("/seed0]")] == [said[0]]
+  assert any(line.startswith("[r1/cold_start_sft/seed1] ") for line in said)
+  # one stage of seed 1 recorded is not enough: its later stages need its model, so seed 1 runs
+  recorded["r1/cold_start_sft"]["seeds"]["1"] = recorded["r1/cold_start_sft"]["seeds"]["0"]
+  (rec / "results.json").write_text(json.dumps(recorded))
+  run.run("r1", str(root), seeds=2, dry_run=True, record_dir=str(rec))
+  assert any(line.startswith("[r1/cold_start_sft/seed1] ")
+             for line in capsys.readouterr().err.splitlines())
+  # distillation reads r1's policy from the root: a clear error, before any work, without it
+  with pytest.raises(FileNotFoundError, match="r1 pipeline's final policy"):
+    run.run("distill", str(root), seeds=1, record_dir=str(rec))
+  assert not (root / "distill").exists()
 
 
 def test_each_seed_trains_and_evaluates_in_its_own_folder_with_its_seed(tmp_path):
@@ -70,13 +125,15 @@ def test_each_seed_trains_and_evaluates_in_its_own_folder_with_its_seed(tmp_path
         {f"--config.{k}={v}" for k, v in run.VARIANTS[name].items()}
 
 
-def test_variant_and_ppo_commands_are_valid_configs(tmp_path):
+def test_pipeline_training_commands_are_valid_configs(tmp_path):
   import ast
 
   from grpo_jax import config as config_lib
 
   run = load("run")
-  for st in sum((run.stages(n, str(tmp_path)) for n in ("variants", "ppo", "lora")), []):
+  stages = sum((run.stages(n, str(tmp_path)) for n in ("variants", "ppo", "lora", "r1", "distill")),
+               [])
+  for st in [st for st in stages if isinstance(st.command, list) and "grpo_jax.main" in st.command]:
     path, preset = flag(st.command, "config").split(":")
     cfg = config_lib.from_file(path, preset)
     for arg in st.command:
