@@ -257,11 +257,15 @@ def _finished(entry: dict, st: Stage) -> bool:
   return "eval" in entry if st.model is not None else "stage_s" in entry
 
 
+def get(table: dict, key: str, seed: int) -> dict:
+  """Seed `seed`'s entry of stage `key` in a results table ({} if none)."""
+  return table.get(key, {"seeds": {}})["seeds"].get(str(seed), {})
+
+
 def run(name, root, seeds=3, dry_run=False, record_dir=""):
   results_path = os.path.join(root, "results.json")
   results = load_results(results_path)
   recorded = load_results(os.path.join(record_dir, "results.json")) if record_dir else {}
-  get = lambda table, key, seed: table.get(key, {"seeds": {}})["seeds"].get(str(seed), {})  # noqa: E731
   for seed in range(seeds):
     folder = os.path.join(root, name, f"seed{seed}")
     pipeline = [st for st in stages(name, root, seed) if st.command is not None or seed == 0]
@@ -285,7 +289,7 @@ def run(name, root, seeds=3, dry_run=False, record_dir=""):
     for st in pipeline:
       key, run_key = f"{name}/{st.name}", f"{name}/{st.name}/seed{seed}"
       done, ours = get(recorded, key, seed), get(results, key, seed)
-      if "eval" in done and not ours and (name in INDEPENDENT or st.command is None):
+      if _finished(done, st) and not ours and (name in INDEPENDENT or st.command is None):
         print(f"[{run_key}] recorded in {record_dir} (another checkout's run): skipped",
               file=sys.stderr, flush=True)
         continue
