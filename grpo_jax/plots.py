@@ -49,7 +49,28 @@ def _series(records: list[dict], patterns: Iterable[str]) -> dict[str, tuple[lis
   return out
 
 
+_LOW, _HIGH = "_ci95_low", "_ci95_high"  # an interval's bounds, logged beside its metric
+
+
+def _bands(series: dict) -> dict[str, tuple[list, list, list]]:
+  """Pops each metric's 95% interval bounds (KEY_ci95_low, KEY_ci95_high) out of `series`:
+  {KEY: (steps, lows, highs)}, at the steps that logged both bounds."""
+  bands = {}
+  for key in [k for k in series if k.endswith(_LOW)]:
+    base = key[:-len(_LOW)]
+    if base + _HIGH in series:
+      (lo_steps, lows), (hi_steps, highs) = series.pop(key), series.pop(base + _HIGH)
+      high_at = dict(zip(hi_steps, highs))
+      pts = [(s, lo, high_at[s]) for s, lo in zip(lo_steps, lows) if s in high_at]
+      bands[base] = tuple(map(list, zip(*pts)))
+  return bands
+
+
 def _draw(ax, plot: Plot, series: dict) -> None:
+  """The series as lines; a metric with its 95% interval logged gets the interval as a shaded
+  band in its line's colour, and "(95% interval shaded)" in the legend."""
+  series = dict(series)
+  bands = _bands(series)
   # Identical series (maj@1 = pass@1 when k = 1) are one line with both names.
   groups = []  # [keys, (steps, values)]
   for key, data in series.items():
@@ -59,17 +80,22 @@ def _draw(ax, plot: Plot, series: dict) -> None:
     else:
       same[0].append(key)
   main = groups[0][0][0] == plot.patterns[0]  # the plot's headline (the total reward) is logged
-  handles = []
+  handles, labels = [], []
   for i, (keys, (steps, values)) in enumerate(groups):
     top = main and i == 0
+    color = "black" if top and len(groups) > 1 else f"C{i}"
     # The headline is drawn last (on top of its components: rewards/tag_count/mean can equal
     # it), thicker, and black when it has company; first in the legend.
-    handles.append(ax.plot(steps, values, marker="." if len(steps) < 50 else None,
-                           color="black" if top and len(groups) > 1 else f"C{i}",
+    handles.append(ax.plot(steps, values, marker="." if len(steps) < 50 else None, color=color,
                            linewidth=2.5 if top else 1.5, zorder=3 if top else 2,
                            clip_on=plot.ylim is None)[0])
-  if len(series) > 1:
-    ax.legend(handles, [" = ".join(keys) for keys, _ in groups], fontsize="small")
+    labels.append(" = ".join(keys))
+    band = next((bands[k] for k in keys if k in bands), None)
+    if band is not None:
+      ax.fill_between(*band, color=color, alpha=0.15, linewidth=0, zorder=1)
+      labels[-1] += " (95% interval shaded)"
+  if len(series) > 1 or bands:
+    ax.legend(handles, labels, fontsize="small")
 
 
 def _exp_axis(ax, label: str) -> None:

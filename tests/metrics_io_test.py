@@ -12,6 +12,7 @@ import time
 import types
 
 import jax.numpy as jnp
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
@@ -268,6 +269,23 @@ def test_accuracy_plot_spans_0_to_1_even_when_accuracy_is_0():
   ax = plots.figure("r", plots.PLOTS["accuracy.png"], records).axes[0]
   assert ax.get_ylim() == (0.0, 1.0)
   assert [t.get_text() for t in ax.get_legend().get_texts()] == ["eval/pass@1 = eval/maj@1"]
+
+
+def test_accuracy_plot_shades_each_logged_interval_instead_of_drawing_its_bounds():
+  records = [{"step": 0, "eval/pass@1": 0.2, "eval/pass@1_ci95_low": 0.1,
+              "eval/pass@1_ci95_high": 0.3, "eval/maj@4": 0.25, "eval/pass@4": 0.5},
+             {"step": 5, "reward": 1.0},  # a training step: no evaluation
+             {"step": 10, "eval/pass@1": 0.6, "eval/pass@1_ci95_low": 0.4,
+              "eval/pass@1_ci95_high": 0.8, "eval/maj@4": 0.65, "eval/pass@4": 0.9}]
+  ax = plots.figure("r", plots.PLOTS["accuracy.png"], records).axes[0]
+  legend = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert legend == ["eval/pass@1 (95% interval shaded)", "eval/maj@4", "eval/pass@4"]
+  assert len(ax.get_lines()) == 3  # the bounds are not lines
+  (band,) = ax.collections
+  xs, ys = band.get_paths()[0].vertices.T
+  # The band spans the logged bounds at the evaluated steps, in pass@1's line colour.
+  assert set(np.round(ys, 6)) == {0.1, 0.3, 0.4, 0.8} and set(xs) == {0.0, 10.0}
+  assert tuple(band.get_facecolor()[0][:3]) == matplotlib.colors.to_rgb(ax.get_lines()[0].get_color())
 
 
 def test_sft_loss_plot_has_the_held_out_loss_and_a_perplexity_axis(tmp_path):
