@@ -3,6 +3,7 @@
     .venv/bin/python experiments/run.py headline                  # 3 seeds, ~1 hour on 2 CPU cores
     .venv/bin/python experiments/run.py variants ppo --seeds=1    # one seed: indicative only
     .venv/bin/python experiments/run.py r1 --root=runs/experiments --dry_run   # print the commands
+    .venv/bin/python experiments/run.py variants --seeds=2 --stages=grpo,dapo  # a seed for two
 
 Every stage is one command a user could type (`grpo_jax.main` for GRPO and SFT,
 `grpo_jax.rejection` for rejection sampling and teacher traces,
@@ -104,6 +105,8 @@ VARIANT_COMMON = {"rl.num_iterations": 2}
 # take a larger step than full fine-tuning (the usual practice), 2e-4 here against 2e-5.
 LORA = {"model.lora.rank": 16, "opt.learning_rate": 2e-4}
 EXPERIMENTS = ("headline", "variants", "ppo", "lora", "r1", "distill", "r1_zero_base", "korean")
+# Pipelines whose stages never read an earlier stage's product (distill reads r1's policy).
+INDEPENDENT = ("headline", "variants", "ppo", "lora", "r1_zero_base", "korean")
 
 _ROOT = flags.DEFINE_string("root", os.path.join(REPO, "runs", "experiments"),
                             "where the runs and results.json go")
@@ -113,6 +116,9 @@ _RECORD = flags.DEFINE_string(
     "copied: a folder committed with the code, read by experiments/report.py ('' for none)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands, run nothing")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "seeds 0 .. N-1 of each pipeline")
+_STAGES = flags.DEFINE_list(
+    "stages", [], "run only these stages (e.g. --stages=grpo,dapo,rloo of `variants`) and skip "
+    "the rest; only for pipelines whose stages are independent (" + ", ".join(INDEPENDENT) + ")")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,8 +253,6 @@ def _say(key, command):
         file=sys.stderr, flush=True)
 
 
-# Pipelines whose stages never read an earlier stage's product (distill reads r1's policy).
-INDEPENDENT = ("headline", "variants", "ppo", "lora", "r1_zero_base", "korean")
 
 
 def _finished(entry: dict, st: Stage) -> bool:
@@ -262,13 +266,29 @@ def get(table: dict, key: str, seed: int) -> dict:
   return table.get(key, {"seeds": {}})["seeds"].get(str(seed), {})
 
 
-def run(name, root, seeds=3, dry_run=False, record_dir=""):
+def check_only(name, only) -> None:
+  """A clear error, before any work, unless `only` names stages of an independent pipeline."""
+  if not only:
+    return
+  if name not in INDEPENDENT:
+    raise ValueError(f"--stages={','.join(only)}: {name!r}'s stages build on each other, so it "
+                     f"runs whole; choose stages only of {list(INDEPENDENT)}")
+  names = [st.name for st in stages(name, "", 0)]
+  if not set(only) <= set(names):
+    raise ValueError(f"--stages={','.join(only)}: {name!r} has no stage "
+                     f"{sorted(set(only) - set(names))}; its stages are {names}")
+
+
+def run(name, root, seeds=3, dry_run=False, record_dir="", only=()):
+  """Runs pipeline `name` for seeds 0 .. seeds - 1 (its stages named in `only`, if given)."""
+  check_only(name, only)
   results_path = os.path.join(root, "results.json")
   results = load_results(results_path)
   recorded = load_results(os.path.join(record_dir, "results.json")) if record_dir else {}
   for seed in range(seeds):
     folder = os.path.join(root, name, f"seed{seed}")
-    pipeline = [st for st in stages(name, root, seed) if st.command is not None or seed == 0]
+    pipeline = [st for st in stages(name, root, seed) if (st.command is not None or seed == 0)
+                and (not only or st.name in only)]
     # A pipeline whose stages build on each other is skipped a whole seed at a time: when the
     # record holds every stage of that seed and this root none (an earlier checkout ran it).
     whole_seed = name not in INDEPENDENT and all(
@@ -329,8 +349,16 @@ def main(argv):
     raise app.UsageError(f"name one or more experiments of {list(EXPERIMENTS)}; got {names}")
   if _SEEDS.value < 1:
     raise app.UsageError(f"--seeds={_SEEDS.value} must be >= 1")
+  if _STAGES.value and len(names) != 1:
+    raise app.UsageError(f"--stages={','.join(_STAGES.value)} names stages of one experiment; "
+                         f"got {len(names)} experiments {names}: run them one at a time")
+  try:
+    for name in names:
+      check_only(name, _STAGES.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   for name in names:
-    run(name, _ROOT.value, _SEEDS.value, _DRY_RUN.value, _RECORD.value)
+    run(name, _ROOT.value, _SEEDS.value, _DRY_RUN.value, _RECORD.value, _STAGES.value)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load(name):
   """Imports experiments/NAME.py; both scripts define --root, so an earlier one's goes first."""
-  for flag_name in ("root", "dry_run", "seeds", "record", "blocks"):
+  for flag_name in ("root", "dry_run", "seeds", "record", "blocks", "stages"):
     if flag_name in flags.FLAGS:
       delattr(flags.FLAGS, flag_name)
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
@@ -300,3 +300,16 @@ def test_korean_answer_kinds_sort_template_answers_copies_and_bare_corrections(t
   # 어미가 붙는다): 1 for the reference itself, 0 for the unrelated answer; the copy shares 4 of
   # its 5 words, the bare correction all 5. F1 = 2 x common / (5 + 11).
   assert abs(kinds["rouge1"] - (1 + 8 / 16 + 10 / 16 + 0) / 4) < 1e-9
+
+
+def test_stages_runs_only_the_named_stages_of_an_independent_pipeline(tmp_path, capsys):
+  import pytest
+  run = load("run")
+  run.run("variants", str(tmp_path), seeds=2, dry_run=True, only=["dapo", "rloo"])
+  said = [line.split("]")[0][1:] for line in capsys.readouterr().err.splitlines()]
+  assert sorted(set(said)) == [f"variants/{v}/seed{s}" for v in ("dapo", "rloo") for s in (0, 1)]
+  # a dependent pipeline runs whole; an unknown stage is named with the ones that exist
+  with pytest.raises(ValueError, match="build on each other"):
+    run.run("r1", str(tmp_path), dry_run=True, only=["grpo_1"])
+  with pytest.raises(ValueError, match=r"no stage \['drgrpo'\]; its stages are \['grpo', 'dapo'"):
+    run.run("variants", str(tmp_path), dry_run=True, only=["dapo", "drgrpo"])
