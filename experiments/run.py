@@ -253,8 +253,6 @@ def _say(key, command):
         file=sys.stderr, flush=True)
 
 
-
-
 def _finished(entry: dict, st: Stage) -> bool:
   """Whether a seed's entry holds stage `st`'s result: its evaluation, or (a stage whose model
   is not evaluated, e.g. a dataset) its wall-clock time."""
@@ -271,11 +269,11 @@ def check_only(name, only) -> None:
   if not only:
     return
   if name not in INDEPENDENT:
-    raise ValueError(f"--stages={','.join(only)}: {name!r}'s stages build on each other, so it "
+    raise ValueError(f"--stages={','.join(only)}: experiment {name}'s stages build on each other, so it "
                      f"runs whole; choose stages only of {list(INDEPENDENT)}")
   names = [st.name for st in stages(name, "", 0)]
   if not set(only) <= set(names):
-    raise ValueError(f"--stages={','.join(only)}: {name!r} has no stage "
+    raise ValueError(f"--stages={','.join(only)}: experiment {name} has no stage "
                      f"{sorted(set(only) - set(names))}; its stages are {names}")
 
 
@@ -352,9 +350,8 @@ def main(argv):
   if _STAGES.value and len(names) != 1:
     raise app.UsageError(f"--stages={','.join(_STAGES.value)} names stages of one experiment; "
                          f"got {len(names)} experiments {names}: run them one at a time")
-  try:
-    for name in names:
-      check_only(name, _STAGES.value)
+  try:  # run() checks again; here the error is a usage message, not a traceback
+    check_only(names[0], _STAGES.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   for name in names:
