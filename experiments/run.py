@@ -269,8 +269,8 @@ def check_only(name, only) -> None:
   if not only:
     return
   if name not in INDEPENDENT:
-    raise ValueError(f"--stages={','.join(only)}: experiment {name}'s stages build on each other, so it "
-                     f"runs whole; choose stages only of {list(INDEPENDENT)}")
+    raise ValueError(f"--stages={','.join(only)}: experiment {name}'s stages build on each "
+                     f"other, so it runs whole; choose stages only of {list(INDEPENDENT)}")
   names = [st.name for st in stages(name, "", 0)]
   if not set(only) <= set(names):
     raise ValueError(f"--stages={','.join(only)}: experiment {name} has no stage "
